@@ -1,0 +1,34 @@
+"""nn.Module wrapper holding the loss's parameters."""
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .functional import query_sharing_contrastive_loss
+
+
+class QuerySharingContrastiveLoss(nn.Module):
+    """ContrastMask's query-sharing pixel-level contrastive loss (CVPR 2022, Eqs. 1-4).
+
+    forward(z, masks, cams, is_novel, valid=None, seed=None) -> 0-dim loss, see
+    contrastmask_ops.query_sharing_contrastive_loss for the arguments.
+    """
+
+    def __init__(self, *, delta: float = 0.1, sigma: float = 0.3, tau_easy: float = 0.7, tau_hard: float = 0.3,
+                 hard_sqdist: int = 2, min_keys: int = 5, share_queries: bool = True, formulation: str = "paper"):
+        super().__init__()
+        self.delta, self.sigma = delta, sigma
+        self.tau_easy, self.tau_hard = tau_easy, tau_hard
+        self.hard_sqdist, self.min_keys = hard_sqdist, min_keys
+        self.share_queries, self.formulation = share_queries, formulation
+
+    def forward(self, z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor,
+                valid: Optional[Tensor] = None, seed: Optional[int] = None, return_stats: bool = False):
+        return query_sharing_contrastive_loss(
+            z, masks, cams, is_novel, valid=valid, delta=self.delta, sigma=self.sigma, tau_easy=self.tau_easy,
+            tau_hard=self.tau_hard, hard_sqdist=self.hard_sqdist, min_keys=self.min_keys,
+            share_queries=self.share_queries, formulation=self.formulation, seed=seed, return_stats=return_stats)
+
+    def extra_repr(self) -> str:
+        return (f"delta={self.delta}, sigma={self.sigma}, tau_easy={self.tau_easy}, tau_hard={self.tau_hard}, "
+                f"hard_sqdist={self.hard_sqdist}, min_keys={self.min_keys}, share_queries={self.share_queries}, "
+                f"formulation={self.formulation!r}")

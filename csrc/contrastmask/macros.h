@@ -1,0 +1,32 @@
+// Portability macros so that the per-ROI math compiles for both the host and CUDA devices.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define CM_HD __host__ __device__ __forceinline__
+#else
+#define CM_HD inline
+#endif
+
+namespace contrastmask {
+
+// Overloads so that templated math picks the float or double routine on both devices.
+CM_HD float cm_exp(float x) { return expf(x); }
+CM_HD double cm_exp(double x) { return exp(x); }
+CM_HD float cm_log(float x) { return logf(x); }
+CM_HD double cm_log(double x) { return log(x); }
+CM_HD float cm_log1p(float x) { return log1pf(x); }
+CM_HD double cm_log1p(double x) { return log1p(x); }
+CM_HD float cm_sqrt(float x) { return sqrtf(x); }
+CM_HD double cm_sqrt(double x) { return sqrt(x); }
+
+template <typename T>
+CM_HD T neg_inf() { return static_cast<T>(-INFINITY); }
+
+// max that propagates NaN from either side (fmax would drop it).
+template <typename T>
+CM_HD T nan_max(T a, T b) { return (a > b || a != a) ? a : b; }
+
+}  // namespace contrastmask

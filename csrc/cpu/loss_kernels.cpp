@@ -1,0 +1,385 @@
+// CPU kernels of the contrastive loss (forward and backward), parallel over ROIs.
+// Passes over z: forward 2 (partition sums, cosines), backward 2 (dL/dq sums, dz).
+// Cross-ROI reductions run in ROI order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../contrastmask/loss_math.h"
+#include "../ops/checks.h"
+
+namespace contrastmask {
+namespace {
+
+// Shapes and raw pointers of one loss call.
+template <typename scalar_t, typename acc_t>
+struct LossJob {
+  int64_t N = 0, C = 0, P = 0, G = 0;
+  bool share_queries = true;
+  LossParams<acc_t> params{};
+  const scalar_t* z = nullptr;
+  const int8_t* labels = nullptr;
+  const uint8_t* keys = nullptr;
+  const bool* keep = nullptr;
+  acc_t* queries = nullptr;    // (G, 2, C)
+  acc_t* pixstats = nullptr;   // (N, 4, P): s+, s-, |k+|, |k-|
+  acc_t* termstats = nullptr;  // (G, 4, kNumTermStats)
+  int64_t group(int64_t n) const { return share_queries ? 0 : n; }
+  const scalar_t* z_row(int64_t n, int64_t c) const { return z + (n * C + c) * P; }
+};
+
+// Weight w[n][side] with q_side(group) = sum_n w * (sum of z over ROI n's partition `side`):
+// mean of partition means over kept ROIs whose partition is non-empty (DESIGN decision 4).
+template <typename Job, typename acc_t>
+void query_weights(const Job& job, std::vector<acc_t>& w) {
+  w.assign(job.N * 2, acc_t(0));
+  std::vector<int64_t> count(job.N * 2, 0);
+  at::parallel_for(0, job.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const int8_t* lab = job.labels + n * job.P;
+      for (int64_t i = 0; i < job.P; ++i) {
+        count[n * 2] += lab[i] == kForeground;
+        count[n * 2 + 1] += lab[i] == kBackground;
+      }
+    }
+  });
+  int64_t rois_with[2] = {0, 0};
+  for (int64_t n = 0; n < job.N * 2; ++n) rois_with[n % 2] += count[n] > 0;
+  for (int64_t n = 0; n < job.N * 2; ++n) {
+    if (count[n] == 0) continue;
+    const acc_t rois = job.share_queries ? acc_t(rois_with[n % 2]) : acc_t(1);
+    w[n] = acc_t(1) / (rois * acc_t(count[n]));
+  }
+}
+
+template <typename Job, typename acc_t>
+void query_norms(const Job& job, std::vector<acc_t>& norms) {
+  norms.assign(job.G * 2, acc_t(0));
+  for (int64_t gs = 0; gs < job.G * 2; ++gs) {
+    acc_t ss = 0;
+    for (int64_t c = 0; c < job.C; ++c) ss += job.queries[gs * job.C + c] * job.queries[gs * job.C + c];
+    norms[gs] = cm_sqrt(ss);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
+  const int64_t N = job.N, C = job.C, P = job.P;
+  std::vector<acc_t> w;
+  query_weights(job, w);
+
+  // Pass 1 over z: weighted partition sums per ROI, then queries summed in ROI order.
+  std::vector<acc_t> roi_sums(N * 2 * C, acc_t(0));
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const int8_t* lab = job.labels + n * P;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = job.z_row(n, c);
+        acc_t fg = 0, bg = 0;
+        for (int64_t i = 0; i < P; ++i) {
+          const acc_t v = static_cast<acc_t>(row[i]);
+          fg += lab[i] == kForeground ? v : acc_t(0);
+          bg += lab[i] == kBackground ? v : acc_t(0);
+        }
+        roi_sums[(n * 2) * C + c] = fg * w[n * 2];
+        roi_sums[(n * 2 + 1) * C + c] = bg * w[n * 2 + 1];
+      }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    if (!job.keep[n]) continue;
+    acc_t* q = job.queries + job.group(n) * 2 * C;
+    for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_sums[n * 2 * C + k];
+  }
+  std::vector<acc_t> qnorm;
+  query_norms(job, qnorm);
+
+  // Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dot_p(P), dot_m(P), kk_p(P), kk_m(P);
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const int64_t g = job.group(n);
+      const acc_t* qp = job.queries + g * 2 * C;
+      const acc_t* qm = qp + C;
+      std::fill(dot_p.begin(), dot_p.end(), acc_t(0));
+      std::fill(dot_m.begin(), dot_m.end(), acc_t(0));
+      std::fill(kk_p.begin(), kk_p.end(), acc_t(0));
+      std::fill(kk_m.begin(), kk_m.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = job.z_row(n, c);
+        const acc_t a = qp[c], b = qm[c];
+        if (job.params.released) {
+          for (int64_t i = 0; i < P; ++i) {
+            const acc_t v = static_cast<acc_t>(row[i]);
+            const acc_t up = v - a, um = v - b;
+            dot_p[i] += a * up;
+            dot_m[i] += b * um;
+            kk_p[i] += up * up;
+            kk_m[i] += um * um;
+          }
+        } else {
+          for (int64_t i = 0; i < P; ++i) {
+            const acc_t v = static_cast<acc_t>(row[i]);
+            dot_p[i] += a * v;
+            dot_m[i] += b * v;
+            kk_p[i] += v * v;
+          }
+        }
+      }
+      acc_t* st = job.pixstats + n * 4 * P;
+      const acc_t nqp = clamped_norm(qnorm[g * 2]), nqm = clamped_norm(qnorm[g * 2 + 1]);
+      for (int64_t i = 0; i < P; ++i) {
+        const acc_t kp = cm_sqrt(kk_p[i]), km = job.params.released ? cm_sqrt(kk_m[i]) : kp;
+        st[i] = dot_p[i] / (nqp * clamped_norm(kp));
+        st[P + i] = dot_m[i] / (nqm * clamped_norm(km));
+        st[2 * P + i] = kp;
+        st[3 * P + i] = km;
+      }
+    }
+  });
+
+  // Per-term statistics: log-sum-exp of the negatives, then the positives' sums, each as per-ROI
+  // partials merged in ROI order.
+  std::vector<LseAcc<acc_t>> roi_lse(N * kNumTerms);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const uint8_t* key = job.keys + n * P;
+      const acc_t* st = job.pixstats + n * 4 * P;
+      for (int64_t i = 0; i < P; ++i) {
+        if (!key[i]) continue;
+        for (int t = 0; t < kNumTerms; ++t)
+          if ((key[i] >> term_negative_set(t)) & 1)
+            roi_lse[n * kNumTerms + t].add(st[term_side(t) * P + i] / job.params.tau(t));
+      }
+    }
+  });
+  std::vector<LseAcc<acc_t>> group_lse(job.G * kNumTerms);
+  for (int64_t n = 0; n < N; ++n)
+    for (int t = 0; t < kNumTerms; ++t) group_lse[job.group(n) * kNumTerms + t].merge(roi_lse[n * kNumTerms + t]);
+  for (int64_t g = 0; g < job.G; ++g)
+    for (int t = 0; t < kNumTerms; ++t)
+      job.termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = group_lse[g * kNumTerms + t].value();
+
+  // Per ROI and term: sum of (L_p - s_p / t), sum of exp(lse - L_p), number of positives.
+  std::vector<acc_t> roi_pos(N * kNumTerms * 3, acc_t(0));
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const uint8_t* key = job.keys + n * P;
+      const acc_t* st = job.pixstats + n * 4 * P;
+      const acc_t* ts = job.termstats + job.group(n) * kNumTerms * kNumTermStats;
+      acc_t* out = roi_pos.data() + n * kNumTerms * 3;
+      for (int64_t i = 0; i < P; ++i) {
+        if (!key[i]) continue;
+        for (int t = 0; t < kNumTerms; ++t) {
+          if (!((key[i] >> term_positive_set(t)) & 1)) continue;
+          const acc_t s = st[term_side(t) * P + i];
+          const acc_t lse = ts[t * kNumTermStats + kLse];
+          const acc_t L = positive_log_denominator(s, lse, job.params, t);
+          out[t * 3] += L - s / job.params.tau(t);
+          out[t * 3 + 1] += cm_exp(lse - L);
+          out[t * 3 + 2] += acc_t(1);
+        }
+      }
+    }
+  });
+  std::vector<acc_t> group_pos(job.G * kNumTerms * 3, acc_t(0));
+  int64_t kept = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    kept += job.keep[n];
+    for (int k = 0; k < kNumTerms * 3; ++k) group_pos[job.group(n) * kNumTerms * 3 + k] += roi_pos[n * kNumTerms * 3 + k];
+  }
+  acc_t loss = 0;
+  for (int64_t g = 0; g < job.G; ++g)
+    for (int t = 0; t < kNumTerms; ++t) {
+      const acc_t* sums = group_pos.data() + (g * kNumTerms + t) * 3;
+      acc_t* ts = job.termstats + (g * kNumTerms + t) * kNumTermStats;
+      const acc_t inv = sums[2] > 0 ? acc_t(1) / sums[2] : acc_t(0);
+      ts[kRatio] = sums[1] * inv;
+      ts[kInvPositives] = inv;
+      ts[kValue] = sums[0] * inv;
+      loss += ts[kValue];
+    }
+  if (!job.share_queries) loss = kept > 0 ? loss / acc_t(kept) : acc_t(0);
+  return loss;
+}
+
+template <typename scalar_t, typename acc_t>
+void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz) {
+  const int64_t N = job.N, C = job.C, P = job.P;
+  int64_t kept = 0;
+  for (int64_t n = 0; n < N; ++n) kept += job.keep[n];
+  // Upstream gradient times the groups' weight in the loss (mean over ROIs without sharing).
+  const acc_t scale = job.share_queries ? grad : (kept > 0 ? grad / acc_t(kept) : acc_t(0));
+  std::vector<acc_t> w, qnorm;
+  query_weights(job, w);
+  query_norms(job, qnorm);
+
+  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i alpha_i z_i and sum_i beta_i.
+  enum { kAlphaP, kAlphaM, kGammaP, kGammaM, kB, kNumCoef };
+  std::vector<acc_t> coef(N * kNumCoef * P, acc_t(0));
+  std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0)), roi_beta(N * 2, acc_t(0));
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (!job.keep[n]) continue;
+      const int64_t g = job.group(n);
+      const uint8_t* key = job.keys + n * P;
+      const acc_t* st = job.pixstats + n * 4 * P;
+      const acc_t* ts = job.termstats + g * kNumTerms * kNumTermStats;
+      acc_t* cf = coef.data() + n * kNumCoef * P;
+      acc_t beta[2] = {0, 0};
+      for (int64_t i = 0; i < P; ++i) {
+        if (!key[i]) continue;
+        acc_t gs[2];
+        similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, &gs[0], &gs[1]);
+        for (int side = 0; side < 2; ++side) {
+          const CosGrad<acc_t> cg =
+              cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], st[(2 + side) * P + i], job.params.released);
+          cf[(kAlphaP + side) * P + i] = cg.alpha;
+          cf[(kGammaP + side) * P + i] = cg.gamma;
+          cf[kB * P + i] += cg.b;
+          beta[side] += cg.beta;
+        }
+      }
+      roi_beta[n * 2] = beta[0];
+      roi_beta[n * 2 + 1] = beta[1];
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = job.z_row(n, c);
+        acc_t sp = 0, sm = 0;
+        for (int64_t i = 0; i < P; ++i) {
+          const acc_t ap = cf[kAlphaP * P + i], am = cf[kAlphaM * P + i];
+          const acc_t v = static_cast<acc_t>(row[i]);
+          sp += ap != acc_t(0) ? ap * v : acc_t(0);
+          sm += am != acc_t(0) ? am * v : acc_t(0);
+        }
+        roi_dq[(n * 2) * C + c] = sp;
+        roi_dq[(n * 2 + 1) * C + c] = sm;
+      }
+    }
+  });
+  // dL/dq per group, in ROI order: sum_n (sum_i alpha_i z_i) + (sum_n beta_n) q.
+  std::vector<acc_t> dq(job.G * 2 * C, acc_t(0)), beta(job.G * 2, acc_t(0));
+  for (int64_t n = 0; n < N; ++n) {
+    if (!job.keep[n]) continue;
+    const int64_t g = job.group(n);
+    for (int64_t k = 0; k < 2 * C; ++k) dq[g * 2 * C + k] += roi_dq[n * 2 * C + k];
+    beta[g * 2] += roi_beta[n * 2];
+    beta[g * 2 + 1] += roi_beta[n * 2 + 1];
+  }
+  for (int64_t gs = 0; gs < job.G * 2; ++gs)
+    for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += beta[gs] * job.queries[gs * C + c];
+
+  // Pass 2 over z: dz = partition term (through the queries) + cosine terms of key pixels.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* out = dz + n * C * P;
+      if (!job.keep[n]) {
+        std::fill(out, out + C * P, scalar_t(0));
+        continue;
+      }
+      const int64_t g = job.group(n);
+      const int8_t* lab = job.labels + n * P;
+      const acc_t* cf = coef.data() + n * kNumCoef * P;
+      const acc_t* qp = job.queries + g * 2 * C;
+      const acc_t* qm = qp + C;
+      const acc_t* dqp = dq.data() + g * 2 * C;
+      const acc_t* dqm = dqp + C;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = job.z_row(n, c);
+        scalar_t* orow = out + c * P;
+        const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c];
+        for (int64_t i = 0; i < P; ++i) {
+          const acc_t b = cf[kB * P + i];
+          acc_t d = lab[i] == kForeground ? pf : (lab[i] == kBackground ? pb : acc_t(0));
+          d += cf[kGammaP * P + i] * qp[c] + cf[kGammaM * P + i] * qm[c];
+          d += b != acc_t(0) ? b * static_cast<acc_t>(row[i]) : acc_t(0);
+          orow[i] = static_cast<scalar_t>(d);
+        }
+      }
+    }
+  });
+}
+
+at::ScalarType acc_dtype(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename scalar_t, typename acc_t>
+LossJob<scalar_t, acc_t> make_job(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                  const at::Tensor& keep, double tau_easy, double tau_hard, bool share_queries,
+                                  bool released) {
+  LossJob<scalar_t, acc_t> job;
+  job.N = z.size(0);
+  job.C = z.size(1);
+  job.P = z.size(2) * z.size(3);
+  job.G = share_queries ? 1 : job.N;
+  job.share_queries = share_queries;
+  job.params = LossParams<acc_t>{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
+  job.z = z.data_ptr<scalar_t>();
+  job.labels = labels.data_ptr<int8_t>();
+  job.keys = keys.data_ptr<uint8_t>();
+  job.keep = keep.data_ptr<bool>();
+  return job;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
+    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
+    double tau_hard, bool share_queries, c10::string_view formulation) {
+  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
+  const bool released = is_released_formulation(std::string(formulation));
+  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
+                   keep_c = keep.contiguous();
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), G = share_queries ? 1 : N;
+  const auto acc_opts = z.options().dtype(acc_dtype(z));
+  at::Tensor queries = at::zeros({G, 2, C}, acc_opts);
+  at::Tensor pixstats = at::zeros({N, 4, P}, acc_opts);
+  at::Tensor termstats = at::zeros({G, kNumTerms, kNumTermStats}, acc_opts);
+  at::Tensor loss = at::zeros({}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(z_c, labels_c, keys_c, keep_c, tau_easy, tau_hard, share_queries, released);
+    job.queries = queries.data_ptr<acc_t>();
+    job.pixstats = pixstats.data_ptr<acc_t>();
+    job.termstats = termstats.data_ptr<acc_t>();
+    loss.fill_(loss_forward(job));
+  });
+  return {loss.to(z.scalar_type()), queries, pixstats, termstats};
+}
+
+at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
+                                         const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
+                                         const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
+                                         double tau_hard, bool share_queries, c10::string_view formulation) {
+  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
+  const bool released = is_released_formulation(std::string(formulation));
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad: expected the gradient of a scalar loss, got shape ", grad.sizes());
+  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
+                   keep_c = keep.contiguous();
+  const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
+                   termstats_c = termstats.contiguous();
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(z_c, labels_c, keys_c, keep_c, tau_easy, tau_hard, share_queries, released);
+    job.queries = const_cast<acc_t*>(queries_c.data_ptr<acc_t>());
+    job.pixstats = const_cast<acc_t*>(pixstats_c.data_ptr<acc_t>());
+    job.termstats = const_cast<acc_t*>(termstats_c.data_ptr<acc_t>());
+    loss_backward(job, static_cast<acc_t>(grad.to(at::kDouble).item<double>()), dz.data_ptr<scalar_t>());
+  });
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastmask, CPU, m) {
+  m.impl("contrastive_loss", &contrastive_loss_cpu);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cpu);
+}
+
+}  // namespace contrastmask
