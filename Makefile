@@ -1,0 +1,44 @@
+# One entry point for set-up, tests, the demo and the benchmarks; each target creates the venv
+# (pinned torch/torchvision from requirements.txt) and builds the extension when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper: point it at the toolkit.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+export CUDA_HOME
+export MAX_JOBS ?= 2
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: venv build test test-cuda demo bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# `pip install -e .` builds C++ always and CUDA wherever nvcc and a CUDA torch exist (no GPU needed).
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -c "import contrastmask_ops as cm; print(cm.build_info())"
+	touch $@
+
+build: $(VENV)/.built
+
+# The build test fails unless the extension (and, where nvcc exists, its CUDA part) was compiled.
+test: build
+	CONTRASTMASK_REQUIRE_EXTENSION=1 CONTRASTMASK_REQUIRE_CUDA=$(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0) \
+	  $(PY) -m pytest tests -q -ra
+
+test-cuda: build
+	$(PY) -m pytest tests -q -ra -m cuda
+
+demo: build
+	$(PY) -m model.demo
+
+bench: build
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info contrastmask_ops/_C*.so contrastmask_ops/_build_config.py $(VENV)/.built
