@@ -11,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from .results import Results  # noqa: E402
 
@@ -30,7 +32,7 @@ def plot_time_vs_n(results: Results, path: Path) -> None:
     panels = sorted({(c, dtype) for _, c, dtype in results.shapes()}, key=lambda p: (p[1] != "float32", p[0]))
     cols = min(2, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1.5, 3.8 * rows + 0.8), squeeze=False)
     for ax, (c, dtype) in zip(axes.flat, panels):
         ns = sorted({n for n, cc, dt in results.shapes() if (cc, dt) == (c, dtype)})
         for impl, color in COLORS.items():
@@ -38,26 +40,31 @@ def plot_time_vs_n(results: Results, path: Path) -> None:
                 points = [(n, results.time(impl, stage, n, c, dtype)) for n in ns]
                 points = [(n, t * 1e3) for n, t in points if t is not None]
                 if points:
-                    ax.plot(*zip(*points), style, color=color, marker="o", markersize=3,
-                            label=f"{LABELS[impl]}: {stage}")
+                    ax.plot(*zip(*points), style, color=color, marker="o", markersize=3)
         ax.set(xscale="log", yscale="log", xlabel="N (ROIs)", ylabel="median time (ms)", title=f"C={c}, {dtype}")
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    handles = [Line2D([], [], color=color, label=LABELS[impl]) for impl, color in COLORS.items()]
+    handles += [Line2D([], [], color="black", linestyle=style, label=stage) for stage, style in LINES.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Time against N, 28x28 ROIs — " + _title(results), fontsize=9)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.12 / rows, 1, 0.97))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_stages(results: Results, path: Path, c: int = 256, dtype: str = "float32") -> None:
-    """Stacked bars per implementation: plan, loss forward, loss backward (fwd+bwd minus fwd)."""
-    ns = sorted({n for n, cc, dt in results.shapes() if (cc, dt) == (c, dtype)})
-    if not ns:
+def plot_stages(results: Results, path: Path) -> None:
+    """Stacked bars per implementation: plan, loss forward, loss backward (fwd+bwd minus fwd), at the
+    largest C in float32 (else the first dtype measured)."""
+    shapes = results.shapes()
+    if not shapes:
         return
+    dtype = "float32" if any(dt == "float32" for _, _, dt in shapes) else shapes[0][2]
+    c = max(cc for _, cc, dt in shapes if dt == dtype)
+    ns = sorted({n for n, cc, dt in shapes if (cc, dt) == (c, dtype)})
     fig, axes = plt.subplots(1, len(ns), figsize=(3.2 * len(ns), 3.8), squeeze=False)
     parts = (("plan", "tab:green"), ("loss forward", "tab:purple"), ("loss backward", "tab:gray"))
     for ax, n in zip(axes.flat, ns):

@@ -173,9 +173,14 @@ def main(argv=None) -> int:
     compiled = info.get("cuda" if device.type == "cuda" else "cpu")
     print(f"device: {meta['device']}\ntorch {meta['torch']} (CUDA {meta['cuda']}), commit {meta['git_commit']}"
           f"{' (dirty)' if meta['git_dirty'] else ''}\nfused kernels compiled for {device.type}: {compiled}")
-    if not compiled:
-        print("WARNING: no compiled kernels for this device; the 'fused' column runs the pure-PyTorch fallback.")
-    impls = [make(name) for name in args.impls]
+    names = list(args.impls)
+    if not compiled and "fused" in names:
+        if info.get("extension"):  # built, but not for this device: the public API would refuse these tensors
+            print(f"WARNING: the extension has no {device.type} kernels; the 'fused' column is left out.")
+            names.remove("fused")
+        else:
+            print("WARNING: the extension is not built; the 'fused' column runs the pure-PyTorch fallback.")
+    impls = [make(name) for name in names]
 
     started = time.perf_counter()
     results = Results(meta=meta, copy_bandwidth=copy_bandwidth(device))

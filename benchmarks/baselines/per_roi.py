@@ -112,7 +112,7 @@ def loss(z: torch.Tensor, plan: PerRoiPlan, *, tau_easy=0.7, tau_hard=0.3) -> to
     keep = plan.keep.to(device)
     if not bool(keep.any()):
         return z.sum() * 0.0
-    features = z.float()
+    features = z if z.dtype == torch.float64 else z.float()  # accumulate in float32 (float64 for float64)
     fg = plan.foreground.to(device)[keep].unsqueeze(1)
     bg = plan.background.to(device)[keep].unsqueeze(1)
     kept = features[keep]
