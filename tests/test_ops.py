@@ -1,8 +1,8 @@
 """The compiled CPU operators against contrastmask_ops.reference (the pure-PyTorch oracle).
 
 Tolerances: integer outputs (labels, distances, key bits, keep) must be identical. Losses: relative
-1e-5 in float32, 1e-10 in float64. Gradients: max|g - g_ref| <= 1e-4 * max|g_ref| in float32 (the
-same sums taken in another order). float16/bfloat16 inputs accumulate in float32 in both
+1e-5 in float32, 1e-10 in float64. Gradients: max|g - g_ref| <= 1e-4 * max|g_ref| in float32 (the same
+sums taken in another order); with C = 1 the exact gradient is 0 and both must be within 1e-3 of it. float16/bfloat16 inputs accumulate in float32 in both
 implementations: loss relative 1e-4 and gradients 2e-2 of max|g_ref| (one rounding to the input dtype).
 """
 import itertools
@@ -94,10 +94,10 @@ def _loss_and_grad(fn, z, *args, **kw):
     return loss.detach(), g
 
 
-def _assert_grad_close(g, g_ref, rel):
+def _assert_grad_close(g, g_ref, rel, atol=1e-7):
     scale = g_ref.abs().max().item()
     err = (g.double() - g_ref.double()).abs().max().item()
-    assert err <= rel * max(scale, 1e-12), (err, scale)
+    assert err <= rel * scale + atol, (err, scale)
 
 
 LOSS_CASES = [
@@ -122,7 +122,12 @@ def test_loss_matches_reference_float32(n, hw, c, seed, formulation, share_queri
     loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
-    _assert_grad_close(g, g_ref, 1e-4)
+    if c == 1:
+        # Every cosine of 1-vectors is +-1: the exact gradient is 0, and both sides hold only rounding
+        # noise (amplified by 1/|z - q| in "released"), so compare each with 0 instead.
+        assert g.abs().max() <= 1e-3 and g_ref.abs().max() <= 1e-3
+    else:
+        _assert_grad_close(g, g_ref, 1e-4)
 
 
 @pytest.mark.parametrize("dtype,loss_rtol,grad_rel", [

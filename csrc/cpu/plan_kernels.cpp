@@ -87,7 +87,9 @@ bool roi_sample(const Job& job, int64_t n, const int8_t* labels, const int32_t* 
   for (int i = 0; i < P; ++i) {
     foreground += labels[i] == kForeground;
     background += labels[i] == kBackground;
-    const uint8_t c = candidate_sets(labels[i], novel ? 0 : sqdist[i], novel, job.hard_sqdist);
+    // Novel ROIs have no distances; invalid ROIs (all labels -1) need none.
+    const int32_t d = (novel || !sqdist) ? kNoBoundary : sqdist[i];
+    const uint8_t c = candidate_sets(labels[i], d, novel, job.hard_sqdist);
     sc.candidates[i] = c;
     for (int s = 0; s < kNumSets; ++s) counts[s] += (c >> s) & 1;
   }
@@ -142,7 +144,9 @@ int32_t run_plan(const Job& job) {
         sqdist = out;
       }
       if (job.keys_out) {
-        const bool keep = (local_errors == 0) && roi_sample(job, n, labels, sqdist, novel, sc, job.keys_out + n * P);
+        const bool keep =
+            local_errors == 0 && valid && roi_sample(job, n, labels, sqdist, novel, sc, job.keys_out + n * P);
+        if (!keep) std::fill(job.keys_out + n * P, job.keys_out + (n + 1) * P, uint8_t(0));
         job.keep_out[n] = keep;
       }
     }
