@@ -186,3 +186,25 @@ def test_module_wrapper_matches_function():
                                              share_queries=False, seed=3)
     assert torch.equal(got, want)
     assert "sigma=0.5" in repr(crit)
+
+
+def test_kernel_sampler_is_uniform_over_seeds():
+    # Every candidate of a set should be picked about equally often across seeds (chi-square).
+    from scipy.stats import chisquare
+
+    b = make_batch(8, 28, 28, 1, seed=11)
+    novel = torch.zeros(8, dtype=torch.bool)
+    labels = cm.partition(b["masks"], None, novel)
+    sqdist = cm.boundary_sqdist(b["masks"])
+    cand = ref.candidate_sets(labels, sqdist, novel, 2)
+    n = int(cm.sample_keys(labels, sqdist, novel, min_keys=5, seed=0)[1].nonzero()[0])
+    seeds = 800
+    hits = torch.zeros(4, 28 * 28)
+    for seed in range(seeds):
+        keys, keep = cm.sample_keys(labels, sqdist, novel, sigma=0.3, min_keys=5, seed=seed)
+        assert keep[n]  # keep does not depend on the seed
+        hits += ((keys[n].flatten() >> torch.arange(4)[:, None]) & 1).float()
+    for s in range(4):
+        observed = hits[s][cand[n, s]].numpy()
+        assert len(observed) >= 5 and observed.sum() > 0
+        assert chisquare(observed).pvalue > 1e-4, s
