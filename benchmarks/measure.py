@@ -104,10 +104,10 @@ class Timer:
     """Warm-up, memory and timed samples of one callable; several Timers are sampled in turns."""
 
     def __init__(self, fn, device: torch.device, policy: Policy, *, setup=None, memory: bool = True,
-                 python_heap: bool = False):
+                 python_heap: bool = False, memory_when_slow: bool = False):
         self.fn, self.device, self.policy = fn, device, policy
         self.setup = setup or (lambda: None)
-        self.memory, self.python_heap = memory, python_heap
+        self.memory, self.python_heap, self.memory_when_slow = memory, python_heap, memory_when_slow
         self.samples: list[float] = []
         self.warmup = 0
         self.peak = None
@@ -127,14 +127,19 @@ class Timer:
         self.warmup = 1
         if first > self.policy.very_slow_call_s:
             # Sampled: at this cost one-time effects are noise; the first call is the sample, and no memory
-            # figure (it would cost another call).
-            self.samples, self.reps_cap, self.memory = [first], 1, False
+            # figure unless asked for (it costs another call).
+            self.samples, self.reps_cap, self.warmup = [first], 1, 0
+            self.memory = self.memory and self.memory_when_slow
+            self._measure_memory()
             return
         if first > self.policy.slow_call_s:
             self.reps_cap = self.policy.slow_reps
         while first <= 0.05 and self.warmup < 3:
             self._wall_once()
             self.warmup += 1
+        self._measure_memory()
+
+    def _measure_memory(self) -> None:
         if self.memory:
             self.setup()
             if self.device.type == "cuda":
