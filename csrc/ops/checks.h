@@ -18,7 +18,7 @@ inline void check_dtype_in(const at::Tensor& t, const char* name, std::initializ
                            const char* expected) {
   bool found = false;
   for (auto s : ok) found = found || t.scalar_type() == s;
-  TORCH_CHECK_TYPE(found, name, ": expected dtype ", expected, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(found, name, ": expected dtype ", expected, ", got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
@@ -29,6 +29,7 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
 // (N, H, W) with H * W <= 4096.
 inline void check_roi_grid(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, ": expected shape (N, H, W), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) >= 1 && t.size(2) >= 1, name, ": expected H >= 1 and W >= 1, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.size(1) * t.size(2) <= kMaxRoiPixels, name, ": H * W = ", t.size(1) * t.size(2),
                     " exceeds the limit of ", kMaxRoiPixels, " pixels per ROI");
 }
@@ -48,8 +49,8 @@ inline void check_per_roi_flags(const at::Tensor& t, const char* name, const at:
 
 inline void check_masks(const at::Tensor& masks) {
   check_roi_grid(masks, "masks");
-  TORCH_CHECK_TYPE(!masks.is_complex(), "masks: expected a bool, integer or floating dtype, got ",
-                   masks.scalar_type());
+  check_dtype_in(masks, "masks", {at::kBool, at::kByte, at::kHalf, at::kBFloat16, at::kFloat, at::kDouble},
+                 "bool, uint8 or floating");
 }
 
 inline void check_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& cams,
@@ -57,8 +58,8 @@ inline void check_plan_inputs(const at::Tensor& masks, const c10::optional<at::T
   check_masks(masks);
   if (cams.has_value()) {
     check_same_grid(*cams, "cams", masks, "masks");
-    TORCH_CHECK_TYPE(at::isFloatingType(cams->scalar_type()), "cams: expected a floating dtype, got ",
-                     cams->scalar_type());
+    TORCH_CHECK_VALUE(at::isFloatingType(cams->scalar_type()), "cams: expected a floating dtype, got ",
+                      cams->scalar_type());
   }
   check_per_roi_flags(is_novel, "is_novel", masks, "masks");
   if (valid.has_value()) check_per_roi_flags(*valid, "valid", masks, "masks");
