@@ -1,0 +1,142 @@
+"""Experiment configs: JSON files under model/configs/, merged over DEFAULTS, plus --set overrides.
+
+Every key a config may set is listed in DEFAULTS (a typo is an error, not a silent no-op). The
+defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change.
+"""
+import copy
+import json
+
+DEFAULTS = {
+    "seed": 0,
+    "output_dir": "runs/default",
+    "data": {
+        "kind": "coco",                  # "coco" (files on disk) or "shapes" (generated into root)
+        "root": ".cache/shapes",         # shapes: where the generated dataset is cached
+        "shapes": {},                    # shapes generator parameters (model/data/shapes.py DEFAULTS)
+        "train_images": "datasets/coco/train2017",
+        "train_annotations": "datasets/coco/annotations/instances_train2017.json",
+        "val_images": "datasets/coco/val2017",
+        "val_annotations": "datasets/coco/annotations/instances_val2017.json",
+        "base": "nonvoc",                # voc | nonvoc | shapes | all | none | [names]
+        "num_workers": 4,
+    },
+    "model": {
+        "backbone": "resnet50",          # any torchvision ResNet: resnet18/34/50/101/152, resnext...
+        "backbone_weights": None,        # None (from scratch) | "imagenet" (torchvision download) | path
+        "backbone_norm": "frozen_bn",    # frozen_bn (pretrained) | gn | bn (from scratch)
+        "trainable_layers": 3,           # 0..5 ResNet stages that train (5 = all)
+        "fpn_channels": 256,
+        "min_size": [640, 672, 704, 736, 768, 800],  # training short side drawn per batch; test: last
+        "max_size": 1333,
+        "anchor_sizes": [32, 64, 128, 256, 512],
+        "aspect_ratios": [0.5, 1.0, 2.0],
+        "rpn_pre_nms_top_n_train": 2000,
+        "rpn_post_nms_top_n_train": 2000,
+        "rpn_pre_nms_top_n_test": 1000,
+        "rpn_post_nms_top_n_test": 1000,
+        "rpn_batch_size_per_image": 256,
+        "box_batch_size_per_image": 512,
+        "box_positive_fraction": 0.25,
+        "box_roi_size": 7,
+        "box_channels": 256,
+        "box_shared_convs": 4,           # the released code's box head: 4 shared, 1 cls, 2 reg convs
+        "box_cls_convs": 1,
+        "box_reg_convs": 2,
+        "box_score_thresh": 0.05,
+        "box_nms_thresh": 0.5,
+        "detections_per_img": 100,
+        "mask_roi_size": 14,
+        "mask_channels": 256,
+        "mask_convs": 4,
+        "use_cam": True,                 # CAM added to the mask head's input (Table 2 "CM")
+        "use_cl": True,                  # CL head + contrastive loss (Table 2 "CL")
+        "cl_roi_size": 28,
+        "cl_convs": 8,                   # CnFm (Table 3): n encoder Conv-ReLU layers
+        "cl_fcs": 3,                     #                 m projector layers
+        "cl_channels": 256,
+        "cl_detach_input": True,         # the released code feeds the CL head detached ROI features
+    },
+    "contrast": {
+        "supervision": "all",            # all | base | novel (Table 6), through the op's `valid`
+        "share_queries": True,           # Table 7
+        "sigma": 0.3,                    # Table 4
+        "tau_easy": 0.7,                 # Table 5 (tau_hard = 1 - tau in the paper)
+        "tau_hard": 0.3,
+        "delta": 0.1,
+        "hard_sqdist": 2,
+        "min_keys": 5,
+        "formulation": "paper",          # paper | released
+        "lambda_start": 0.25,            # lambda warmed up linearly ...
+        "lambda_end": 1.0,
+        "lambda_warmup": 4,              # ... over this many epochs (or iterations, see train.unit)
+    },
+    "train": {
+        "unit": "epoch",                 # unit of epochs/lr_steps/lambda_warmup: "epoch" or "iter"
+        "length": 12,                    # schedule length in `unit`s
+        "lr_steps": [8, 11],             # lr x 0.1 at each
+        "images_per_batch": 16,          # global batch (all ranks)
+        "base_lr": 0.02,                 # for base_batch images; scaled linearly to images_per_batch
+        "base_batch": 16,
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "warmup_iters": 500,             # linear lr warm-up (iterations)
+        "warmup_factor": 0.001,
+        "flip_prob": 0.5,
+        "amp": True,                     # mixed precision, on GPU only
+        "checkpoint_every": 1000,        # iterations
+        "log_every": 20,
+        "find_unused_parameters": False,
+    },
+    "eval": {
+        "images_per_batch": 8,
+        "max_images": None,              # evaluate on the first N validation images only
+    },
+}
+
+
+def _merge(base, update, path=""):
+    for key, value in update.items():
+        if key not in base:
+            raise KeyError(f"unknown config key {path + key!r}")
+        if key == "shapes":  # generator parameters: free-form, checked by the generator
+            base[key] = dict(base[key], **value)
+        elif isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {path + key!r} must be a mapping")
+            _merge(base[key], value, path + key + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def parse_override(text):
+    """'train.length=8' -> (['train', 'length'], 8); values are JSON, else plain strings."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ValueError(f"override {text!r} is not key=value")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.split("."), value
+
+
+def nested(keys, value):
+    out = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def load_config(path=None, overrides=()):
+    """DEFAULTS <- the JSON file at path <- each 'a.b=value' override, in order."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            _merge(cfg, json.load(f))
+    for item in overrides:
+        if isinstance(item, str):
+            keys, value = parse_override(item)
+            item = nested(keys, value)
+        _merge(cfg, item)
+    return cfg

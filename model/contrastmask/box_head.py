@@ -1,0 +1,52 @@
+"""Box head whose classification branch ends in global average pooling + a linear classifier, so
+that the CAM of class c is the classifier's row c applied at every position of the branch's map."""
+import torch
+from torch import nn
+
+
+def conv_relu_stack(in_channels, channels, num_layers, kernel_size=3):
+    layers = []
+    for i in range(num_layers):
+        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, kernel_size, padding=kernel_size // 2),
+                   nn.ReLU(inplace=True)]
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+class CamBoxHead(nn.Module):
+    """shared convs -> cls convs -> GAP -> cls_score   (the CAM comes from the cls convs' map)
+                    -> reg convs -> flatten -> bbox_pred
+
+    Returns class logits (N, K), box deltas (N, 4K) and the classification map (N, C, h, w).
+    """
+
+    def __init__(self, in_channels, channels, roi_size, num_classes, shared_convs=4, cls_convs=1, reg_convs=2):
+        super().__init__()
+        self.shared = conv_relu_stack(in_channels, channels, shared_convs)
+        trunk_channels = channels if shared_convs else in_channels
+        self.cls_convs = conv_relu_stack(trunk_channels, channels, cls_convs)
+        self.reg_convs = conv_relu_stack(trunk_channels, channels, reg_convs)
+        cls_channels = channels if cls_convs else trunk_channels
+        reg_channels = channels if reg_convs else trunk_channels
+        self.cls_score = nn.Linear(cls_channels, num_classes)
+        self.bbox_pred = nn.Linear(reg_channels * roi_size * roi_size, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        x = self.shared(x)
+        cls_map = self.cls_convs(x)
+        class_logits = self.cls_score(cls_map.mean(dim=(2, 3)))
+        box_regression = self.bbox_pred(self.reg_convs(x).flatten(1))
+        return class_logits, box_regression, cls_map
+
+    def cams(self, cls_map, labels):
+        """Raw CAM (N, h, w) of class labels[n] for ROI n. The classifier's weights are detached (as
+        in the released code): the mask loss may shape the CAM's features, not the classifier."""
+        weights = self.cls_score.weight.detach()[labels].to(cls_map.dtype)
+        return torch.einsum("nchw,nc->nhw", cls_map, weights)

@@ -1,0 +1,169 @@
+"""COCO evaluation of a trained model, on the novel and on the base categories separately.
+
+    python -m model.evaluate --config model/configs/demo.json [--checkpoint runs/demo/checkpoint.pt]
+
+Prints mask AP (segm) and box AP (bbox) as the paper's columns (mAP, AP50, AP75, APs, APm, APl, in
+percent; "-" where no ground truth of that size exists) and saves them to output_dir/eval.json.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from .config import load_config
+from .contrastmask import build_model
+from .data.build import build_dataset, dataset_files
+from .data.coco import load_coco
+from .data.loader import eval_loader
+from .engine import checkpoint as ckpt
+
+COLUMNS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def to_coco_results(output, image_id, cat_ids):
+    """One image's detections -> (bbox results, segm results) in COCO's result format."""
+    boxes = output["boxes"].cpu()
+    scores = output["scores"].cpu().tolist()
+    labels = output["labels"].cpu().tolist()
+    masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8) if "masks" in output else None
+    bbox_results, segm_results = [], []
+    for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        common = {"image_id": image_id, "category_id": cat_ids[labels[k] - 1], "score": scores[k]}
+        bbox_results.append(dict(common, bbox=[x1, y1, x2 - x1, y2 - y1]))
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[k]))
+            rle["counts"] = rle["counts"].decode("ascii")
+            segm_results.append(dict(common, segmentation=rle))
+    return bbox_results, segm_results
+
+
+@torch.no_grad()
+def predict(model, dataset, device, batch_size=8, max_images=None, progress=True):
+    """Runs the model over the dataset; returns (image ids, bbox results, segm results)."""
+    model.eval()
+    if max_images is not None and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_images))
+    image_ids, bbox_results, segm_results = [], [], []
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    for images, targets in tqdm(eval_loader(dataset, batch_size, num_workers=0), desc="evaluate",
+                                disable=not progress, dynamic_ncols=True):
+        outputs = model([img.to(device) for img in images])
+        for out, target in zip(outputs, targets):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            b, s = to_coco_results(out, image_id, base.cat_ids)
+            bbox_results += b
+            segm_results += s
+    return image_ids, bbox_results, segm_results
+
+
+def coco_metrics(coco_gt, results, iou_type, cat_ids, image_ids):
+    """The six summary numbers (fractions; -1 where COCO has no ground truth of that size)."""
+    results = [r for r in results if r["category_id"] in set(cat_ids)]
+    if not cat_ids:
+        return None
+    if not results:  # nothing detected: AP 0 (COCO's loadRes cannot take an empty list)
+        return dict.fromkeys(COLUMNS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.catIds = list(cat_ids)
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(COLUMNS, (float(v) for v in evaluator.stats[:6])))
+
+
+def evaluate_results(coco_gt, image_ids, bbox_results, segm_results, base_cat_ids, novel_cat_ids):
+    """{"novel": {"segm": {...}, "bbox": {...}}, "base": {...}} of fractions."""
+    out = {}
+    for split, cat_ids in (("novel", novel_cat_ids), ("base", base_cat_ids)):
+        out[split] = {"segm": coco_metrics(coco_gt, segm_results, "segm", cat_ids, image_ids),
+                      "bbox": coco_metrics(coco_gt, bbox_results, "bbox", cat_ids, image_ids)}
+    return out
+
+
+def in_percent(metrics):
+    """Fractions -> the paper's percent with one decimal; COCO's -1 (no such objects) -> None."""
+    if isinstance(metrics, dict):
+        return {k: in_percent(v) for k, v in metrics.items()}
+    if metrics is None or metrics < 0:
+        return None
+    return round(100 * metrics, 1)
+
+
+def format_table(metrics_percent):
+    cell = lambda v: f"{v:5.1f}" if v is not None else "    -"  # noqa: E731
+    head = " ".join(f"{c:>5}" for c in COLUMNS)
+    lines = [f"{'':8}| {'mask AP (segm)':^35} | {'box AP (bbox)':^35}", f"{'split':8}| {head} | {head}"]
+    for split in ("novel", "base"):
+        row = metrics_percent.get(split, {})
+        parts = []
+        for kind in ("segm", "bbox"):
+            m = row.get(kind) or {}
+            parts.append(" ".join(cell(m.get(c)) for c in COLUMNS))
+        lines.append(f"{split:8}| {parts[0]} | {parts[1]}")
+    return "\n".join(lines)
+
+
+def load_trained_model(cfg, checkpoint_path, dataset, device):
+    model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes)
+    state = ckpt.load(checkpoint_path)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state.get("iteration")
+
+
+def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=None):
+    """Evaluates output_dir/checkpoint.pt (or checkpoint_path); writes eval.json; returns its record."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint_path = checkpoint_path or os.path.join(cfg["output_dir"], "checkpoint.pt")
+    dataset = build_dataset(cfg["data"], "val")
+    model, iteration = load_trained_model(cfg, checkpoint_path, dataset, device)
+    image_ids, bbox_results, segm_results = predict(model, dataset, device, cfg["eval"]["images_per_batch"],
+                                                    cfg["eval"]["max_images"], progress)
+    coco_gt = load_coco(dataset_files(cfg["data"], "val")[1])  # the file's masks, novel ones included
+    metrics = evaluate_results(coco_gt, image_ids, bbox_results, segm_results,
+                               dataset.base_cat_ids, dataset.novel_cat_ids)
+    names = dict(zip(dataset.cat_ids, dataset.cat_names))
+    record = {"checkpoint": checkpoint_path, "iteration": iteration, "images": len(image_ids),
+              "novel_categories": [names[c] for c in dataset.novel_cat_ids],
+              "base_categories": [names[c] for c in dataset.base_cat_ids],
+              "metrics_percent": in_percent(metrics)}
+    out_path = out_path or os.path.join(cfg["output_dir"], "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
+    p.add_argument("--out", help="default: output_dir/eval.json")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out)
+    print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
+    print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")
+    print(format_table(record["metrics_percent"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Train ContrastMask (or the baseline) from a config.
+
+    python -m model.train --config model/configs/demo.json
+    python -m model.train --config model/configs/demo.json --set train.length=100 model.use_cl=false
+    torchrun --nproc_per_node 2 -m model.train --config ...        # DistributedDataParallel
+    python -m model.train --config ... --resume                    # continue from output_dir/checkpoint.pt
+
+Writes into output_dir: checkpoint.pt (every train.checkpoint_every iterations and at the end,
+atomically), metrics.jsonl (window means of every loss, lr, lambda), loss.png, config.json and
+final.json (iteration, contrastive-loss backend, per-rank weight digests).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .config import load_config
+from .contrastmask import build_model
+from .contrastmask.contrast_loss import backend as contrast_backend, contrast_weight
+from .data.build import build_dataset, prepare_data
+from .data.loader import train_loader
+from .engine import checkpoint as ckpt
+from .engine.distributed import (all_gather_object, barrier, cleanup, init_distributed, mean_over_ranks)
+from .engine.metrics import MetricsLog, plot_metrics
+from .engine.schedule import Schedule
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_loss(losses, lam):
+    """Eq. 5: L = L_box (RPN + box head) + L_mask + lambda L_con."""
+    return sum(lam * v if name == "loss_contrast" else v for name, v in losses.items())
+
+
+def to_device(images, targets, device):
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.length=8")
+    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p.add_argument("--resume", nargs="?", const="auto", help="checkpoint to resume from (default: output_dir's)")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: the GPU when there is one)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def train(cfg, resume=None, device=None, progress=True):
+    """Runs (or continues) the training described by cfg; returns the final.json record."""
+    info = init_distributed(device)
+    out_dir = cfg["output_dir"]
+    tc, dc = cfg["train"], cfg["data"]
+    if info.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        prepare_data(dc)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    barrier(info)
+
+    dataset = build_dataset(dc, "train")
+    if tc["images_per_batch"] % info.world_size:
+        raise ValueError("train.images_per_batch must be a multiple of the number of processes")
+    per_rank_batch = tc["images_per_batch"] // info.world_size
+    schedule = Schedule(tc, cfg["contrast"], len(dataset) // tc["images_per_batch"])
+    if schedule.iters_per_epoch < 1:
+        raise ValueError(f"{len(dataset)} training images cannot fill one batch of {tc['images_per_batch']}")
+
+    seed_everything(cfg["seed"])  # same initial weights on every rank
+    model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes).to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = tc["base_lr"] * tc["images_per_batch"] / tc["base_batch"]  # linear scaling rule
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
+    use_amp = bool(tc["amp"]) and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    seed_everything(cfg["seed"] * 1000 + info.rank)  # then each rank draws its own samples
+
+    start_iter = 0
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    if resume:
+        state = ckpt.load(ckpt_path if resume == "auto" else resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"][info.rank])
+        start_iter = state["iteration"]
+
+    net = model
+    if info.distributed:
+        net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                      find_unused_parameters=tc["find_unused_parameters"])
+    loader = train_loader(dataset, per_rank_batch, cfg["seed"], start_iter, info.rank, info.world_size,
+                          tc["flip_prob"], dc["num_workers"])
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter if resume else None) if info.is_main else None
+    backend = contrast_backend(info.device.type)
+
+    def save(iteration):
+        rngs = all_gather_object(info, ckpt.rng_state())
+        if info.is_main:
+            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                              "rng": rngs, "iteration": iteration, "config": cfg}, ckpt_path)
+
+    bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not (progress and info.is_main),
+               dynamic_ncols=True, desc="train")
+    net.train()
+    window, window_start, t0 = {}, time.time(), time.time()
+    iteration = start_iter
+    data = iter(loader)
+    while iteration < schedule.max_iters:
+        images, targets = to_device(*next(data), info.device)
+        lam = contrast_weight(iteration, cfg["contrast"]["lambda_start"], cfg["contrast"]["lambda_end"],
+                              schedule.lambda_warmup_iters)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            losses = net(images, targets)
+            loss = total_loss(losses, lam)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        iteration += 1
+
+        for name, value in dict(losses, loss=loss).items():
+            window[name] = window.get(name, 0.0) + value.detach().float()
+        window_len = (iteration - start_iter - 1) % tc["log_every"] + 1
+        if window_len == tc["log_every"] or iteration == schedule.max_iters:
+            means = mean_over_ranks(info, {k: v / window_len for k, v in window.items()})
+            if info.is_main:
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"non-finite loss at iteration {iteration}: {means}")
+                log.write({"iter": iteration, "epoch": iteration / schedule.iters_per_epoch,
+                           "lr": optimizer.param_groups[0]["lr"], "lambda": lam,
+                           "sec_per_iter": (time.time() - window_start) / window_len, **means})
+                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            window, window_start = {}, time.time()
+        bar.update(1)
+        if iteration % tc["checkpoint_every"] == 0 and iteration < schedule.max_iters:
+            save(iteration)
+    bar.close()
+    if iteration > start_iter or not os.path.exists(ckpt_path):
+        save(iteration)
+
+    digests = all_gather_object(info, ckpt.weights_digest(model))
+    final = {"iteration": iteration, "world_size": info.world_size, "contrast_backend": backend,
+             "rank_weight_digests": digests, "train_seconds": time.time() - t0}
+    if info.is_main:
+        with open(os.path.join(out_dir, "final.json"), "w") as f:
+            json.dump(final, f, indent=2)
+        plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    barrier(info)
+    cleanup(info)
+    return final
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    final = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: final[k] for k in ("iteration", "contrast_backend", "train_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
