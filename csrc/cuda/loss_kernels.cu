@@ -1,0 +1,741 @@
+// CUDA kernels of the contrastive loss (forward and backward). Same math as csrc/cpu/loss_kernels.cpp
+// through the shared headers; the sums are taken in another (but fixed) order.
+//
+// Forward, all on the current stream, no host sync (N = 0 included):
+//   roi_counts     block per ROI          label-1 / label-0 pixels of kept ROIs
+//   roi_weights    one block              w[n][side] (DESIGN decision 4), kept count, loss scale
+//   partition_sums block per (ROI, 32 ch)  pass 1 over z: w * sum of z over each partition
+//   sum_over_rois  fixed-order tree        queries (G, 2, C)
+//   query_norms    warp per query         |q+|, |q-| of each group
+//   cosines        block per (ROI, 256 px) pass 2 over z: pixstats, per-block log-sum-exp partials
+//   group_lse      block per group        termstats[.., kLse]
+//   positive_sums  block per (ROI, 256 px) per-block sums of (L_p - s_p/t), exp(lse - L_p), |P|
+//   group_terms    block per group        termstats ratio, 1/|P|, value
+//   write_loss     one block              loss in z's dtype
+// Backward: roi_counts, roi_weights (with the upstream gradient read on the device), query_norms,
+// pixel_coefficients (similarity_grads + cosine_backward per key pixel), weighted_sums (pass 1 over z:
+// sum_i alpha_i z_i per ROI), sum_over_rois (dL/dq per group, ROI order), write_dz (pass 2 over z).
+// No float atomics anywhere: reductions go through fixed trees (reduce.cuh), so two runs give the
+// same bits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+#include "../contrastmask/loss_math.h"
+#include "../ops/checks.h"
+#include "reduce.cuh"
+
+namespace contrastmask {
+namespace {
+
+using cuda::block_merge;
+using cuda::block_sum;
+using cuda::ceil_div;
+using cuda::kMaxBlockWarps;
+using cuda::kWarp;
+using cuda::warp_sum;
+
+constexpr int kThreads = 256;         // threads of the per-pixel and per-channel kernels
+constexpr int kPixelsPerBlock = kThreads;  // pixel-chunk kernels: one pixel per thread
+constexpr int kChannelsPerWarp = 4;   // channel-sum kernels: a warp sums 4 channels, reusing its pixel weights
+constexpr int kChannelsPerBlock = kChannelsPerWarp * (kThreads / kWarp);
+constexpr int kPosStats = 3;          // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|
+enum Coef : int { kAlphaP = 0, kAlphaM, kGammaP, kGammaM, kB, kNumCoef };
+
+// Grids are 1-D so that N is not limited to 65535.
+void check_grid(int64_t blocks) {
+  TORCH_CHECK(blocks <= 2147483647, "contrastive_loss: batch too large for one CUDA launch (", blocks, " blocks)");
+}
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// ---------------------------------------------------------------- per-ROI weights
+
+// counts[n][side]: pixels labelled 1 (side 0) and 0 (side 1) of kept ROIs, 0 for dropped ones.
+__global__ void __launch_bounds__(kThreads) roi_counts_kernel(const int8_t* labels, const bool* keep, int64_t P,
+                                                              int32_t* counts) {
+  __shared__ int scratch[kMaxBlockWarps];
+  const int64_t n = blockIdx.x;
+  int fg = 0, bg = 0;
+  if (keep[n]) {
+    for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+      const int8_t l = labels[n * P + i];
+      fg += l == kForeground;
+      bg += l == kBackground;
+    }
+  }
+  fg = block_sum(fg, scratch);
+  bg = block_sum(bg, scratch);
+  if (threadIdx.x == 0) {
+    counts[n * 2] = fg;
+    counts[n * 2 + 1] = bg;
+  }
+}
+
+// w[n][side] = 1 / (rois * count) as query_weights() of the CPU kernels; kept = number of kept ROIs;
+// scale = upstream gradient times the groups' weight in the loss (backward only, grad may be null).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const bool* keep, int64_t N,
+                                                               bool share_queries, const acc_t* grad, acc_t* w,
+                                                               int64_t* kept_out, acc_t* scale_out) {
+  __shared__ long long scratch[kMaxBlockWarps];
+  long long kept = 0, with_fg = 0, with_bg = 0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    kept += keep[n];
+    with_fg += counts[n * 2] > 0;
+    with_bg += counts[n * 2 + 1] > 0;
+  }
+  __shared__ long long totals[3];
+  kept = block_sum(kept, scratch);
+  if (threadIdx.x == 0) totals[0] = kept;
+  with_fg = block_sum(with_fg, scratch);
+  if (threadIdx.x == 0) totals[1] = with_fg;
+  with_bg = block_sum(with_bg, scratch);
+  if (threadIdx.x == 0) totals[2] = with_bg;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < N * 2; k += blockDim.x) {
+    const int32_t c = counts[k];
+    const acc_t rois = share_queries ? acc_t(totals[1 + k % 2]) : acc_t(1);
+    w[k] = c > 0 ? acc_t(1) / (rois * acc_t(c)) : acc_t(0);
+  }
+  if (threadIdx.x == 0) {
+    *kept_out = totals[0];
+    if (grad) {
+      const acc_t g = *grad;
+      *scale_out = share_queries ? g : (totals[0] > 0 ? g / acc_t(totals[0]) : acc_t(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- channel sums (passes 1)
+
+// Forward pass 1: sums[n][side][c] = w[n][side] * (sum of z[n, c, i] over the pixels labelled
+// 1 (side 0) or 0 (side 1)). A warp owns kChannelsPerWarp channels, lanes stride over pixels.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t* z, const int8_t* labels,
+                                                                  const bool* keep, const acc_t* w, int64_t C,
+                                                                  int64_t P, int64_t channel_blocks, acc_t* sums) {
+  extern __shared__ int8_t lab_s[];
+  const int64_t n = blockIdx.x / channel_blocks;
+  if (!keep[n]) return;  // dropped ROIs are skipped by the reduction
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) lab_s[i] = labels[n * P + i];
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t c0 = (blockIdx.x % channel_blocks) * kChannelsPerBlock + warp * kChannelsPerWarp;
+  if (c0 >= C) return;  // no block-wide barrier below
+  acc_t fg[kChannelsPerWarp], bg[kChannelsPerWarp];
+  const scalar_t* rows[kChannelsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kChannelsPerWarp; ++j) {
+    fg[j] = bg[j] = acc_t(0);
+    rows[j] = z + (n * C + (c0 + j < C ? c0 + j : C - 1)) * P;
+  }
+  for (int64_t i = lane; i < P; i += kWarp) {
+    const int8_t l = lab_s[i];
+#pragma unroll
+    for (int j = 0; j < kChannelsPerWarp; ++j) {
+      const acc_t v = static_cast<acc_t>(rows[j][i]);
+      fg[j] += l == kForeground ? v : acc_t(0);
+      bg[j] += l == kBackground ? v : acc_t(0);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kChannelsPerWarp; ++j) {
+    const acc_t f = warp_sum(fg[j]), b = warp_sum(bg[j]);
+    if (lane == 0 && c0 + j < C) {
+      sums[(n * 2) * C + c0 + j] = f * w[n * 2];
+      sums[(n * 2 + 1) * C + c0 + j] = b * w[n * 2 + 1];
+    }
+  }
+}
+
+// Backward pass 1: out[n][side][c] = sum_i alpha_side_i z[n, c, i] (terms with alpha = 0 left out,
+// as on the CPU, so a NaN in an unused pixel stays out).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t* z, const acc_t* coef,
+                                                                 const bool* keep, int64_t C, int64_t P,
+                                                                 int64_t channel_blocks, acc_t* out) {
+  const int64_t n = blockIdx.x / channel_blocks;
+  if (!keep[n]) return;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t c0 = (blockIdx.x % channel_blocks) * kChannelsPerBlock + warp * kChannelsPerWarp;
+  if (c0 >= C) return;
+  const acc_t* alpha_p = coef + (n * kNumCoef + kAlphaP) * P;
+  const acc_t* alpha_m = coef + (n * kNumCoef + kAlphaM) * P;
+  acc_t sp[kChannelsPerWarp], sm[kChannelsPerWarp];
+  const scalar_t* rows[kChannelsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kChannelsPerWarp; ++j) {
+    sp[j] = sm[j] = acc_t(0);
+    rows[j] = z + (n * C + (c0 + j < C ? c0 + j : C - 1)) * P;
+  }
+  for (int64_t i = lane; i < P; i += kWarp) {
+    const acc_t ap = alpha_p[i], am = alpha_m[i];
+    if (ap == acc_t(0) && am == acc_t(0)) continue;
+#pragma unroll
+    for (int j = 0; j < kChannelsPerWarp; ++j) {
+      const acc_t v = static_cast<acc_t>(rows[j][i]);
+      sp[j] += ap != acc_t(0) ? ap * v : acc_t(0);
+      sm[j] += am != acc_t(0) ? am * v : acc_t(0);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kChannelsPerWarp; ++j) {
+    const acc_t a = warp_sum(sp[j]), b = warp_sum(sm[j]);
+    if (lane == 0 && c0 + j < C) {
+      out[(n * 2) * C + c0 + j] = a;
+      out[(n * 2 + 1) * C + c0 + j] = b;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- reductions over ROIs
+
+// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
+// order. Shared queries (one group): blocks of (kx, 256 / kx) threads, thread (x, y) summing entries
+// y, y + ny, ... of column k, then a tree over y. Per-ROI queries: one thread per (n, k), in order of r.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_over_rois_kernel(const acc_t* in, const bool* keep, int64_t N,
+                                                                 int64_t R, int64_t K, bool share_queries,
+                                                                 acc_t* out) {
+  if (!share_queries) {
+    const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // blockDim.y == 1 here
+    if (e >= N * K) return;
+    const int64_t n = e / K, k = e % K;
+    acc_t s = acc_t(0);
+    if (keep[n])
+      for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
+    out[e] = s;
+    return;
+  }
+  __shared__ acc_t part[kThreads];
+  const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+  const int64_t k = int64_t(blockIdx.x) * kx + x;
+  acc_t s = acc_t(0);
+  if (k < K)
+    for (int64_t m = y; m < N * R; m += ny)
+      if (keep[m / R]) s += in[m * K + k];
+  part[y * kx + x] = s;
+  __syncthreads();
+  for (int stride = ny / 2; stride > 0; stride /= 2) {
+    if (y < stride) part[y * kx + x] += part[(y + stride) * kx + x];
+    __syncthreads();
+  }
+  if (y == 0 && k < K) out[k] = part[x];
+}
+
+template <typename acc_t>
+void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t R, int64_t K, bool share_queries,
+                          acc_t* out) {
+  if (share_queries) {
+    int kx = 1;
+    while (kx < K && kx < kWarp) kx *= 2;
+    const int64_t blocks = ceil_div(K, kx);
+    check_grid(blocks);
+    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), dim3(kx, kThreads / kx), 0, stream()>>>(
+        in, keep, N, R, K, true, out);
+  } else {
+    if (N * K == 0) return;
+    const int64_t blocks = ceil_div(N * K, kThreads);
+    check_grid(blocks);
+    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(in, keep, N, R, K, false,
+                                                                                          out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// norms[row] = |queries[row]| for the G * 2 rows of length C; a warp per row.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* queries, int64_t rows, int64_t C,
+                                                               acc_t* norms) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;  // whole warps leave together
+  acc_t ss = acc_t(0);
+  for (int64_t c = lane; c < C; c += kWarp) ss += queries[row * C + c] * queries[row * C + c];
+  ss = warp_sum(ss);
+  if (lane == 0) norms[row] = cm_sqrt(ss);
+}
+
+// ---------------------------------------------------------------- forward pass 2 and term statistics
+
+// Cosines of every pixel of kept ROIs with both queries of its group (pixstats), and per block the
+// log-sum-exp of each term's negatives: lse_part[block][t] = (max, sum).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, const uint8_t* keys, const bool* keep,
+                                                           const acc_t* queries, const acc_t* qnorms, int64_t C,
+                                                           int64_t P, int64_t pixel_blocks, bool share_queries,
+                                                           LossParams<acc_t> params, acc_t* pixstats,
+                                                           acc_t* lse_part) {
+  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  const int64_t n = blockIdx.x / pixel_blocks;
+  acc_t* part = lse_part + int64_t(blockIdx.x) * kNumTerms * 2;
+  if (!keep[n]) {
+    if (threadIdx.x < kNumTerms) {
+      part[threadIdx.x * 2] = neg_inf<acc_t>();
+      part[threadIdx.x * 2 + 1] = acc_t(0);
+    }
+    return;
+  }
+  const int64_t g = share_queries ? 0 : n;
+  const acc_t* qp = queries + g * 2 * C;
+  const acc_t* qm = qp + C;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
+  LseAcc<acc_t> lse[kNumTerms];
+  if (i < P) {
+    const scalar_t* zi = z + n * C * P + i;
+    acc_t dot_p = 0, dot_m = 0, kk_p = 0, kk_m = 0;
+    if (params.released) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(zi[c * P]);
+        const acc_t a = qp[c], b = qm[c];
+        const acc_t up = v - a, um = v - b;
+        dot_p += a * up;
+        dot_m += b * um;
+        kk_p += up * up;
+        kk_m += um * um;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(zi[c * P]);
+        dot_p += qp[c] * v;
+        dot_m += qm[c] * v;
+        kk_p += v * v;
+      }
+    }
+    const acc_t kp = cm_sqrt(kk_p), km = params.released ? cm_sqrt(kk_m) : kp;
+    const acc_t s_pos = dot_p / (clamped_norm(qnorms[g * 2]) * clamped_norm(kp));
+    const acc_t s_neg = dot_m / (clamped_norm(qnorms[g * 2 + 1]) * clamped_norm(km));
+    acc_t* st = pixstats + n * 4 * P + i;
+    st[0] = s_pos;
+    st[P] = s_neg;
+    st[2 * P] = kp;
+    st[3 * P] = km;
+    const uint8_t bits = keys[n * P + i];
+#pragma unroll
+    for (int t = 0; t < kNumTerms; ++t)
+      if ((bits >> term_negative_set(t)) & 1) lse[t].add((term_side(t) == 0 ? s_pos : s_neg) / params.tau(t));
+  }
+#pragma unroll
+  for (int t = 0; t < kNumTerms; ++t) {
+    const LseAcc<acc_t> total = block_merge(lse[t], scratch);
+    if (threadIdx.x == 0) {
+      part[t * 2] = total.max;
+      part[t * 2 + 1] = total.sum;
+    }
+  }
+}
+
+// termstats[g][t][kLse] = log-sum-exp of the group's negatives, merging the blocks' partials.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_part, int64_t N, int64_t pixel_blocks,
+                                                             bool share_queries, acc_t* termstats) {
+  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  const int64_t g = blockIdx.x;
+  // Share: every block of every ROI; else the blocks of ROI g.
+  const int64_t first = share_queries ? 0 : g * pixel_blocks;
+  const int64_t last = share_queries ? N * pixel_blocks : (g + 1) * pixel_blocks;
+#pragma unroll
+  for (int t = 0; t < kNumTerms; ++t) {
+    LseAcc<acc_t> acc;
+    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x) {
+      LseAcc<acc_t> p;
+      p.max = lse_part[(b * kNumTerms + t) * 2];
+      p.sum = lse_part[(b * kNumTerms + t) * 2 + 1];
+      acc.merge(p);
+    }
+    const LseAcc<acc_t> total = block_merge(acc, scratch);
+    if (threadIdx.x == 0) termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = total.value();
+  }
+}
+
+// Per block and term: sum of (L_p - s_p / t), sum of exp(lse - L_p) and |P| over the positives.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pixstats, const uint8_t* keys,
+                                                                 const bool* keep, const acc_t* termstats, int64_t P,
+                                                                 int64_t pixel_blocks, bool share_queries,
+                                                                 LossParams<acc_t> params, acc_t* pos_part) {
+  constexpr int kValues = kNumTerms * kPosStats;
+  __shared__ acc_t warp_part[kMaxBlockWarps][kValues];
+  const int64_t n = blockIdx.x / pixel_blocks;
+  acc_t* out = pos_part + int64_t(blockIdx.x) * kValues;
+  if (!keep[n]) {
+    if (threadIdx.x < kValues) out[threadIdx.x] = acc_t(0);
+    return;
+  }
+  const acc_t* ts = termstats + (share_queries ? 0 : n) * kNumTerms * kNumTermStats;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
+  acc_t v[kValues];
+#pragma unroll
+  for (int k = 0; k < kValues; ++k) v[k] = acc_t(0);
+  const uint8_t bits = i < P ? keys[n * P + i] : uint8_t(0);
+  if (bits) {
+    const acc_t* st = pixstats + n * 4 * P + i;
+#pragma unroll
+    for (int t = 0; t < kNumTerms; ++t) {
+      if (!((bits >> term_positive_set(t)) & 1)) continue;
+      const acc_t s = st[term_side(t) * P];
+      const acc_t lse = ts[t * kNumTermStats + kLse];
+      const acc_t L = positive_log_denominator(s, lse, params, t);
+      v[t * kPosStats] = L - s / params.tau(t);
+      v[t * kPosStats + 1] = cm_exp(lse - L);
+      v[t * kPosStats + 2] = acc_t(1);
+    }
+  }
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < kValues; ++k) {
+    const acc_t s = warp_sum(v[k]);
+    if (lane == 0) warp_part[warp][k] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kValues) {
+    acc_t s = acc_t(0);
+    for (int w = 0; w < warps; ++w) s += warp_part[w][threadIdx.x];
+    out[threadIdx.x] = s;
+  }
+}
+
+// termstats ratio, 1/|P| and value of each group's terms, summing the blocks' partials.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_part, int64_t N, int64_t pixel_blocks,
+                                                               bool share_queries, acc_t* termstats) {
+  constexpr int kValues = kNumTerms * kPosStats;
+  __shared__ acc_t scratch[kMaxBlockWarps];
+  __shared__ acc_t totals[kValues];
+  const int64_t g = blockIdx.x;
+  const int64_t first = share_queries ? 0 : g * pixel_blocks;
+  const int64_t last = share_queries ? N * pixel_blocks : (g + 1) * pixel_blocks;
+  for (int k = 0; k < kValues; ++k) {
+    acc_t s = acc_t(0);
+    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x) s += pos_part[b * kValues + k];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) totals[k] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kNumTerms) {
+    const int t = threadIdx.x;
+    const acc_t* sums = totals + t * kPosStats;
+    acc_t* ts = termstats + (g * kNumTerms + t) * kNumTermStats;
+    const acc_t inv = sums[2] > acc_t(0) ? acc_t(1) / sums[2] : acc_t(0);
+    ts[kRatio] = sums[1] * inv;
+    ts[kInvPositives] = inv;
+    ts[kValue] = sums[0] * inv;
+  }
+}
+
+// loss = sum over groups of the four terms (divided by the kept count without sharing), in z's dtype.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* termstats, int64_t G, bool share_queries,
+                                                              const int64_t* kept, scalar_t* loss) {
+  __shared__ acc_t scratch[kMaxBlockWarps];
+  acc_t s = acc_t(0);
+  for (int64_t g = threadIdx.x; g < G; g += blockDim.x)
+    for (int t = 0; t < kNumTerms; ++t) s += termstats[(g * kNumTerms + t) * kNumTermStats + kValue];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) {
+    if (!share_queries) s = *kept > 0 ? s / acc_t(*kept) : acc_t(0);
+    *loss = static_cast<scalar_t>(s);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// Per key pixel of kept ROIs: dL/ds from similarity_grads, then the cosine's backward coefficients
+// (coef (N, kNumCoef, P), zero on other pixels); per block the sums of beta for each query side.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
+    const uint8_t* keys, const bool* keep, const acc_t* pixstats, const acc_t* termstats, const acc_t* qnorms,
+    const acc_t* scale_ptr, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
+    acc_t* coef, acc_t* beta_part) {
+  __shared__ acc_t scratch[kMaxBlockWarps];
+  const int64_t n = blockIdx.x / pixel_blocks;
+  acc_t* bp = beta_part + int64_t(blockIdx.x) * 2;
+  if (!keep[n]) {
+    if (threadIdx.x < 2) bp[threadIdx.x] = acc_t(0);
+    return;
+  }
+  const int64_t g = share_queries ? 0 : n;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
+  acc_t beta[2] = {acc_t(0), acc_t(0)};
+  if (i < P) {
+    acc_t alpha[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b = acc_t(0);
+    const uint8_t bits = keys[n * P + i];
+    if (bits) {
+      const acc_t* st = pixstats + n * 4 * P + i;
+      acc_t gs[2];
+      similarity_grads(bits, st[0], st[P], termstats + g * kNumTerms * kNumTermStats, params, *scale_ptr, &gs[0],
+                       &gs[1]);
+#pragma unroll
+      for (int side = 0; side < 2; ++side) {
+        const CosGrad<acc_t> cg =
+            cosine_backward(gs[side], st[side * P], qnorms[g * 2 + side], st[(2 + side) * P], params.released);
+        alpha[side] = cg.alpha;
+        gamma[side] = cg.gamma;
+        b += cg.b;
+        beta[side] += cg.beta;
+      }
+    }
+    acc_t* cf = coef + n * kNumCoef * P + i;
+    cf[kAlphaP * P] = alpha[0];
+    cf[kAlphaM * P] = alpha[1];
+    cf[kGammaP * P] = gamma[0];
+    cf[kGammaM * P] = gamma[1];
+    cf[kB * P] = b;
+  }
+  const acc_t b0 = block_sum(beta[0], scratch);
+  if (threadIdx.x == 0) bp[0] = b0;
+  const acc_t b1 = block_sum(beta[1], scratch);
+  if (threadIdx.x == 0) bp[1] = b1;
+}
+
+// Pass 2: dz = partition term (through the queries: w * dL/dq) + cosine terms of key pixels, with
+// dL/dq = sum_n sum_i alpha_i z_i + (sum beta) q. Dropped ROIs get zeros.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, const int8_t* labels, const bool* keep,
+                                                            const acc_t* coef, const acc_t* queries,
+                                                            const acc_t* dq_sums, const acc_t* beta, const acc_t* w,
+                                                            int64_t C, int64_t P, int64_t pixel_blocks,
+                                                            bool share_queries, scalar_t* dz) {
+  const int64_t n = blockIdx.x / pixel_blocks;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
+  if (i >= P) return;
+  scalar_t* out = dz + n * C * P + i;
+  if (!keep[n]) {
+    for (int64_t c = 0; c < C; ++c) out[c * P] = scalar_t(0);
+    return;
+  }
+  const int64_t g = share_queries ? 0 : n;
+  const acc_t* qp = queries + g * 2 * C;
+  const acc_t* qm = qp + C;
+  const acc_t* sp = dq_sums + g * 2 * C;
+  const acc_t* sm = sp + C;
+  const acc_t beta_p = beta[g * 2], beta_m = beta[g * 2 + 1];
+  const int8_t label = labels[n * P + i];
+  // Weight of this pixel's partition in its query (0 for ignored pixels).
+  const acc_t wp = label == kForeground ? w[n * 2] : acc_t(0);
+  const acc_t wm = label == kBackground ? w[n * 2 + 1] : acc_t(0);
+  const acc_t* cf = coef + n * kNumCoef * P + i;
+  const acc_t gamma_p = cf[kGammaP * P], gamma_m = cf[kGammaM * P], b = cf[kB * P];
+  const scalar_t* zi = z + n * C * P + i;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t a = qp[c], m = qm[c];
+    acc_t d = acc_t(0);
+    if (label == kForeground) d = wp * (sp[c] + beta_p * a);
+    if (label == kBackground) d = wm * (sm[c] + beta_m * m);
+    d += gamma_p * a + gamma_m * m;
+    if (b != acc_t(0)) d += b * static_cast<acc_t>(zi[c * P]);
+    out[c * P] = static_cast<scalar_t>(d);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+at::ScalarType acc_dtype(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Shapes {
+  int64_t N, C, P, G, pixel_blocks, channel_blocks;
+};
+
+Shapes shapes_of(const at::Tensor& z, bool share_queries) {
+  Shapes s;
+  s.N = z.size(0);
+  s.C = z.size(1);
+  s.P = z.size(2) * z.size(3);
+  s.G = share_queries ? 1 : s.N;
+  s.pixel_blocks = ceil_div(s.P, kPixelsPerBlock);
+  s.channel_blocks = ceil_div(s.C, kChannelsPerBlock);
+  check_grid(s.N * std::max(s.pixel_blocks, s.channel_blocks));
+  return s;
+}
+
+// Kept count, counts and weights of every ROI; scale (backward) from the upstream gradient on the device.
+template <typename acc_t>
+void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor& keep, bool share_queries,
+                    const acc_t* grad, const at::Tensor& counts, const at::Tensor& w, const at::Tensor& kept,
+                    const at::Tensor& scale) {
+  if (s.N > 0) {
+    roi_counts_kernel<<<static_cast<unsigned>(s.N), kThreads, 0, stream()>>>(
+        labels.data_ptr<int8_t>(), keep.data_ptr<bool>(), s.P, counts.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  roi_weights_kernel<acc_t><<<1, kThreads, 0, stream()>>>(
+      counts.data_ptr<int32_t>(), keep.data_ptr<bool>(), s.N, share_queries, grad, w.data_ptr<acc_t>(),
+      kept.data_ptr<int64_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Tensor& qnorms) {
+  const int64_t rows = s.G * 2;
+  if (rows == 0) return;
+  const int64_t blocks = ceil_div(rows * kWarp, kThreads);
+  check_grid(blocks);
+  query_norms_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(
+      queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int group_threads(bool share_queries) { return share_queries ? kThreads : kWarp; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
+    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
+    double tau_hard, bool share_queries, c10::string_view formulation) {
+  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
+  const bool released = is_released_formulation(std::string(formulation));
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
+                   keep_c = keep.contiguous();
+  const Shapes s = shapes_of(z, share_queries);
+  const auto acc_opts = z.options().dtype(acc_dtype(z));
+  const auto int_opts = z.options().dtype(at::kInt);
+  at::Tensor queries = at::zeros({s.G, 2, s.C}, acc_opts);
+  at::Tensor pixstats = at::zeros({s.N, 4, s.P}, acc_opts);
+  at::Tensor termstats = at::zeros({s.G, kNumTerms, kNumTermStats}, acc_opts);
+  at::Tensor loss = at::empty({}, z.options());
+  at::Tensor counts = at::empty({s.N, 2}, int_opts);
+  at::Tensor w = at::empty({s.N, 2}, acc_opts);
+  at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
+  at::Tensor roi_sums = at::empty({s.N, 2, s.C}, acc_opts);
+  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
+  at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossParams<acc_t> params{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
+    const bool* keep_p = keep_c.data_ptr<bool>();
+    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, nullptr, counts, w, kept, at::Tensor());
+
+    // Pass 1 over z and the queries.
+    if (s.N > 0) {
+      partition_sums_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream()>>>(
+              z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, w.data_ptr<acc_t>(), s.C, s.P,
+              s.channel_blocks, roi_sums.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    launch_sum_over_rois<acc_t>(roi_sums.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
+                                queries.data_ptr<acc_t>());
+    launch_query_norms<acc_t>(s, queries, qnorms);
+
+    // Pass 2 over z, then the term statistics.
+    if (s.N > 0) {
+      cosines_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+          z_c.data_ptr<scalar_t>(), keys_c.data_ptr<uint8_t>(), keep_p, queries.data_ptr<acc_t>(),
+          qnorms.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params, pixstats.data_ptr<acc_t>(),
+          lse_part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (s.G > 0) {
+      group_lse_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
+          lse_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (s.N > 0) {
+      positive_sums_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+          pixstats.data_ptr<acc_t>(), keys_c.data_ptr<uint8_t>(), keep_p, termstats.data_ptr<acc_t>(), s.P,
+          s.pixel_blocks, share_queries, params, pos_part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (s.G > 0) {
+      group_terms_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
+          pos_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    write_loss_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream()>>>(
+        termstats.data_ptr<acc_t>(), s.G, share_queries, kept.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, queries, pixstats, termstats};
+}
+
+// The saved tensors must be what the forward returned for these inputs (shapes and device checked
+// here, so that a wrong call fails cleanly instead of reading out of bounds on the device).
+void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& z,
+                 at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  check_same_device(t, name, z, "z");
+}
+
+at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
+                                          const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
+                                          const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
+                                          double tau_hard, bool share_queries, c10::string_view formulation) {
+  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
+  const bool released = is_released_formulation(std::string(formulation));
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad: expected the gradient of a scalar loss, got shape ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(z, share_queries);
+  const at::ScalarType acc = acc_dtype(z);
+  check_saved(queries, "queries", {s.G, 2, s.C}, z, acc);
+  check_saved(pixstats, "pixstats", {s.N, 4, s.P}, z, acc);
+  check_saved(termstats, "termstats", {s.G, kNumTerms, kNumTermStats}, z, acc);
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.N == 0) return dz;
+  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
+                   keep_c = keep.contiguous();
+  const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
+                   termstats_c = termstats.contiguous();
+  const auto acc_opts = z.options().dtype(acc);
+  // The upstream gradient stays on the device (no .item(): no host sync).
+  const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
+  at::Tensor counts = at::empty({s.N, 2}, z.options().dtype(at::kInt));
+  at::Tensor w = at::empty({s.N, 2}, acc_opts);
+  at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
+  at::Tensor scale = at::empty({}, acc_opts);
+  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor coef = at::empty({s.N, kNumCoef, s.P}, acc_opts);
+  at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, acc_opts);
+  at::Tensor roi_dq = at::empty({s.N, 2, s.C}, acc_opts);
+  at::Tensor dq_sums = at::empty({s.G, 2, s.C}, acc_opts);
+  at::Tensor beta = at::empty({s.G, 2}, acc_opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossParams<acc_t> params{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
+    const bool* keep_p = keep_c.data_ptr<bool>();
+    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
+    launch_query_norms<acc_t>(s, queries_c, qnorms);
+
+    pixel_coefficients_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+        keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
+        qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, share_queries, params,
+        coef.data_ptr<acc_t>(), beta_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
+    weighted_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream()>>>(
+        z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C, s.P, s.channel_blocks,
+        roi_dq.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
+                                dq_sums.data_ptr<acc_t>());
+    launch_sum_over_rois<acc_t>(beta_part.data_ptr<acc_t>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
+                                beta.data_ptr<acc_t>());
+
+    // Pass 2 over z: dz.
+    write_dz_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+        z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
+        queries_c.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), w.data_ptr<acc_t>(), s.C,
+        s.P, s.pixel_blocks, share_queries, dz.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+  m.impl("contrastive_loss", &contrastive_loss_cuda);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
+}
+
+}  // namespace contrastmask

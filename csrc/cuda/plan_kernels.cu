@@ -1,0 +1,378 @@
+// CUDA kernels of the per-ROI plan: partition, boundary_sqdist, sample_keys and the fused roi_plan.
+// One block per ROI, everything of the ROI in shared memory: partition labels, boundary, exact EDT
+// (edt_column_pass with a thread per column, then edt_row_pass with a thread per row), candidate
+// sets and the k-smallest-hash sample. Same per-pixel math as the CPU kernels (csrc/contrastmask/*.h),
+// so the integer outputs are identical. Bad values (masks not 0/1, CAMs missing for a novel ROI) are
+// OR-ed into a device error word, read back once after the kernel and raised by raise_plan_errors():
+// no device asserts, which would kill the process.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../contrastmask/edt.h"
+#include "../contrastmask/sampling.h"
+#include "../ops/checks.h"
+#include "reduce.cuh"
+
+namespace contrastmask {
+namespace {
+
+using cuda::ceil_div;
+
+constexpr int kPlanMaxThreads = 512;
+constexpr int kDefaultSharedLimit = 48 * 1024;
+
+// What one call asks of the per-ROI kernel; null pointers mean "not this step" (as on the CPU).
+template <typename mask_t>
+struct PlanArgs {
+  int H = 0, W = 0;
+  const mask_t* masks = nullptr;    // (N, H, W) 0/1
+  const float* cams_f = nullptr;    // (N, H, W) float32 CAMs (float16/bfloat16 widened on the host) ...
+  const double* cams_d = nullptr;   // ... or float64 CAMs; both null when no ROI is novel
+  float thr_fg_f = 0.f, thr_bg_f = 0.f;
+  double thr_fg_d = 0.0, thr_bg_d = 0.0;  // CAM thresholds, already rounded to the CAM's dtype
+  const bool* is_novel = nullptr;   // (N,)
+  const bool* valid = nullptr;      // (N,), null = all valid
+  bool sqdist_all_rois = false;     // boundary_sqdist: distances of every ROI, not only base ones
+  const int8_t* labels_in = nullptr;   // sample_keys: given labels
+  const int32_t* sqdist_in = nullptr;  // sample_keys: given distances
+  int8_t* labels_out = nullptr;
+  int32_t* sqdist_out = nullptr;
+  uint8_t* keys_out = nullptr;      // sampling happens iff non-null
+  bool* keep_out = nullptr;
+  double sigma = 0.3;
+  int64_t hard_sqdist = 2, min_keys = 5;
+  uint64_t mixed_seed = 0;
+  int32_t* errors = nullptr;        // device error word (PlanError bits), may be null when none can occur
+};
+
+// Dynamic shared memory of one ROI, in bytes, with Pa = P rounded up to 8:
+//   [0, 11 Pa)  phase 1 (EDT): sqdist int32 | g int16 | s int16 | t int16 | boundary uint8
+//               phase 2 (sampling, after the candidate sets are known): hash uint64 | index int16
+//   then mask uint8, labels int8, candidate bits uint8, key bits uint8 (Pa each).
+struct PlanLayout {
+  int Pa;
+  __host__ __device__ explicit PlanLayout(int P) : Pa((P + 7) / 8 * 8) {}
+  __host__ __device__ size_t bytes() const { return size_t(15) * Pa; }
+  __host__ __device__ size_t sqdist() const { return 0; }
+  __host__ __device__ size_t g() const { return size_t(4) * Pa; }
+  __host__ __device__ size_t s() const { return size_t(6) * Pa; }
+  __host__ __device__ size_t t() const { return size_t(8) * Pa; }
+  __host__ __device__ size_t boundary() const { return size_t(10) * Pa; }
+  __host__ __device__ size_t hash() const { return 0; }
+  __host__ __device__ size_t index() const { return size_t(8) * Pa; }
+  __host__ __device__ size_t mask() const { return size_t(11) * Pa; }
+  __host__ __device__ size_t labels() const { return size_t(12) * Pa; }
+  __host__ __device__ size_t candidates() const { return size_t(13) * Pa; }
+  __host__ __device__ size_t keys() const { return size_t(14) * Pa; }
+};
+
+template <typename mask_t>
+__device__ __forceinline__ double mask_value(mask_t v) {
+  return static_cast<double>(v);
+}
+template <>
+__device__ __forceinline__ double mask_value<c10::Half>(c10::Half v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+__device__ __forceinline__ double mask_value<c10::BFloat16>(c10::BFloat16 v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+
+template <typename mask_t>
+__global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArgs<mask_t> a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int counts[kNumSets + 2];  // candidate sets, then foreground and background pixels
+  __shared__ int list_len[kNumSets];
+  __shared__ int roi_errors;
+
+  const int64_t n = blockIdx.x;
+  const int H = a.H, W = a.W, P = H * W;
+  const int tid = threadIdx.x, T = blockDim.x;
+  const PlanLayout lay(P);
+  int32_t* sq_s = reinterpret_cast<int32_t*>(smem + lay.sqdist());
+  int16_t* g_s = reinterpret_cast<int16_t*>(smem + lay.g());
+  int16_t* s_s = reinterpret_cast<int16_t*>(smem + lay.s());
+  int16_t* t_s = reinterpret_cast<int16_t*>(smem + lay.t());
+  uint8_t* bnd_s = smem + lay.boundary();
+  uint64_t* hash_s = reinterpret_cast<uint64_t*>(smem + lay.hash());
+  int16_t* idx_s = reinterpret_cast<int16_t*>(smem + lay.index());
+  uint8_t* mask_s = smem + lay.mask();
+  int8_t* lab_s = reinterpret_cast<int8_t*>(smem + lay.labels());
+  uint8_t* cand_s = smem + lay.candidates();
+  uint8_t* keys_s = smem + lay.keys();
+
+  const bool novel = a.is_novel ? a.is_novel[n] : false;
+  const bool valid = a.valid ? a.valid[n] : true;
+  if (tid < kNumSets + 2) counts[tid] = 0;
+  if (tid < kNumSets) list_len[tid] = 0;
+  if (tid == 0) roi_errors = 0;
+  __syncthreads();
+
+  // Masks (checked 0/1) and labels: computed from masks/CAMs, or given (sample_keys).
+  const bool compute_labels = !a.labels_in && (a.labels_out || a.keys_out);
+  const bool has_cams = a.cams_f || a.cams_d;
+  int my_errors = 0;
+  if (compute_labels && novel && !has_cams) my_errors |= kMissingCams;
+  const int64_t base = n * P;
+  for (int i = tid; i < P; i += T) {
+    bool on = false;
+    if (a.masks) {
+      const double v = mask_value(a.masks[base + i]);
+      if (!(v == 0.0 || v == 1.0)) my_errors |= kMaskNotBinary;
+      on = v != 0.0;
+      mask_s[i] = on;
+    }
+    if (compute_labels) {
+      // CAMs are read only where they decide the label (novel, valid ROIs).
+      const bool use_cam = novel && valid;
+      const int8_t label =
+          a.cams_d ? partition_label<double>(valid, novel, on, use_cam ? a.cams_d[base + i] : 0.0, a.thr_fg_d,
+                                             a.thr_bg_d)
+                   : partition_label<float>(valid, novel, on, use_cam && a.cams_f ? a.cams_f[base + i] : 0.f,
+                                            a.thr_fg_f, a.thr_bg_f);
+      lab_s[i] = label;
+      if (a.labels_out) a.labels_out[base + i] = label;
+    } else if (a.labels_in && a.keys_out) {
+      lab_s[i] = a.labels_in[base + i];
+    }
+  }
+  if (my_errors) atomicOr(&roi_errors, my_errors);  // integer OR in shared memory: order-independent
+  __syncthreads();
+  const int errors = roi_errors;  // the same in every thread from here on
+
+  // Distances: every ROI for boundary_sqdist, valid base ROIs for the fused plan, given for sample_keys.
+  const bool compute_sqdist = !a.sqdist_in && a.masks && (a.sqdist_all_rois || (a.keys_out && valid && !novel));
+  if (compute_sqdist) {
+    int any_boundary = 0;
+    for (int i = tid; i < P; i += T) {
+      const bool b = is_boundary(mask_s, H, W, i / W, i % W);
+      bnd_s[i] = b;
+      any_boundary |= b;
+    }
+    if (__syncthreads_or(any_boundary)) {
+      for (int x = tid; x < W; x += T) edt_column_pass(bnd_s, g_s, H, W, x);
+      __syncthreads();
+      for (int y = tid; y < H; y += T) edt_row_pass(g_s, sq_s, W, y, s_s + y * W, t_s + y * W);
+    } else {
+      for (int i = tid; i < P; i += T) sq_s[i] = kNoBoundary;
+    }
+    __syncthreads();
+    if (a.sqdist_out)
+      for (int i = tid; i < P; i += T) a.sqdist_out[base + i] = sq_s[i];
+  }
+
+  if (a.keys_out) {
+    bool kept = false;
+    if (valid && errors == 0) {  // block-uniform
+      // Candidate sets and their sizes (integer counts: exact whatever the order).
+      int local[kNumSets + 2] = {0, 0, 0, 0, 0, 0};
+      for (int i = tid; i < P; i += T) {
+        const int8_t label = lab_s[i];
+        const int32_t d = novel ? kNoBoundary : (a.sqdist_in ? a.sqdist_in[base + i] : (compute_sqdist ? sq_s[i] : kNoBoundary));
+        const uint8_t c = candidate_sets(label, d, novel, a.hard_sqdist);
+        cand_s[i] = c;
+        keys_s[i] = 0;
+        for (int s = 0; s < kNumSets; ++s) local[s] += (c >> s) & 1;
+        local[kNumSets] += label == kForeground;
+        local[kNumSets + 1] += label == kBackground;
+      }
+      for (int k = 0; k < kNumSets + 2; ++k)
+        if (local[k]) atomicAdd(&counts[k], local[k]);
+      __syncthreads();
+      kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
+      if (kept) {
+        for (int s = 0; s < kNumSets; ++s) {
+          // Compact the set's (hash, pixel) pairs; their order in the list does not matter, only the
+          // pairs themselves decide each candidate's rank.
+          for (int i = tid; i < P; i += T) {
+            if ((cand_s[i] >> s) & 1) {
+              const int pos = atomicAdd(&list_len[s], 1);
+              hash_s[pos] = key_hash(a.mixed_seed, n, s, i);
+              idx_s[pos] = static_cast<int16_t>(i);
+            }
+          }
+          __syncthreads();
+          const int c = counts[s];
+          const int k = sample_count(a.sigma, c);
+          for (int e = tid; e < c; e += T) {
+            const uint64_t h = hash_s[e];
+            const int pixel = idx_s[e];
+            // Rank = number of candidates before this one (by hash, ties by pixel); picked iff rank < k.
+            int rank = 0;
+            if (k < c) {
+              for (int j = 0; j < c && rank < k; ++j) rank += hash_before(hash_s[j], idx_s[j], h, pixel);
+            }
+            if (rank < k) keys_s[pixel] |= static_cast<uint8_t>(1u << s);
+          }
+          __syncthreads();  // before the next set overwrites the list
+        }
+      }
+    }
+    for (int i = tid; i < P; i += T) a.keys_out[base + i] = kept ? keys_s[i] : uint8_t(0);
+    if (tid == 0) a.keep_out[n] = kept;
+  }
+  if (tid == 0 && errors && a.errors) atomicOr(a.errors, errors);
+}
+
+int plan_threads(int P) { return P <= 256 ? 128 : (P <= 1024 ? 256 : kPlanMaxThreads); }
+
+// Launches the per-ROI kernel for N ROIs; returns the error bits (one device-to-host copy) when
+// `read_errors`, else 0 without any host sync.
+template <typename mask_t>
+int32_t launch_plan(PlanArgs<mask_t> a, int64_t N, const at::TensorOptions& opts, bool read_errors) {
+  if (N == 0) return 0;
+  at::Tensor errors;
+  if (read_errors) {
+    errors = at::zeros({1}, opts.dtype(at::kInt));
+    a.errors = errors.data_ptr<int32_t>();
+  }
+  const int P = a.H * a.W;
+  const size_t smem = PlanLayout(P).bytes();
+  auto kernel = roi_plan_kernel<mask_t>;
+  if (smem > kDefaultSharedLimit)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  TORCH_CHECK(N <= 2147483647, "roi_plan: too many ROIs for one launch (", N, ")");
+  kernel<<<static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return read_errors ? errors.item<int32_t>() : 0;
+}
+
+// Fills the mask/CAM part of the arguments from tensors, dispatching over the mask dtype; CAMs are
+// float32 (float16/bfloat16 widened exactly, as on the CPU) or float64.
+template <typename Fn>
+void with_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, double delta, Fn&& fn) {
+  at::Tensor cams_c;
+  bool double_cams = false;
+  double thr_fg = 0, thr_bg = 0;
+  if (cams.has_value()) {
+    double_cams = cams->scalar_type() == at::kDouble;
+    thr_fg = round_to_dtype(1.0 - delta, cams->scalar_type());
+    thr_bg = round_to_dtype(delta, cams->scalar_type());
+    cams_c = double_cams ? cams->contiguous() : cams->to(at::kFloat).contiguous();
+  }
+  const at::Tensor masks_c = masks.contiguous();
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, masks_c.scalar_type(), "contrastmask_plan_cuda", [&] {
+    PlanArgs<scalar_t> a;
+    a.H = static_cast<int>(masks_c.size(1));
+    a.W = static_cast<int>(masks_c.size(2));
+    a.masks = masks_c.data_ptr<scalar_t>();
+    if (cams_c.defined()) {
+      if (double_cams) {
+        a.cams_d = cams_c.data_ptr<double>();
+      } else {
+        a.cams_f = cams_c.data_ptr<float>();
+      }
+    }
+    a.thr_fg_f = static_cast<float>(thr_fg);
+    a.thr_bg_f = static_cast<float>(thr_bg);
+    a.thr_fg_d = thr_fg;
+    a.thr_bg_d = thr_bg;
+    fn(a);
+  });
+}
+
+at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor partition_cuda(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
+                          const c10::optional<at::Tensor>& valid, double delta) {
+  check_plan_inputs(masks, cams, is_novel, valid, delta);
+  const c10::cuda::CUDAGuard guard(masks.device());
+  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
+  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
+  int32_t errors = 0;
+  with_plan_inputs(masks, cams, delta, [&](auto& a) {
+    a.is_novel = novel_c.data_ptr<bool>();
+    a.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
+    a.labels_out = labels.data_ptr<int8_t>();
+    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
+  });
+  raise_plan_errors(errors);
+  return labels;
+}
+
+at::Tensor boundary_sqdist_cuda(const at::Tensor& masks) {
+  check_masks(masks);
+  const c10::cuda::CUDAGuard guard(masks.device());
+  at::Tensor sqdist = at::empty(masks.sizes(), masks.options().dtype(at::kInt));
+  int32_t errors = 0;
+  with_plan_inputs(masks, c10::nullopt, 0.0, [&](auto& a) {
+    a.sqdist_all_rois = true;
+    a.sqdist_out = sqdist.data_ptr<int32_t>();
+    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
+  });
+  raise_plan_errors(errors);
+  return sqdist;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, const at::Tensor& sqdist,
+                                                    const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
+                                                    int64_t min_keys, int64_t seed) {
+  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys);
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
+  at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
+  at::Tensor keep = at::empty({labels.size(0)}, labels.options().dtype(at::kBool));
+  PlanArgs<uint8_t> a;
+  a.H = static_cast<int>(labels.size(1));
+  a.W = static_cast<int>(labels.size(2));
+  a.is_novel = novel_c.data_ptr<bool>();
+  a.labels_in = labels_c.data_ptr<int8_t>();
+  a.sqdist_in = sqdist_c.data_ptr<int32_t>();
+  a.keys_out = keys.data_ptr<uint8_t>();
+  a.keep_out = keep.data_ptr<bool>();
+  a.sigma = sigma;
+  a.hard_sqdist = hard_sqdist;
+  a.min_keys = min_keys;
+  a.mixed_seed = splitmix64(seed_bits(seed));
+  // Nothing to check in the values: no error word, no host sync.
+  launch_plan(a, labels.size(0), labels.options(), /*read_errors=*/false);
+  return {keys, keep};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& masks,
+                                                             const c10::optional<at::Tensor>& cams,
+                                                             const at::Tensor& is_novel,
+                                                             const c10::optional<at::Tensor>& valid, double delta,
+                                                             double sigma, int64_t hard_sqdist, int64_t min_keys,
+                                                             int64_t seed) {
+  check_plan_inputs(masks, cams, is_novel, valid, delta);
+  check_sampling_params(sigma, min_keys);
+  const c10::cuda::CUDAGuard guard(masks.device());
+  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
+  at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
+  at::Tensor keep = at::empty({masks.size(0)}, masks.options().dtype(at::kBool));
+  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
+  int32_t errors = 0;
+  with_plan_inputs(masks, cams, delta, [&](auto& a) {
+    a.is_novel = novel_c.data_ptr<bool>();
+    a.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
+    a.labels_out = labels.data_ptr<int8_t>();
+    a.keys_out = keys.data_ptr<uint8_t>();
+    a.keep_out = keep.data_ptr<bool>();
+    a.sigma = sigma;
+    a.hard_sqdist = hard_sqdist;
+    a.min_keys = min_keys;
+    a.mixed_seed = splitmix64(seed_bits(seed));
+    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
+  });
+  raise_plan_errors(errors);
+  return {labels, keys, keep};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+  m.impl("partition", &partition_cuda);
+  m.impl("boundary_sqdist", &boundary_sqdist_cuda);
+  m.impl("sample_keys", &sample_keys_cuda);
+  m.impl("roi_plan", &roi_plan_cuda);
+}
+
+}  // namespace contrastmask
