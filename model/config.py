@@ -26,6 +26,7 @@ DEFAULTS = {
         "backbone_norm": "frozen_bn",    # frozen_bn (pretrained) | gn | bn (from scratch)
         "trainable_layers": 3,           # 0..5 ResNet stages that train (5 = all)
         "fpn_channels": 256,
+        "head_norm": None,               # None (the paper) | "gn": GroupNorm in the box, mask and CL convs
         "min_size": [640, 672, 704, 736, 768, 800],  # training short side drawn per batch; test: last
         "max_size": 1333,
         "anchor_sizes": [32, 64, 128, 256, 512],
@@ -77,10 +78,12 @@ DEFAULTS = {
         "images_per_batch": 16,          # global batch (all ranks)
         "base_lr": 0.02,                 # for base_batch images; scaled linearly to images_per_batch
         "base_batch": 16,
+        "optimizer": "sgd",              # sgd (the paper) | adamw (the CPU demo: learns from scratch faster)
         "momentum": 0.9,
         "weight_decay": 0.0001,
         "warmup_iters": 500,             # linear lr warm-up (iterations)
         "warmup_factor": 0.001,
+        "clip_grad_norm": None,          # max global gradient norm (None: no clipping, as the paper)
         "flip_prob": 0.5,
         "amp": True,                     # mixed precision, on GPU only
         "checkpoint_every": 1000,        # iterations

@@ -115,8 +115,10 @@ def format_table(metrics_percent):
 
 
 def load_trained_model(cfg, checkpoint_path, dataset, device):
-    model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes)
+    """The model is built from the config saved in the checkpoint (the one it was trained with)."""
     state = ckpt.load(checkpoint_path)
+    trained_cfg = state.get("config", cfg)
+    model = build_model(trained_cfg["model"], trained_cfg["contrast"], dataset.num_classes)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state.get("iteration")
 
@@ -136,7 +138,7 @@ def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=Non
     record = {"checkpoint": checkpoint_path, "iteration": iteration, "images": len(image_ids),
               "novel_categories": [names[c] for c in dataset.novel_cat_ids],
               "base_categories": [names[c] for c in dataset.base_cat_ids],
-              "metrics_percent": in_percent(metrics)}
+              "metrics": metrics, "metrics_percent": in_percent(metrics)}
     out_path = out_path or os.path.join(cfg["output_dir"], "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:

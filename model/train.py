@@ -85,7 +85,12 @@ def train(cfg, resume=None, device=None, progress=True):
     model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc["base_lr"] * tc["images_per_batch"] / tc["base_batch"]  # linear scaling rule
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    if tc["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    elif tc["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tc["weight_decay"])
+    else:
+        raise ValueError(f"train.optimizer must be sgd or adamw, got {tc['optimizer']!r}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
     use_amp = bool(tc["amp"]) and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -133,6 +138,9 @@ def train(cfg, resume=None, device=None, progress=True):
             loss = total_loss(losses, lam)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if tc["clip_grad_norm"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, tc["clip_grad_norm"])
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

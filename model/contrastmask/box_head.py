@@ -4,35 +4,48 @@ import torch
 from torch import nn
 
 
-def conv_relu_stack(in_channels, channels, num_layers, kernel_size=3):
+def group_norm(num_channels, groups=32):
+    return nn.GroupNorm(min(groups, num_channels), num_channels)
+
+
+def conv_relu_stack(in_channels, channels, num_layers, kernel_size=3, norm=None):
+    """num_layers x (Conv kxk [-> GroupNorm] -> ReLU); norm: None or "gn"."""
     layers = []
     for i in range(num_layers):
-        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, kernel_size, padding=kernel_size // 2),
-                   nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, kernel_size,
+                                padding=kernel_size // 2, bias=norm is None))
+        if norm == "gn":
+            layers.append(group_norm(channels))
+        elif norm is not None:
+            raise ValueError(f"head_norm must be None or 'gn', got {norm!r}")
+        layers.append(nn.ReLU(inplace=True))
     for m in layers:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
 
 class CamBoxHead(nn.Module):
     """shared convs -> cls convs -> GAP -> cls_score   (the CAM comes from the cls convs' map)
-                    -> reg convs -> flatten -> bbox_pred
+                    -> reg convs -> GAP -> bbox_pred
+
+    Both branches end in global average pooling, as in the authors' released head.
 
     Returns class logits (N, K), box deltas (N, 4K) and the classification map (N, C, h, w).
     """
 
-    def __init__(self, in_channels, channels, roi_size, num_classes, shared_convs=4, cls_convs=1, reg_convs=2):
+    def __init__(self, in_channels, channels, num_classes, shared_convs=4, cls_convs=1, reg_convs=2, norm=None):
         super().__init__()
-        self.shared = conv_relu_stack(in_channels, channels, shared_convs)
+        self.shared = conv_relu_stack(in_channels, channels, shared_convs, norm=norm)
         trunk_channels = channels if shared_convs else in_channels
-        self.cls_convs = conv_relu_stack(trunk_channels, channels, cls_convs)
-        self.reg_convs = conv_relu_stack(trunk_channels, channels, reg_convs)
+        self.cls_convs = conv_relu_stack(trunk_channels, channels, cls_convs, norm=norm)
+        self.reg_convs = conv_relu_stack(trunk_channels, channels, reg_convs, norm=norm)
         cls_channels = channels if cls_convs else trunk_channels
         reg_channels = channels if reg_convs else trunk_channels
         self.cls_score = nn.Linear(cls_channels, num_classes)
-        self.bbox_pred = nn.Linear(reg_channels * roi_size * roi_size, num_classes * 4)
+        self.bbox_pred = nn.Linear(reg_channels, num_classes * 4)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
@@ -42,7 +55,7 @@ class CamBoxHead(nn.Module):
         x = self.shared(x)
         cls_map = self.cls_convs(x)
         class_logits = self.cls_score(cls_map.mean(dim=(2, 3)))
-        box_regression = self.bbox_pred(self.reg_convs(x).flatten(1))
+        box_regression = self.bbox_pred(self.reg_convs(x).mean(dim=(2, 3)))
         return class_logits, box_regression, cls_map
 
     def cams(self, cls_map, labels):

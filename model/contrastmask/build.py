@@ -13,7 +13,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .box_head import CamBoxHead
+from .box_head import CamBoxHead, group_norm
 from .cl_head import CLHead
 from .mask_head import ClassAgnosticMaskHead
 from .roi_heads import ContrastMaskRoIHeads
@@ -21,11 +21,7 @@ from .roi_heads import ContrastMaskRoIHeads
 FPN_LEVELS = ["0", "1", "2", "3"]
 
 
-def _group_norm(num_channels, groups=32):
-    return nn.GroupNorm(min(groups, num_channels), num_channels)
-
-
-NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm}
+NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
 
 
 def build_backbone(name, weights=None, norm="frozen_bn", trainable_layers=3, fpn_channels=256):
@@ -73,11 +69,11 @@ def build_model(m, contrast, num_classes):
         nms_thresh=0.7)
 
     pool = functools.partial(MultiScaleRoIAlign, featmap_names=FPN_LEVELS, sampling_ratio=2)
-    box_head = CamBoxHead(channels, m["box_channels"], m["box_roi_size"], num_classes,
-                          m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"])
-    cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"]) if m["use_cl"] else None
+    box_head = CamBoxHead(channels, m["box_channels"], num_classes,
+                          m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"], m["head_norm"])
+    cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"], m["head_norm"]) if m["use_cl"] else None
     mask_head = ClassAgnosticMaskHead(channels, m["mask_channels"], m["mask_convs"],
-                                      cl_head.out_channels if cl_head else None)
+                                      cl_head.out_channels if cl_head else None, m["head_norm"])
     loss_params = {k: contrast[k] for k in ("supervision", "share_queries", "sigma", "tau_easy", "tau_hard",
                                             "delta", "hard_sqdist", "min_keys", "formulation")}
     roi_heads = ContrastMaskRoIHeads(

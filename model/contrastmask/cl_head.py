@@ -6,11 +6,11 @@ from .box_head import conv_relu_stack
 
 
 class CLHead(nn.Module):
-    def __init__(self, in_channels, channels, num_convs=8, num_fcs=3):
+    def __init__(self, in_channels, channels, num_convs=8, num_fcs=3, norm=None):
         super().__init__()
         if num_convs < 1 or num_fcs < 1:
             raise ValueError("the CL head needs at least one encoder conv and one projector layer")
-        self.encoder = conv_relu_stack(in_channels, channels, num_convs)
+        self.encoder = conv_relu_stack(in_channels, channels, num_convs, norm=norm)
         projector = []
         for i in range(num_fcs):
             projector.append(nn.Conv2d(channels, channels, 1))

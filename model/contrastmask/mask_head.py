@@ -8,15 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from .box_head import group_norm
+
 
 class ClassAgnosticMaskHead(nn.Module):
-    def __init__(self, in_channels, channels, num_convs, cl_channels=None):
+    def __init__(self, in_channels, channels, num_convs, cl_channels=None, norm=None):
         super().__init__()
         self.fuse = nn.Conv2d(cl_channels, in_channels, 1) if cl_channels else None
         if self.fuse is not None:
             nn.init.kaiming_normal_(self.fuse.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(self.fuse.bias)
-        self.convs = MaskRCNNHeads(in_channels, [channels] * num_convs, 1)
+        self.convs = MaskRCNNHeads(in_channels, [channels] * num_convs, 1, norm_layer=group_norm if norm else None)
         self.predictor = MaskRCNNPredictor(channels if num_convs else in_channels, channels, 1)
         # torchvision's fan_out init gives a single output channel std sqrt(2): logits of +-10 at start
         nn.init.normal_(self.predictor.mask_fcn_logits.weight, std=0.001)

@@ -1,0 +1,73 @@
+"""The synthetic shapes generator: deterministic files, valid COCO annotations."""
+import filecmp
+import os
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from model.data import shapes
+from model.data.coco import load_coco
+
+TINY = {"num_train": 6, "num_val": 3, "image_size": 64, "min_objects": 1, "max_objects": 4, "clutter": 4}
+
+
+def _files(root):
+    out = []
+    for dirpath, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+    return sorted(out)
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    shapes.ensure_shapes_dataset(str(a), **TINY)
+    shapes.ensure_shapes_dataset(str(b), **TINY)
+    shapes.ensure_shapes_dataset(str(c), **dict(TINY, seed=1))
+    files = _files(a)
+    assert len(files) == TINY["num_train"] + TINY["num_val"] + 2
+    assert files == _files(b)
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert mismatch == [] and errors == []
+    assert filecmp.cmpfiles(a, c, files, shallow=False)[1], "a different seed should give different images"
+
+
+def test_cached_dataset_is_reused_and_regenerated_when_parameters_change(tmp_path):
+    root = str(tmp_path)
+    shapes.ensure_shapes_dataset(root, **TINY)
+    ann = shapes.annotation_path(root, "train")
+    stamp = os.stat(ann).st_mtime_ns
+    shapes.ensure_shapes_dataset(root, **TINY)
+    assert os.stat(ann).st_mtime_ns == stamp
+    shapes.ensure_shapes_dataset(root, **dict(TINY, num_train=4))
+    assert len(load_coco(ann).imgs) == 4
+
+
+def test_annotations_load_in_pycocotools_and_match_the_masks(tmp_path):
+    root = str(tmp_path)
+    shapes.ensure_shapes_dataset(root, **TINY)
+    coco = load_coco(shapes.annotation_path(root, "train"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == shapes.CATEGORIES
+    assert len(coco.imgs) == TINY["num_train"]
+    assert len(coco.anns) >= TINY["num_train"]
+    for ann in coco.anns.values():
+        img = coco.imgs[ann["image_id"]]
+        mask = coco.annToMask(ann)
+        assert mask.shape == (img["height"], img["width"])
+        assert mask.sum() == ann["area"] >= shapes.MIN_VISIBLE_PIXELS
+        ys, xs = np.nonzero(mask)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert ann["iscrowd"] == 0
+    # occlusion: visible masks of one image never overlap
+    for image_id in coco.imgs:
+        masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        if masks:
+            assert np.stack(masks).sum(0).max() <= 1
+
+
+def test_every_category_is_drawn(tmp_path):
+    root = str(tmp_path)
+    shapes.ensure_shapes_dataset(root, **dict(TINY, num_train=40, num_val=1))
+    coco = load_coco(shapes.annotation_path(root, "train"))
+    assert {a["category_id"] for a in coco.anns.values()} == set(range(1, 11))
+    rle = coco.anns[1]["segmentation"]
+    assert mask_utils.area(rle) == coco.anns[1]["area"]

@@ -1,0 +1,107 @@
+"""Configs, schedules and the ablation switches of the reference model."""
+import json
+import os
+
+import pytest
+import torch
+
+from model.config import load_config
+from model.contrastmask import build_model
+from model.contrastmask.contrast_loss import contrast_weight
+from model.engine.schedule import Schedule, lr_factor
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "configs")
+
+
+def test_every_shipped_config_loads():
+    names = sorted(os.listdir(CONFIGS))
+    assert {"demo.json", "tiny.json", "r50_fpn_1x_nonvoc2voc.json", "r50_fpn_1x_voc2nonvoc.json"} <= set(names)
+    for name in names:
+        load_config(os.path.join(CONFIGS, name))
+
+
+def test_paper_configs_keep_the_paper_settings():
+    for name, base in (("r50_fpn_1x_nonvoc2voc.json", "nonvoc"), ("r50_fpn_1x_voc2nonvoc.json", "voc")):
+        cfg = load_config(os.path.join(CONFIGS, name))
+        assert cfg["data"]["base"] == base
+        m, t, c = cfg["model"], cfg["train"], cfg["contrast"]
+        assert m["backbone"] == "resnet50" and m["fpn_channels"] == 256 and (m["cl_convs"], m["cl_fcs"]) == (8, 3)
+        assert m["min_size"] == [640, 672, 704, 736, 768, 800] and t["flip_prob"] == 0.5
+        assert (t["optimizer"], t["base_lr"], t["base_batch"]) == ("sgd", 0.02, 16)
+        assert (t["unit"], t["length"], t["lr_steps"]) == ("epoch", 12, [8, 11])
+        assert (c["sigma"], c["tau_easy"], c["tau_hard"], c["lambda_start"], c["lambda_end"]) == (0.3, 0.7, 0.3, 0.25, 1.0)
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(os.path.join(CONFIGS, "tiny.json"), ["train.length=7", "model.use_cl=false",
+                                                          "data.base=[\"circle\"]", "output_dir=x/y"])
+    assert cfg["train"]["length"] == 7 and cfg["model"]["use_cl"] is False
+    assert cfg["data"]["base"] == ["circle"] and cfg["output_dir"] == "x/y"
+    assert cfg["data"]["shapes"]["image_size"] == 64  # untouched keys of the file survive
+    with pytest.raises(KeyError, match="model.use_clx"):
+        load_config(None, ["model.use_clx=1"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"lenght": 3}}))
+    with pytest.raises(KeyError, match="train.lenght"):
+        load_config(str(bad))
+
+
+def test_schedules():
+    assert contrast_weight(0, 0.25, 1.0, 100) == 0.25
+    assert contrast_weight(50, 0.25, 1.0, 100) == pytest.approx(0.625)
+    assert contrast_weight(500, 0.25, 1.0, 100) == 1.0
+    assert lr_factor(0, [8, 11], 0, 0.001) == 1.0
+    assert lr_factor(8, [8, 11], 0, 0.001) == pytest.approx(0.1)
+    assert lr_factor(11, [8, 11], 0, 0.001) == pytest.approx(0.01)
+    assert lr_factor(5, [100], 10, 0.0) == pytest.approx(0.5)
+    cfg = load_config(os.path.join(CONFIGS, "r50_fpn_1x_nonvoc2voc.json"))
+    s = Schedule(cfg["train"], cfg["contrast"], iters_per_epoch=1000)
+    assert (s.max_iters, s.steps, s.lambda_warmup_iters) == (12000, [8000, 11000], 4000)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(num_images=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for i in range(num_images):
+        images.append(torch.rand(3, size, size, generator=g))
+        masks = torch.zeros(3, size, size, dtype=torch.uint8)
+        masks[0, 8:30, 8:30] = 1
+        masks[1, 30:60, 20:50] = 1
+        masks[2, 5:25, 35:60] = 1
+        boxes = torch.tensor([[8, 8, 30, 30], [20, 30, 50, 60], [35, 5, 60, 25]], dtype=torch.float32)
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "masks": masks,
+                        "has_mask": torch.tensor([True, False, True])})
+    return images, targets
+
+
+@pytest.mark.parametrize("overrides, has_contrast", [
+    (["model.use_cam=false", "model.use_cl=false"], False),   # the partially-supervised baseline
+    (["model.use_cl=false"], False),                          # + CAM
+    (["contrast.supervision=base"], True),
+    (["contrast.supervision=novel"], True),
+    (["contrast.share_queries=false", "contrast.formulation=released"], True),
+    (["model.cl_convs=1", "model.cl_fcs=1", "contrast.sigma=0.6", "model.head_norm=gn"], True),
+])
+def test_ablation_switches_build_train_and_predict(overrides, has_contrast, one_thread):
+    cfg = load_config(os.path.join(CONFIGS, "tiny.json"), overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], cfg["contrast"], num_classes=4)
+    assert (model.roi_heads.cl_head is not None) == cfg["model"]["use_cl"]
+    images, targets = _batch()
+    losses = model(images, targets)
+    assert ("loss_contrast" in losses) == has_contrast
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[0]["masks"].shape[1:] == (1, 64, 64)
