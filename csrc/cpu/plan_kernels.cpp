@@ -40,7 +40,7 @@ struct PlanJob {
 };
 
 struct RoiScratch {
-  explicit RoiScratch(int64_t P)
+  explicit RoiScratch(size_t P)
       : mask(P), boundary(P), candidates(P), labels(P), g(P), s(P), t(P), sqdist(P) {}
   std::vector<uint8_t> mask, boundary, candidates;
   std::vector<int8_t> labels;
@@ -115,7 +115,7 @@ int32_t run_plan(const Job& job) {
   const int64_t P = int64_t(job.H) * job.W;
   std::atomic<int32_t> errors{0};
   at::parallel_for(0, job.N, 1, [&](int64_t begin, int64_t end) {
-    RoiScratch sc(P);
+    RoiScratch sc(static_cast<size_t>(P));
     int32_t local_errors = 0;
     for (int64_t n = begin; n < end; ++n) {
       const bool novel = job.is_novel ? job.is_novel[n] : false;
