@@ -22,12 +22,12 @@ import torch
 class Policy:
     """How many times to call: enough for a stable median, bounded in time for slow calls."""
 
-    budget_s: float = 1.0  # stop repeating once this much time has been spent (and min_reps are done)
+    budget_s: float = 0.5  # stop repeating once this much time has been spent (and min_reps are done)
     min_reps: int = 5
-    max_reps: int = 50
-    slow_call_s: float = 1.0  # a call slower than this is timed slow_reps times only
+    max_reps: int = 30
+    slow_call_s: float = 0.5  # a call slower than this is timed slow_reps times only
     slow_reps: int = 2
-    very_slow_call_s: float = 5.0  # a call slower than this is timed once: the first call is the sample
+    very_slow_call_s: float = 2.0  # a call slower than this is timed once: the first call is the sample
 
 
 @dataclass

@@ -4,8 +4,11 @@
     python -m benchmarks.model_step [--device cuda] [--image-size 800]
 
 share = (step with the loss - step with the stub) / step with the loss; the stub returns 0 * z.sum(), so
-the CL head's projector still runs and only the loss (plan + loss forward + backward) is left out.
-Skips cleanly, with the reason, while model/ does not exist or offers no model builder.
+the CL head's projector still runs and only the loss (plan + loss forward + backward) is left out. The step
+of the model without the CL head (use_cl off) is reported too. The images are synthetic (uniform noise,
+16 elliptic instances each, half of them box-only = novel), the model randomly initialised: the step's
+cost does not depend on what the pixels show, only on the image size and the number of ROIs.
+Skips cleanly, with the reason, while model/ does not exist.
 """
 from __future__ import annotations
 
@@ -20,9 +23,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Builders model/ may offer (first found wins): a callable returning a torchvision-style detector that, in
-# train mode, maps (images, targets) to a dict of losses.
-BUILDER_NAMES = ("build_model", "contrastmask_resnet50_fpn", "build_contrastmask")
+NUM_CLASSES = 81  # COCO: 80 categories + background
 
 
 def maybe_measure(mode: str, device: torch.device, **kwargs):
@@ -35,50 +36,48 @@ def maybe_measure(mode: str, device: torch.device, **kwargs):
         return {"skipped": f"model step failed: {type(exc).__name__}: {exc}"}
 
 
-def _find_builder():
-    if not (REPO_ROOT / "model" / "__init__.py").exists():
-        return None, "model/ does not exist yet"
+def _model_package():
+    """model.config, model.contrastmask and the roi_heads module that calls the loss; None if absent."""
+    if not (REPO_ROOT / "model" / "contrastmask" / "roi_heads.py").exists():
+        return None
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    package = importlib.import_module("model")
-    for name in BUILDER_NAMES:
-        if callable(getattr(package, name, None)):
-            return getattr(package, name), None
-    return None, f"model/ offers none of {BUILDER_NAMES}"
+    config = importlib.import_module("model.config")
+    contrastmask = importlib.import_module("model.contrastmask")
+    roi_heads = importlib.import_module("model.contrastmask.roi_heads")
+    return config, contrastmask, roi_heads
 
 
-def synthetic_targets(device, image_size: int, num_classes: int, objects: int = 8, seed: int = 0):
-    """Two images with `objects` boxes and masks each (ellipses), labels in 1..num_classes-1."""
+def synthetic_batch(device, image_size: int, objects: int = 16, seed: int = 0):
+    """Two images with `objects` elliptic instances each; half of them box-only (novel: has_mask False)."""
     gen = torch.Generator().manual_seed(seed)
-    images, targets = [], []
     ys = torch.arange(image_size).view(-1, 1)
     xs = torch.arange(image_size).view(1, -1)
+    images, targets = [], []
     for _ in range(2):
         images.append(torch.rand(3, image_size, image_size, generator=gen).to(device))
         centres = torch.randint(image_size // 8, image_size * 7 // 8, (objects, 2), generator=gen)
-        sizes = torch.randint(image_size // 16, image_size // 4, (objects, 2), generator=gen)
-        boxes = torch.cat([centres - sizes, centres + sizes], dim=1).clamp(0, image_size - 1).float()
+        half_sizes = torch.randint(max(2, image_size // 24), max(3, image_size // 5), (objects, 2), generator=gen)
+        boxes = torch.cat([centres - half_sizes, centres + half_sizes], dim=1).clamp(0, image_size - 1).float()
         masks = torch.stack([(((ys - cy) / sy) ** 2 + ((xs - cx) / sx) ** 2 <= 1).to(torch.uint8)
-                             for (cx, cy), (sx, sy) in zip(centres.tolist(), sizes.tolist())])
-        labels = torch.randint(1, num_classes, (objects,), generator=gen)
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device), "masks": masks.to(device)})
+                             for (cx, cy), (sx, sy) in zip(centres.tolist(), half_sizes.tolist())])
+        has_mask = torch.arange(objects) % 2 == 0
+        masks[~has_mask] = 0
+        targets.append({"boxes": boxes.to(device), "labels": torch.randint(1, NUM_CLASSES, (objects,),
+                                                                           generator=gen).to(device),
+                        "masks": masks.to(device), "has_mask": has_mask.to(device)})
     return images, targets
 
 
 @contextmanager
-def loss_stubbed(model):
-    """Replace every QuerySharingContrastiveLoss inside the model by a free stub (keeps z in the graph)."""
-    import contrastmask_ops as cm
-
-    losses = [m for m in model.modules() if isinstance(m, cm.QuerySharingContrastiveLoss)]
-    saved = [m.forward for m in losses]
-    for m in losses:
-        m.forward = lambda z, *args, **kwargs: z.sum() * 0.0
+def patched_loss(roi_heads, replacement):
+    """Swap the loss function the model's RoI heads call (module attribute) for `replacement`."""
+    original = roi_heads.query_sharing_contrastive_loss
+    roi_heads.query_sharing_contrastive_loss = replacement(original)
     try:
-        yield len(losses)
+        yield
     finally:
-        for m, forward in zip(losses, saved):
-            m.forward = forward
+        roi_heads.query_sharing_contrastive_loss = original
 
 
 def _time_steps(step, device, warmup: int, reps: int) -> list[float]:
@@ -96,42 +95,72 @@ def _time_steps(step, device, warmup: int, reps: int) -> list[float]:
     return samples
 
 
-def measure(device: torch.device, image_size: int = 800, num_classes: int = 81, warmup: int = 3, reps: int = 10):
-    builder, reason = _find_builder()
-    if builder is None:
-        return {"skipped": reason}
-    model = builder(num_classes=num_classes).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    images, targets = synthetic_targets(device, image_size, num_classes)
+def _train_step(model, images, targets):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         losses = model(images, targets)
         sum(losses.values()).backward()
         optimizer.step()
+    return step
 
-    with_loss = _time_steps(step, device, warmup, reps)
-    with loss_stubbed(model) as found:
-        if not found:
-            return {"skipped": "no QuerySharingContrastiveLoss module found inside the model"}
-        without_loss = _time_steps(step, device, warmup, reps)
-    step_s, stub_s = statistics.median(with_loss), statistics.median(without_loss)
-    return {"step_ms": step_s * 1e3, "step_without_loss_ms": stub_s * 1e3, "loss_ms": (step_s - stub_s) * 1e3,
-            "loss_share": max(step_s - stub_s, 0.0) / step_s, "images": 2, "image_size": image_size,
-            "reps": reps, "device": str(device)}
+
+def measure(device: torch.device, image_size: int = 800, warmup: int = 3, reps: int = 10):
+    """Median step times (ms) with the loss, with the loss stubbed out, and without the CL head at all."""
+    package = _model_package()
+    if package is None:
+        return {"skipped": "model/ (model/contrastmask/roi_heads.py) does not exist yet"}
+    config, contrastmask, roi_heads = package
+    cfg = config.load_config(overrides=[{"model": {"min_size": [image_size], "max_size": image_size}}])
+    torch.manual_seed(0)
+    model = contrastmask.build_model(cfg["model"], cfg["contrast"], NUM_CLASSES).to(device).train()
+    images, targets = synthetic_batch(device, image_size)
+    rois = []
+
+    def counting(loss):
+        def wrapper(z, *args, **kwargs):
+            rois.append(z.shape[0])
+            return loss(z, *args, **kwargs)
+        return wrapper
+
+    def stub(_loss):
+        return lambda z, *args, **kwargs: z.sum() * 0.0  # keeps the CL head in the graph, drops the loss
+
+    step = _train_step(model, images, targets)
+    with patched_loss(roi_heads, counting):
+        with_loss = _time_steps(step, device, warmup, reps)
+    with patched_loss(roi_heads, stub):
+        stubbed = _time_steps(step, device, warmup, reps)
+    del model, step
+    cfg["model"]["use_cl"] = False
+    torch.manual_seed(0)
+    plain = contrastmask.build_model(cfg["model"], cfg["contrast"], NUM_CLASSES).to(device).train()
+    without_head = _time_steps(_train_step(plain, images, targets), device, warmup, reps)
+
+    step_s, stub_s = statistics.median(with_loss), statistics.median(stubbed)
+    return {"step_ms": step_s * 1e3, "step_loss_stubbed_ms": stub_s * 1e3,
+            "step_without_cl_head_ms": statistics.median(without_head) * 1e3,
+            "loss_ms": (step_s - stub_s) * 1e3, "loss_share": max(step_s - stub_s, 0.0) / step_s,
+            "rois_per_step": statistics.median(rois) if rois else 0, "images": 2, "image_size": image_size,
+            "reps": reps, "device": str(device), "backbone": cfg["model"]["backbone"]}
 
 
 def summary(result: dict) -> str:
     if "skipped" in result:
         return "skipped: " + result["skipped"]
-    return (f"loss share {result['loss_share']:.1%} of a {result['step_ms']:.1f} ms step "
-            f"({result['loss_ms']:.2f} ms for the loss, 2 images of {result['image_size']} px)")
+    return (f"loss share {result['loss_share']:.1%} of a {result['step_ms']:.1f} ms training step "
+            f"(loss {result['loss_ms']:.2f} ms at N={result['rois_per_step']:.0f} ROIs; step without the CL head "
+            f"{result['step_without_cl_head_ms']:.1f} ms; {result['backbone']}-FPN, 2 images of "
+            f"{result['image_size']} px)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", type=int, default=800)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
-    print(summary(measure(torch.device(args.device), image_size=args.image_size, reps=args.reps)))
+    print(summary(measure(torch.device(args.device), image_size=args.image_size, warmup=args.warmup,
+                          reps=args.reps)))

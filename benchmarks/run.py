@@ -33,6 +33,10 @@ from .targets import evaluate
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 H = W = 28
+# From this N on, the slow columns (reference, per-ROI) time only the plan and the whole pipeline, unless
+# --all-stages: their loss stages cost tens of seconds a call on a 2-core CPU and add nothing to the targets.
+LARGE_N = 2048
+SLOW_IMPLS = ("reference", "per_roi")
 
 
 def parse_args(argv=None):
@@ -43,7 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, nargs="+", help="C values (default 128 256)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default float32 bfloat16")
     p.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    p.add_argument("--budget", type=float, help="seconds of timed calls per measurement (default 1.0, quick 0.3)")
+    p.add_argument("--budget", type=float, help="seconds of timed calls per measurement (default 0.5, quick 0.3)")
+    p.add_argument("--all-stages", action="store_true",
+                   help=f"also time the loss stages of the reference and per-ROI columns at N >= {LARGE_N} "
+                        "(left out by default: each call takes tens of seconds on a 2-core CPU)")
     p.add_argument("--model-step", choices=["auto", "on", "off"], default="auto",
                    help="measure the loss's share of a training step (auto: on CUDA only, when model/ exists)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -52,7 +59,7 @@ def parse_args(argv=None):
     args.sizes = args.sizes or ([32, 128] if args.quick else [32, 128, 512, 2048])
     args.channels = args.channels or ([256] if args.quick else [128, 256])
     args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
-    args.budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
+    args.budget = args.budget if args.budget is not None else (0.3 if args.quick else 0.5)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -106,6 +113,7 @@ def metadata(args, device: torch.device) -> dict:
         "build_info": build_info(),
         "settings": {"quick": args.quick, "sizes": args.sizes, "channels": args.channels, "dtypes": args.dtypes,
                      "impls": args.impls, "budget_s": args.budget, "H": H, "W": W,
+                     "loss_stages_of_slow_impls_up_to_N": None if args.all_stages else LARGE_N - 1,
                      "params": "SPEC defaults: delta 0.1, sigma 0.3, tau 0.7/0.3, hard_sqdist 2, min_keys 5"},
         "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the call" if device.type == "cuda"
                           else "PyTorch profiler allocation events (CPU tensor allocator running total); "
@@ -130,7 +138,7 @@ def stage_calls(impl, batch, plan) -> dict:
 
 def run_sweep(args, device: torch.device, results: Results, impls) -> None:
     """Every shape; per shape and stage, the implementations are timed in turns (see measure_interleaved)."""
-    policy = Policy(budget_s=args.budget, min_reps=5, max_reps=10 if args.quick else 50)
+    policy = Policy(budget_s=args.budget, max_reps=10 if args.quick else 30)
     for dtype in args.dtypes:
         for c in args.channels:
             for n in args.sizes:
@@ -140,6 +148,9 @@ def run_sweep(args, device: torch.device, results: Results, impls) -> None:
                     started = time.perf_counter()
                     timers = {}
                     for name, stages in calls.items():
+                        if (n >= LARGE_N and name in SLOW_IMPLS and not args.all_stages
+                                and stage not in ("plan", "pipeline_fwd_bwd")):
+                            continue
                         fn, setup = stages[stage]
                         # The per-ROI plan works in numpy, which only tracemalloc sees; the fused op's memory
                         # is a target, so it is measured even where a call takes seconds.

@@ -43,6 +43,8 @@ DEFAULTS = {
         "box_shared_convs": 4,           # the released code's box head: 4 shared, 1 cls, 2 reg convs
         "box_cls_convs": 1,
         "box_reg_convs": 2,
+        "box_reg_head": "gap",           # gap (released code) | fc: flatten -> fc -> bbox_pred
+        "box_fc_channels": 1024,         # width of that fc
         "box_score_thresh": 0.05,
         "box_nms_thresh": 0.5,
         "detections_per_img": 100,

@@ -70,7 +70,8 @@ def build_model(m, contrast, num_classes):
 
     pool = functools.partial(MultiScaleRoIAlign, featmap_names=FPN_LEVELS, sampling_ratio=2)
     box_head = CamBoxHead(channels, m["box_channels"], num_classes,
-                          m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"], m["head_norm"])
+                          m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"], m["head_norm"],
+                          m["box_reg_head"], m["box_roi_size"], m["box_fc_channels"])
     cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"], m["head_norm"]) if m["use_cl"] else None
     mask_head = ClassAgnosticMaskHead(channels, m["mask_channels"], m["mask_convs"],
                                       cl_head.out_channels if cl_head else None, m["head_norm"])
