@@ -9,6 +9,7 @@ Environment:
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -34,9 +35,17 @@ def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = list(opt)
+    link = []
+    # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it silently runs serially.
+    # The extension then shares torch's libgomp (same soname, already loaded), so torch.set_num_threads
+    # governs our kernels too.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "contrastmask_ops._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+            "contrastmask_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+            py_limited_api=True,
         ), False
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -46,6 +55,7 @@ def extension():
         sources + rel("csrc/cuda/*.cu"),
         define_macros=[("CONTRASTMASK_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
         py_limited_api=True,
     ), True
 

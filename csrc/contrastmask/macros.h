@@ -22,6 +22,23 @@ CM_HD double cm_log1p(double x) { return log1p(x); }
 CM_HD float cm_sqrt(float x) { return sqrtf(x); }
 CM_HD double cm_sqrt(double x) { return sqrt(x); }
 
+// Bit counting on 64-bit words (row bitmasks of the plan).
+CM_HD int cm_popcount64(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popcll(x);
+#else
+  return __builtin_popcountll(x);
+#endif
+}
+// Index of the lowest set bit; x != 0.
+CM_HD int cm_ctz64(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(x)) - 1;
+#else
+  return __builtin_ctzll(x);
+#endif
+}
+
 template <typename T>
 CM_HD T neg_inf() { return static_cast<T>(-INFINITY); }
 

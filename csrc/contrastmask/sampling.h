@@ -19,10 +19,15 @@ CM_HD uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// r(i) of SPEC step 4; mixed_seed = splitmix64(seed), computed once per call.
+// r(i) of SPEC step 4 = splitmix64(stream ^ i) with stream = mixed_seed ^ ((roi * 4 + set) << 20):
+// the pixel index (< 2^20) lands in the stream's zero low bits, so OR and XOR agree.
+// mixed_seed = splitmix64(seed), computed once per call; the stream once per (ROI, set).
+CM_HD uint64_t key_stream(uint64_t mixed_seed, int64_t roi, int set) {
+  return mixed_seed ^ ((static_cast<uint64_t>(roi) * 4u + static_cast<uint64_t>(set)) << 20);
+}
+CM_HD uint64_t stream_hash(uint64_t stream, int pixel) { return splitmix64(stream ^ static_cast<uint64_t>(pixel)); }
 CM_HD uint64_t key_hash(uint64_t mixed_seed, int64_t roi, int set, int pixel) {
-  const uint64_t stream = (static_cast<uint64_t>(roi) * 4u + static_cast<uint64_t>(set)) << 20;
-  return splitmix64(mixed_seed ^ (stream | static_cast<uint64_t>(pixel)));
+  return stream_hash(key_stream(mixed_seed, roi, set), pixel);
 }
 
 // k = min(c, ceil(sigma * c)), the product in IEEE double like Python's math.ceil(sigma * c).

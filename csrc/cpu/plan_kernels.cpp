@@ -13,31 +13,11 @@
 #include "../contrastmask/edt.h"
 #include "../contrastmask/sampling.h"
 #include "../ops/checks.h"
+#include "plan_job.h"
+#include "row_bit_plan.h"
 
 namespace contrastmask {
 namespace {
-
-// What one call asks of the per-ROI loop; null pointers mean "not this step".
-template <typename mask_t, typename cam_t>
-struct PlanJob {
-  int64_t N = 0;
-  int H = 0, W = 0;
-  const mask_t* masks = nullptr;   // (N, H, W) 0/1
-  const cam_t* cams = nullptr;     // (N, H, W), may be null when no ROI is novel
-  const bool* is_novel = nullptr;  // (N,)
-  const bool* valid = nullptr;     // (N,), null = all valid
-  cam_t thr_fg = 0, thr_bg = 0;    // CAM thresholds, already in the CAM's dtype
-  bool sqdist_all_rois = false;    // boundary_sqdist: distances of every ROI, not only base ones
-  const int8_t* labels_in = nullptr;    // sample_keys: given labels
-  const int32_t* sqdist_in = nullptr;   // sample_keys: given distances
-  int8_t* labels_out = nullptr;
-  int32_t* sqdist_out = nullptr;
-  uint8_t* keys_out = nullptr;     // sampling happens iff non-null
-  bool* keep_out = nullptr;
-  double sigma = 0.3;
-  int64_t hard_sqdist = 2, min_keys = 5;
-  uint64_t mixed_seed = 0;
-};
 
 struct RoiScratch {
   explicit RoiScratch(size_t P)
@@ -93,7 +73,7 @@ bool roi_sample(const Job& job, int64_t n, const int8_t* labels, const int32_t* 
     sc.candidates[i] = c;
     for (int s = 0; s < kNumSets; ++s) counts[s] += (c >> s) & 1;
   }
-  std::fill(keys, keys + P, uint8_t(0));
+  std::fill_n(keys, static_cast<size_t>(job.H) * static_cast<size_t>(job.W), uint8_t(0));
   if (!roi_kept(counts, foreground, background, job.min_keys)) return false;
   for (int s = 0; s < kNumSets; ++s) {
     sc.ranked.clear();
@@ -169,7 +149,9 @@ void with_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& 
     cams_c = double_cams ? cams->contiguous() : cams->to(at::kFloat).contiguous();
   }
   const at::Tensor masks_c = masks.contiguous();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, masks_c.scalar_type(), "contrastmask_plan", [&] {
+  // The dtypes check_masks() admits.
+  AT_DISPATCH_FLOATING_TYPES_AND4(at::kBool, at::kByte, at::kHalf, at::kBFloat16, masks_c.scalar_type(),
+                                  "contrastmask_plan", [&] {
     using mask_t = scalar_t;
     auto run = [&](auto cam_zero) {
       using cam_t = decltype(cam_zero);
@@ -267,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& ma
     job.hard_sqdist = hard_sqdist;
     job.min_keys = min_keys;
     job.mixed_seed = splitmix64(seed_bits(seed));
-    errors = run_plan(job);
+    errors = job.W <= kMaxRowBitsWidth ? run_row_bit_plan(job) : run_plan(job);
   });
   raise_plan_errors(errors);
   return {labels, keys, keep};
