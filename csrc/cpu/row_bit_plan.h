@@ -67,7 +67,7 @@ void sample_set_rows(const Job& job, int64_t n, int s, const uint64_t* rows, int
     }
   // The bucket holding the k-th smallest hash, and how many candidates lie in buckets below it.
   int cut = 0, below = 0;
-  while (below + count[cut] < k) below += count[cut++];
+  while (below + static_cast<int>(count[cut]) < k) below += static_cast<int>(count[cut++]);
   // Branch-free: "below the cut" is a coin flip per candidate, which a branch would mispredict.
   int m = 0;
   for (j = 0; j < c; ++j) {
@@ -91,8 +91,9 @@ int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScra
   const int64_t P = int64_t(H) * W;
   int32_t errors = 0;
   const auto* mask = job.masks + n * P;
-  const auto* cam = job.cams ? job.cams + n * P : nullptr;
-  if (novel && !cam) errors |= kMissingCams;
+  // Only novel ROIs read their CAM (half the bytes of a typical batch are CAMs of base ROIs).
+  const auto* cam = (novel && job.cams) ? job.cams + n * P : nullptr;
+  if (novel && !job.cams) errors |= kMissingCams;
   using mask_t = typename std::remove_cv<typename std::remove_pointer<decltype(mask)>::type>::type;
   bool binary = true;
   for (int y = 0; y < H; ++y) {

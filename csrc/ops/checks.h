@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/TypeCast.h>
 
 #include <string>
 
@@ -111,8 +112,15 @@ inline void raise_plan_errors(int32_t errors) {
 }
 
 // Thresholds of SPEC step 1 rounded to the CAM's dtype, like `cams >= 1 - delta` in PyTorch.
+// c10::convert is the conversion torch's own dtype casts use; no tensor is made (this runs every call).
 inline double round_to_dtype(double v, at::ScalarType dtype) {
-  return at::scalar_tensor(v, at::kDouble).to(dtype).to(at::kDouble).item<double>();
+  switch (dtype) {
+    case at::kDouble: return v;
+    case at::kFloat: return static_cast<double>(c10::convert<float>(v));
+    case at::kHalf: return static_cast<double>(static_cast<float>(c10::convert<c10::Half>(v)));
+    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::convert<c10::BFloat16>(v)));
+    default: return at::scalar_tensor(v, at::kDouble).to(dtype).to(at::kDouble).item<double>();
+  }
 }
 
 // The seed's 64 bits arrive as int64; SPEC mixes it once.
