@@ -15,6 +15,24 @@
 namespace contrastmask {
 namespace {
 
+// Sums over pixels keep kLanes partial sums, pixel i in lane i % kLanes, combined in a fixed order:
+// the compiler vectorises them (one running sum is a chain of dependent adds it may not reorder),
+// and the result still does not depend on the thread count.
+constexpr int kLanes = 8;
+
+template <typename Fn>
+inline void for_each_lane(int64_t P, Fn&& fn) {
+  int64_t i = 0;
+  for (; i + kLanes <= P; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) fn(j, i + j);
+  for (int j = 0; i < P; ++i, ++j) fn(j, i);
+}
+
+template <typename acc_t>
+inline acc_t combine_lanes(const acc_t* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 // Shapes and raw pointers of one loss call.
 template <typename scalar_t, typename acc_t>
 struct LossJob {
@@ -81,14 +99,15 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       const int8_t* lab = job.labels + n * P;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
-        acc_t fg = 0, bg = 0;
-        for (int64_t i = 0; i < P; ++i) {
+        // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN 9).
+        acc_t fg[kLanes] = {}, bg[kLanes] = {};
+        for_each_lane(P, [&](int j, int64_t i) {
           const acc_t v = static_cast<acc_t>(row[i]);
-          fg += lab[i] == kForeground ? v : acc_t(0);
-          bg += lab[i] == kBackground ? v : acc_t(0);
-        }
-        roi_sums[(n * 2) * C + c] = fg * w[n * 2];
-        roi_sums[(n * 2 + 1) * C + c] = bg * w[n * 2 + 1];
+          fg[j] += lab[i] == kForeground ? v : acc_t(0);
+          bg[j] += lab[i] == kBackground ? v : acc_t(0);
+        });
+        roi_sums[(n * 2) * C + c] = combine_lanes(fg) * w[n * 2];
+        roi_sums[(n * 2 + 1) * C + c] = combine_lanes(bg) * w[n * 2 + 1];
       }
     }
   });
@@ -253,15 +272,15 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       roi_beta[n * 2 + 1] = beta[1];
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
-        acc_t sp = 0, sm = 0;
-        for (int64_t i = 0; i < P; ++i) {
+        acc_t sp[kLanes] = {}, sm[kLanes] = {};
+        for_each_lane(P, [&](int j, int64_t i) {
           const acc_t ap = cf[kAlphaP * P + i], am = cf[kAlphaM * P + i];
           const acc_t v = static_cast<acc_t>(row[i]);
-          sp += ap != acc_t(0) ? ap * v : acc_t(0);
-          sm += am != acc_t(0) ? am * v : acc_t(0);
-        }
-        roi_dq[(n * 2) * C + c] = sp;
-        roi_dq[(n * 2 + 1) * C + c] = sm;
+          sp[j] += ap != acc_t(0) ? ap * v : acc_t(0);
+          sm[j] += am != acc_t(0) ? am * v : acc_t(0);
+        });
+        roi_dq[(n * 2) * C + c] = combine_lanes(sp);
+        roi_dq[(n * 2 + 1) * C + c] = combine_lanes(sm);
       }
     }
   });
