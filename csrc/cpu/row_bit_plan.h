@@ -25,7 +25,7 @@ struct RowBitScratch {
   std::vector<uint64_t> fg, bg, boundary, band;
   std::vector<uint64_t> hashes;
   std::vector<uint16_t> pixels;
-  std::vector<std::pair<uint64_t, int>> straddlers;
+  std::vector<uint16_t> straddlers;
   std::vector<uint32_t> buckets;
 };
 
@@ -69,32 +69,25 @@ void sample_set_rows(const Job& job, int64_t n, int s, const uint64_t* rows, int
   int cut = 0, below = 0;
   while (below + static_cast<int>(count[cut]) < k) below += static_cast<int>(count[cut++]);
   // Branch-free: "below the cut" is a coin flip per candidate, which a branch would mispredict.
+  uint16_t* straddlers = sc.straddlers.data();  // candidates (list positions) in the cut bucket
   int m = 0;
   for (j = 0; j < c; ++j) {
     const int b = static_cast<int>(hashes[j] >> shift);
     keys[pixels[j]] |= bit & static_cast<uint8_t>(-static_cast<int>(b < cut));
-    sc.straddlers[m] = {hashes[j], pixels[j]};
+    straddlers[m] = static_cast<uint16_t>(j);
     m += b == cut;
   }
-  auto before = [](const std::pair<uint64_t, int>& a, const std::pair<uint64_t, int>& b) {
-    return hash_before(a.first, a.second, b.first, b.second);
-  };
+  auto before = [&](uint16_t a, uint16_t b) { return hash_before(hashes[a], pixels[a], hashes[b], pixels[b]); };
   const int rest = k - below;  // 1 <= rest <= m
-  std::partial_sort(sc.straddlers.begin(), sc.straddlers.begin() + rest, sc.straddlers.begin() + m, before);
-  for (j = 0; j < rest; ++j) keys[sc.straddlers[j].second] |= bit;
+  std::partial_sort(straddlers, straddlers + rest, straddlers + m, before);
+  for (j = 0; j < rest; ++j) keys[pixels[straddlers[j]]] |= bit;
 }
 
-// Labels and foreground/background rows of one ROI; returns plan error bits.
-template <typename Job>
-int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScratch& sc, int8_t* labels) {
-  const int H = job.H, W = job.W;
-  const int64_t P = int64_t(H) * W;
-  int32_t errors = 0;
-  const auto* mask = job.masks + n * P;
-  // Only novel ROIs read their CAM (half the bytes of a typical batch are CAMs of base ROIs).
-  const auto* cam = (novel && job.cams) ? job.cams + n * P : nullptr;
-  if (novel && !job.cams) errors |= kMissingCams;
-  using mask_t = typename std::remove_cv<typename std::remove_pointer<decltype(mask)>::type>::type;
+// Labels and foreground/background rows of one ROI; returns plan error bits. The ROI's kind is a
+// template parameter, so each pixel loop is branch-free (partition_label folds to one comparison).
+template <bool kValid, bool kNovel, typename mask_t, typename cam_t>
+bool label_rows_of(const mask_t* mask, const cam_t* cam, int H, int W, cam_t thr_fg, cam_t thr_bg,
+                   RowBitScratch& sc, int8_t* labels) {
   bool binary = true;
   for (int y = 0; y < H; ++y) {
     uint64_t fg = 0, bg = 0;
@@ -102,8 +95,8 @@ int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScra
       const int i = y * W + x;
       const mask_t v = mask[i];
       const bool on = v != mask_t(0);
-      binary = binary && (!on || v == mask_t(1));
-      const int8_t label = partition_label(valid, novel, on, cam ? cam[i] : job.thr_fg, job.thr_fg, job.thr_bg);
+      binary &= !on || v == mask_t(1);
+      const int8_t label = partition_label(kValid, kNovel, on, kNovel ? cam[i] : thr_fg, thr_fg, thr_bg);
       labels[i] = label;
       fg |= uint64_t(label == kForeground) << x;
       bg |= uint64_t(label == kBackground) << x;
@@ -111,8 +104,25 @@ int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScra
     sc.fg[y] = fg;
     sc.bg[y] = bg;
   }
-  if (!binary) errors |= kMaskNotBinary;
-  return errors;
+  return binary;
+}
+
+template <typename Job>
+int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScratch& sc, int8_t* labels) {
+  const int H = job.H, W = job.W;
+  const int64_t P = int64_t(H) * W;
+  const auto* mask = job.masks + n * P;
+  // Only novel ROIs read their CAM (half the bytes of a typical batch are CAMs of base ROIs).
+  const auto* cam = job.cams ? job.cams + n * P : nullptr;
+  if (novel && !cam) {  // reported; label as a base ROI meanwhile (the call raises)
+    const bool binary = label_rows_of<true, false>(mask, cam, H, W, job.thr_fg, job.thr_bg, sc, labels);
+    return kMissingCams | (binary ? 0 : kMaskNotBinary);
+  }
+  bool binary;
+  if (!valid) binary = label_rows_of<false, false>(mask, cam, H, W, job.thr_fg, job.thr_bg, sc, labels);
+  else if (novel) binary = label_rows_of<true, true>(mask, cam, H, W, job.thr_fg, job.thr_bg, sc, labels);
+  else binary = label_rows_of<true, false>(mask, cam, H, W, job.thr_fg, job.thr_bg, sc, labels);
+  return binary ? 0 : kMaskNotBinary;
 }
 
 // Fills the band rows of a base ROI: pixels whose squared boundary distance is <= hard_sqdist.
