@@ -243,7 +243,9 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   query_norms(job, qnorm);
 
   // Pass 1 over z: per-pixel coefficients, and per ROI sum_i alpha_i z_i and sum_i beta_i.
-  enum { kAlphaP, kAlphaM, kGammaP, kGammaM, kB, kNumCoef };
+  // kInFg/kInBg: 1 where the pixel is in the foreground/background partition (floats, so that pass 2
+  // is one vectorisable loop over float arrays).
+  enum { kAlphaP, kAlphaM, kGammaP, kGammaM, kB, kInFg, kInBg, kNumCoef };
   std::vector<acc_t> coef(N * kNumCoef * P, acc_t(0));
   std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0)), roi_beta(N * 2, acc_t(0));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -254,6 +256,11 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       const acc_t* st = job.pixstats + n * 4 * P;
       const acc_t* ts = job.termstats + g * kNumTerms * kNumTermStats;
       acc_t* cf = coef.data() + n * kNumCoef * P;
+      const int8_t* lab = job.labels + n * P;
+      for (int64_t i = 0; i < P; ++i) {
+        cf[kInFg * P + i] = lab[i] == kForeground ? acc_t(1) : acc_t(0);
+        cf[kInBg * P + i] = lab[i] == kBackground ? acc_t(1) : acc_t(0);
+      }
       acc_t beta[2] = {0, 0};
       for (int64_t i = 0; i < P; ++i) {
         if (!key[i]) continue;
@@ -275,9 +282,9 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         acc_t sp[kLanes] = {}, sm[kLanes] = {};
         for_each_lane(P, [&](int j, int64_t i) {
           const acc_t ap = cf[kAlphaP * P + i], am = cf[kAlphaM * P + i];
-          const acc_t v = static_cast<acc_t>(row[i]);
-          sp[j] += ap != acc_t(0) ? ap * v : acc_t(0);
-          sm[j] += am != acc_t(0) ? am * v : acc_t(0);
+          const acc_t v = static_cast<acc_t>(row[i]), apv = ap * v, amv = am * v;
+          sp[j] += ap != acc_t(0) ? apv : acc_t(0);
+          sm[j] += am != acc_t(0) ? amv : acc_t(0);
         });
         roi_dq[(n * 2) * C + c] = combine_lanes(sp);
         roi_dq[(n * 2 + 1) * C + c] = combine_lanes(sm);
@@ -305,8 +312,9 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         continue;
       }
       const int64_t g = job.group(n);
-      const int8_t* lab = job.labels + n * P;
       const acc_t* cf = coef.data() + n * kNumCoef * P;
+      const acc_t *in_fg = cf + kInFg * P, *in_bg = cf + kInBg * P, *bs = cf + kB * P;
+      const acc_t *gp = cf + kGammaP * P, *gm = cf + kGammaM * P;
       const acc_t* qp = job.queries + g * 2 * C;
       const acc_t* qm = qp + C;
       const acc_t* dqp = dq.data() + g * 2 * C;
@@ -314,12 +322,16 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
         scalar_t* orow = out + c * P;
-        const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c];
+        const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c], qpc = qp[c], qmc = qm[c];
+        // Selects, not products, keep a NaN in an ignored non-key pixel out of dz (DESIGN 9); one of
+        // the two partition selects is 0, so d equals the partition term exactly.
+        // Products are taken unconditionally and then selected: a conditional product is a branch the
+        // compiler may not turn into vector blends (it could trap where the branch would not).
         for (int64_t i = 0; i < P; ++i) {
-          const acc_t b = cf[kB * P + i];
-          acc_t d = lab[i] == kForeground ? pf : (lab[i] == kBackground ? pb : acc_t(0));
-          d += cf[kGammaP * P + i] * qp[c] + cf[kGammaM * P + i] * qm[c];
-          d += b != acc_t(0) ? b * static_cast<acc_t>(row[i]) : acc_t(0);
+          const acc_t b = bs[i], bz = b * static_cast<acc_t>(row[i]);
+          acc_t d = (in_fg[i] != acc_t(0) ? pf : acc_t(0)) + (in_bg[i] != acc_t(0) ? pb : acc_t(0));
+          d += gp[i] * qpc + gm[i] * qmc;
+          d += b != acc_t(0) ? bz : acc_t(0);
           orow[i] = static_cast<scalar_t>(d);
         }
       }
