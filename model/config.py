@@ -3,6 +3,7 @@
 Every key a config may set is listed in DEFAULTS (a typo is an error, not a silent no-op). The
 defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change.
 """
+import argparse
 import copy
 import json
 
@@ -144,4 +145,27 @@ def load_config(path=None, overrides=()):
             keys, value = parse_override(item)
             item = nested(keys, value)
         _merge(cfg, item)
+    return cfg
+
+
+def script_parser(doc, default_config=None):
+    """The arguments every script shares: --config, --set, --output-dir, --device, --threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=default_config is None, default=default_config)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.length=8")
+    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: the GPU when there is one)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def config_from_args(args):
+    """The config the shared arguments describe; applies --threads."""
+    cfg = load_config(args.config, args.set)
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return cfg

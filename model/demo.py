@@ -6,14 +6,13 @@
 Base categories (masks during training): circle, square, triangle, star, cross.
 Novel categories (boxes only): ellipse, hexagon, ring, heart, crescent.
 """
-import argparse
 import json
 import os
 import time
 
 import torch
 
-from .config import load_config
+from .config import config_from_args, script_parser
 from .data.build import prepare_data
 from .evaluate import evaluate, format_table
 from .train import train
@@ -23,18 +22,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.json")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--output-dir", help="overrides the config's output_dir")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = script_parser(__doc__, default_config=DEFAULT_CONFIG).parse_args(argv)
+    cfg = config_from_args(args)
     out = cfg["output_dir"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"ContrastMask demo on {device} ({torch.get_num_threads()} CPU threads); output in {out}/", flush=True)

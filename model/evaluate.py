@@ -5,7 +5,6 @@
 Prints mask AP (segm) and box AP (bbox) as the paper's columns (mAP, AP50, AP75, APs, APm, APl, in
 percent; "-" where no ground truth of that size exists) and saves them to output_dir/eval.json.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -17,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from .config import load_config
+from .config import config_from_args, script_parser
 from .contrastmask import build_model
 from .data.build import build_dataset, dataset_files
 from .data.coco import load_coco
@@ -147,20 +146,11 @@ def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
     p.add_argument("--out", help="default: output_dir/eval.json")
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
     record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
     print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")

@@ -9,7 +9,6 @@ Writes into output_dir: checkpoint.pt (every train.checkpoint_every iterations a
 atomically), metrics.jsonl (window means of every loss, lr, lambda), loss.png, config.json and
 final.json (iteration, contrastive-loss backend, per-rank weight digests).
 """
-import argparse
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import load_config
+from .config import config_from_args, script_parser
 from .contrastmask import build_model
 from .contrastmask.contrast_loss import backend as contrast_backend, contrast_weight
 from .data.build import build_dataset, prepare_data
@@ -50,13 +49,8 @@ def to_device(images, targets, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.length=8")
-    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p = script_parser(__doc__)
     p.add_argument("--resume", nargs="?", const="auto", help="checkpoint to resume from (default: output_dir's)")
-    p.add_argument("--device", help="cpu or cuda[:i] (default: the GPU when there is one)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -180,11 +174,7 @@ def train(cfg, resume=None, device=None, progress=True):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
     final = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: final[k] for k in ("iteration", "contrast_backend", "train_seconds")}))

@@ -4,13 +4,12 @@ training) in reds/oranges with dashed boxes and a * after the name.
 
     python -m model.visualize --config model/configs/demo.json [--checkpoint ...] [--out file.png]
 """
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from .config import load_config
+from .config import config_from_args, script_parser
 from .data.build import build_dataset
 from .evaluate import load_trained_model
 
@@ -92,20 +91,14 @@ def visualize(cfg, checkpoint_path=None, out_path=None, num_images=8, score_thre
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
     p.add_argument("--out", help="default: output_dir/predictions.png")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--start", type=int, default=0, help="first validation image")
     p.add_argument("--score", type=float, default=0.5, help="minimum score drawn")
-    p.add_argument("--device")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
+    cfg = config_from_args(args)
     path = visualize(cfg, args.checkpoint, args.out, args.num_images, args.score, args.device, args.start)
     print(path)
 

@@ -1,6 +1,5 @@
 """Per-sample transforms. Multi-scale resizing is left to the detector's GeneralizedRCNNTransform
 (torchvision's min_size tuple, one size drawn per batch); here: tensor conversion and the flip."""
-import torch
 from torchvision.transforms import functional as F
 
 
