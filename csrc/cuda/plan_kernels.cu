@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../contrastmask/edt.h"
+#include "../contrastmask/plan_steps.h"
 #include "../contrastmask/sampling.h"
 #include "../ops/checks.h"
 #include "reduce.cuh"
@@ -25,27 +26,15 @@ using cuda::ceil_div;
 constexpr int kPlanMaxThreads = 512;
 constexpr int kDefaultSharedLimit = 48 * 1024;
 
-// What one call asks of the per-ROI kernel; null pointers mean "not this step" (as on the CPU).
+// What one call asks of the per-ROI kernel (the steps, as on the CPU, plus where the inputs live).
 template <typename mask_t>
-struct PlanArgs {
+struct PlanArgs : PlanSteps {
   int H = 0, W = 0;
   const mask_t* masks = nullptr;    // (N, H, W) 0/1
   const float* cams_f = nullptr;    // (N, H, W) float32 CAMs (float16/bfloat16 widened on the host) ...
   const double* cams_d = nullptr;   // ... or float64 CAMs; both null when no ROI is novel
   float thr_fg_f = 0.f, thr_bg_f = 0.f;
   double thr_fg_d = 0.0, thr_bg_d = 0.0;  // CAM thresholds, already rounded to the CAM's dtype
-  const bool* is_novel = nullptr;   // (N,)
-  const bool* valid = nullptr;      // (N,), null = all valid
-  bool sqdist_all_rois = false;     // boundary_sqdist: distances of every ROI, not only base ones
-  const int8_t* labels_in = nullptr;   // sample_keys: given labels
-  const int32_t* sqdist_in = nullptr;  // sample_keys: given distances
-  int8_t* labels_out = nullptr;
-  int32_t* sqdist_out = nullptr;
-  uint8_t* keys_out = nullptr;      // sampling happens iff non-null
-  bool* keep_out = nullptr;
-  double sigma = 0.3;
-  int64_t hard_sqdist = 2, min_keys = 5;
-  uint64_t mixed_seed = 0;
   int32_t* errors = nullptr;        // device error word (PlanError bits), may be null when none can occur
 };
 

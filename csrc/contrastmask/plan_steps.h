@@ -1,0 +1,24 @@
+// What one plan call asks for, shared by the CPU job (cpu/plan_job.h) and the CUDA kernel arguments
+// (cuda/plan_kernels.cu), which add where the masks and CAMs live. Null pointers mean "not this step".
+#pragma once
+
+#include <stdint.h>
+
+namespace contrastmask {
+
+struct PlanSteps {
+  const bool* is_novel = nullptr;       // (N,)
+  const bool* valid = nullptr;          // (N,), null = all valid
+  bool sqdist_all_rois = false;         // boundary_sqdist: distances of every ROI, not only base ones
+  const int8_t* labels_in = nullptr;    // sample_keys: given labels
+  const int32_t* sqdist_in = nullptr;   // sample_keys: given distances
+  int8_t* labels_out = nullptr;
+  int32_t* sqdist_out = nullptr;
+  uint8_t* keys_out = nullptr;          // sampling happens iff non-null
+  bool* keep_out = nullptr;
+  double sigma = 0.3;
+  int64_t hard_sqdist = 2, min_keys = 5;
+  uint64_t mixed_seed = 0;              // splitmix64(seed)
+};
+
+}  // namespace contrastmask
