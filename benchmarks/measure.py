@@ -28,10 +28,11 @@ class Policy:
     slow_call_s: float = 0.5  # a call slower than this is timed slow_reps times only
     slow_reps: int = 2
     very_slow_call_s: float = 2.0  # a call slower than this is timed once: the first call is the sample
-    # A call quicker than this is repeated, untimed, right before each timed sample: implementations are
-    # sampled in turns, and without it a millisecond call would always be timed cold, just after another
-    # implementation's work has evicted its code and data (a 0.3 ms CPU plan then measures ~0.5 ms).
-    rewarm_below_s: float = 0.05
+    # A quick call gets three warm-up calls (first calls pay for lazy initialisation) and is repeated,
+    # untimed, right before each timed sample: implementations are sampled in turns, and without it a
+    # millisecond call would always be timed cold, just after another implementation's work has evicted
+    # its code and data.
+    quick_call_s: float = 0.05
 
 
 @dataclass
@@ -139,8 +140,8 @@ class Timer:
             return
         if first > self.policy.slow_call_s:
             self.reps_cap = self.policy.slow_reps
-        self.rewarm = first <= self.policy.rewarm_below_s
-        while first <= 0.05 and self.warmup < 3:
+        self.rewarm = first <= self.policy.quick_call_s
+        while self.rewarm and self.warmup < 3:
             self._wall_once()
             self.warmup += 1
         self._measure_memory()

@@ -89,6 +89,7 @@ def _batch(num_images=2, size=64):
     (["contrast.supervision=novel"], True),
     (["contrast.share_queries=false", "contrast.formulation=released"], True),
     (["model.cl_convs=1", "model.cl_fcs=1", "contrast.sigma=0.6", "model.head_norm=gn"], True),
+    (["model.box_reg_head=fc", "model.box_fc_channels=32"], True),  # fc box regression instead of GAP
 ])
 def test_ablation_switches_build_train_and_predict(overrides, has_contrast, one_thread):
     cfg = load_config(os.path.join(CONFIGS, "tiny.json"), overrides)

@@ -83,8 +83,8 @@ void sample_set_rows(const Job& job, int64_t n, int s, const uint64_t* rows, int
   for (j = 0; j < rest; ++j) keys[pixels[straddlers[j]]] |= bit;
 }
 
-// Labels and foreground/background rows of one ROI; returns plan error bits. The ROI's kind is a
-// template parameter, so each pixel loop is branch-free (partition_label folds to one comparison).
+// Labels and foreground/background rows of one ROI; returns whether its mask holds only 0 and 1.
+// The ROI's kind is a template parameter, so partition_label folds to one comparison per pixel.
 template <bool kValid, bool kNovel, typename mask_t, typename cam_t>
 bool label_rows_of(const mask_t* mask, const cam_t* cam, int H, int W, cam_t thr_fg, cam_t thr_bg,
                    RowBitScratch& sc, int8_t* labels) {
@@ -107,6 +107,7 @@ bool label_rows_of(const mask_t* mask, const cam_t* cam, int H, int W, cam_t thr
   return binary;
 }
 
+// label_rows_of for ROI n of the job, by its kind; returns plan error bits.
 template <typename Job>
 int32_t label_rows(const Job& job, int64_t n, bool valid, bool novel, RowBitScratch& sc, int8_t* labels) {
   const int H = job.H, W = job.W;
@@ -165,8 +166,7 @@ int32_t run_row_bit_plan(const Job& job) {
       if (!valid || roi_errors) continue;
       const uint64_t full = row_full(W);
       // Candidate sets as row bitmasks (SPEC step 3); novel ROIs share fg/bg between easy and hard.
-      uint64_t* sets[kNumSets];
-      std::vector<uint64_t>* storage[kNumSets] = {&sc.fg, &sc.fg, &sc.bg, &sc.bg};
+      const uint64_t* sets[kNumSets] = {sc.fg.data(), sc.fg.data(), sc.bg.data(), sc.bg.data()};
       if (!novel) {
         band_rows(H, W, job.hard_sqdist, radius, sc);
         // The four sets overwrite the scratch rows in place: easy-fg in boundary, hard-fg in fg,
@@ -178,17 +178,12 @@ int32_t run_row_bit_plan(const Job& job) {
           sc.bg[y] = bg & ~band;        // easy-bg
           sc.band[y] = bg & band;       // hard-bg
         }
-        storage[0] = &sc.boundary;
-        storage[1] = &sc.fg;
-        storage[2] = &sc.bg;
-        storage[3] = &sc.band;
+        sets[kEasyFg] = sc.boundary.data();
+        sets[kHardBg] = sc.band.data();
       }
-      int counts[kNumSets];
-      for (int s = 0; s < kNumSets; ++s) {
-        sets[s] = storage[s]->data();
-        counts[s] = 0;
+      int counts[kNumSets] = {0, 0, 0, 0};
+      for (int s = 0; s < kNumSets; ++s)
         for (int y = 0; y < H; ++y) counts[s] += cm_popcount64(sets[s][y]);
-      }
       const int foreground = novel ? counts[kEasyFg] : counts[kEasyFg] + counts[kHardFg];
       const int background = novel ? counts[kEasyBg] : counts[kEasyBg] + counts[kHardBg];
       if (!roi_kept(counts, foreground, background, job.min_keys)) continue;
