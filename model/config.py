@@ -59,6 +59,7 @@ DEFAULTS = {
         "cl_fcs": 3,                     #                 m projector layers
         "cl_channels": 256,
         "cl_detach_input": True,         # the released code feeds the CL head detached ROI features
+        "mask_loss_rois": "all",         # all: every positive base ROI | gt: ground-truth boxes only (released)
     },
     "contrast": {
         "supervision": "all",            # all | base | novel (Table 6), through the op's `valid`
@@ -70,9 +71,11 @@ DEFAULTS = {
         "hard_sqdist": 2,
         "min_keys": 5,
         "formulation": "paper",          # paper | released
+        "scale": 1.0,                    # L_con is multiplied by this (the released code: 0.1)
         "lambda_start": 0.25,            # lambda warmed up linearly ...
         "lambda_end": 1.0,
         "lambda_warmup": 4,              # ... over this many epochs (or iterations, see train.unit)
+        "lambda_schedule": "linear",     # linear: every iteration | epoch_step: once per epoch (released)
     },
     "train": {
         "unit": "epoch",                 # unit of epochs/lr_steps/lambda_warmup: "epoch" or "iter"
@@ -98,6 +101,21 @@ DEFAULTS = {
         "max_images": None,              # evaluate on the first N validation images only
     },
 }
+
+
+# Loss presets (`"preset"` in a config file, or --set preset=NAME): merged over DEFAULTS before the file.
+# "paper" follows the paper's text (Sec. 3.5, 4.1). "released" follows the authors' released code, which
+# is what produced the paper's numbers: their loss formula, temperatures swapped, the loss x 0.1, lambda
+# stepped once per epoch, and the mask loss on the ground-truth boxes of base categories only.
+PRESETS = {
+    "paper": {},
+    "released": {
+        "model": {"mask_loss_rois": "gt"},
+        "contrast": {"formulation": "released", "tau_easy": 0.3, "tau_hard": 0.7, "scale": 0.1,
+                     "lambda_schedule": "epoch_step"},
+    },
+}
+DEFAULTS["preset"] = "paper"
 
 
 def _merge(base, update, path=""):
@@ -135,15 +153,26 @@ def nested(keys, value):
 
 
 def load_config(path=None, overrides=()):
-    """DEFAULTS <- the JSON file at path <- each 'a.b=value' override, in order."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """DEFAULTS <- the preset <- the JSON file at path <- each 'a.b=value' override, in order. The preset
+    is the last "preset" named by the overrides or the file (default "paper")."""
+    file_cfg = {}
     if path:
         with open(path) as f:
-            _merge(cfg, json.load(f))
+            file_cfg = json.load(f)
+    updates = []
     for item in overrides:
         if isinstance(item, str):
             keys, value = parse_override(item)
             item = nested(keys, value)
+        updates.append(item)
+    preset = file_cfg.get("preset", DEFAULTS["preset"])
+    for item in updates:
+        preset = item.get("preset", preset)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, PRESETS[preset])
+    for item in [file_cfg, *updates]:
         _merge(cfg, item)
     return cfg
 

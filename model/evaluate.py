@@ -1,9 +1,12 @@
 """COCO evaluation of a trained model, on the novel and on the base categories separately.
 
     python -m model.evaluate --config model/configs/demo.json [--checkpoint runs/demo/checkpoint.pt]
+    python -m model.evaluate --config model/configs/demo.json --gt-boxes    # + mask head on true boxes
 
 Prints mask AP (segm) and box AP (bbox) as the paper's columns (mAP, AP50, AP75, APs, APm, APl, in
 percent; "-" where no ground truth of that size exists) and saves them to output_dir/eval.json.
+--gt-boxes adds the mask head's quality on the ground-truth boxes and the CAM diagnostics
+(model/gt_box_eval.py): mask AP and mean IoU, CAM foreground/background AUC, pseudo-label purity.
 """
 import contextlib
 import io
@@ -21,7 +24,9 @@ from .contrastmask import build_model
 from .data.build import build_dataset, dataset_files
 from .data.coco import load_coco
 from .data.loader import eval_loader
+from .data.splits import resolve_base_names
 from .engine import checkpoint as ckpt
+from .gt_box_eval import format_gt_table, run_on_gt_boxes
 
 COLUMNS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -117,13 +122,19 @@ def load_trained_model(cfg, checkpoint_path, dataset, device):
     """The model is built from the config saved in the checkpoint (the one it was trained with)."""
     state = ckpt.load(checkpoint_path)
     trained_cfg = state.get("config", cfg)
+    trained_base = set(resolve_base_names(trained_cfg["data"]["base"], dataset.cat_names))
+    scored_base = {dataset.cat_names[dataset.cat_ids.index(c)] for c in dataset.base_cat_ids}
+    if trained_base != scored_base:
+        raise ValueError(f"{checkpoint_path} was trained with base categories {sorted(trained_base)}, but this "
+                         f"evaluation scores {sorted(scored_base)} as base: set data.base to the training split")
     model = build_model(trained_cfg["model"], trained_cfg["contrast"], dataset.num_classes)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state.get("iteration")
 
 
-def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=None):
-    """Evaluates output_dir/checkpoint.pt (or checkpoint_path); writes eval.json; returns its record."""
+def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=None, gt_boxes=False):
+    """Evaluates output_dir/checkpoint.pt (or checkpoint_path); writes eval.json; returns its record.
+    gt_boxes: also the mask head on the ground-truth boxes (record["gt_boxes"], fractions)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint_path = checkpoint_path or os.path.join(cfg["output_dir"], "checkpoint.pt")
     dataset = build_dataset(cfg["data"], "val")
@@ -138,6 +149,9 @@ def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=Non
               "novel_categories": [names[c] for c in dataset.novel_cat_ids],
               "base_categories": [names[c] for c in dataset.base_cat_ids],
               "metrics": metrics, "metrics_percent": in_percent(metrics)}
+    if gt_boxes:
+        record["gt_boxes"] = run_on_gt_boxes(model, dataset, coco_gt, device, cfg["eval"]["images_per_batch"],
+                                             cfg["eval"]["max_images"], cfg["contrast"]["delta"], progress)
     out_path = out_path or os.path.join(cfg["output_dir"], "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
@@ -149,12 +163,16 @@ def main(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
     p.add_argument("--out", help="default: output_dir/eval.json")
+    p.add_argument("--gt-boxes", action="store_true", help="also run the mask head on the ground-truth boxes")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out)
+    record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out, gt_boxes=args.gt_boxes)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
     print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")
     print(format_table(record["metrics_percent"]))
+    if "gt_boxes" in record:
+        print("\non ground-truth boxes (percent):")
+        print(format_gt_table(record["gt_boxes"]))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from .config import config_from_args, script_parser
 from .contrastmask import build_model
-from .contrastmask.contrast_loss import backend as contrast_backend, contrast_weight
+from .contrastmask.contrast_loss import backend as contrast_backend
 from .data.build import build_dataset, prepare_data
 from .data.loader import train_loader
 from .engine import checkpoint as ckpt
 from .engine.distributed import (all_gather_object, barrier, cleanup, init_distributed, mean_over_ranks)
 from .engine.metrics import MetricsLog, plot_metrics
-from .engine.schedule import Schedule
+from .engine.schedule import Schedule, sampler_seed
 
 
 def seed_everything(seed):
@@ -125,8 +125,8 @@ def train(cfg, resume=None, device=None, progress=True):
     data = iter(loader)
     while iteration < schedule.max_iters:
         images, targets = to_device(*next(data), info.device)
-        lam = contrast_weight(iteration, cfg["contrast"]["lambda_start"], cfg["contrast"]["lambda_end"],
-                              schedule.lambda_warmup_iters)
+        lam = schedule.contrast_weight(iteration)
+        model.roi_heads.sampler_seed = sampler_seed(cfg["seed"], iteration, info.rank)
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
             losses = net(images, targets)
             loss = total_loss(losses, lam)

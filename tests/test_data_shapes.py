@@ -3,6 +3,8 @@ import filecmp
 import os
 
 import numpy as np
+import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.data import shapes
@@ -24,28 +26,67 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
     shapes.ensure_shapes_dataset(str(b), **TINY)
     shapes.ensure_shapes_dataset(str(c), **dict(TINY, seed=1))
     files = _files(a)
-    assert len(files) == TINY["num_train"] + TINY["num_val"] + 2
+    assert len(files) == TINY["num_train"] + TINY["num_val"] + 2  # images + one JSON per split
     assert files == _files(b)
     match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert mismatch == [] and errors == []
-    assert filecmp.cmpfiles(a, c, files, shallow=False)[1], "a different seed should give different images"
+    other = _files(c)  # another seed: other folders, other pixels
+    assert len(other) == len(files)
+    assert [open(os.path.join(a, f), "rb").read() for f in files] != [open(os.path.join(c, f), "rb").read() for f in other]
 
 
-def test_cached_dataset_is_reused_and_regenerated_when_parameters_change(tmp_path):
+def test_cached_dataset_is_reused_and_each_parameter_set_gets_its_own_folder(tmp_path):
     root = str(tmp_path)
     shapes.ensure_shapes_dataset(root, **TINY)
-    ann = shapes.annotation_path(root, "train")
+    ann = shapes.annotation_path(root, "train", TINY)
     stamp = os.stat(ann).st_mtime_ns
     shapes.ensure_shapes_dataset(root, **TINY)
     assert os.stat(ann).st_mtime_ns == stamp
+    # another validation size never rewrites the training split another run may be reading
+    shapes.ensure_shapes_dataset(root, **dict(TINY, num_val=2))
+    assert os.stat(ann).st_mtime_ns == stamp
+    assert shapes.annotation_path(root, "val", dict(TINY, num_val=2)) != shapes.annotation_path(root, "val", TINY)
+    assert len(load_coco(shapes.annotation_path(root, "val", dict(TINY, num_val=2))).imgs) == 2
     shapes.ensure_shapes_dataset(root, **dict(TINY, num_train=4))
-    assert len(load_coco(ann).imgs) == 4
+    assert len(load_coco(shapes.annotation_path(root, "train", dict(TINY, num_train=4))).imgs) == 4
+    assert len(load_coco(ann).imgs) == TINY["num_train"]
+
+
+def test_category_appearance_is_a_family_per_category_and_free_is_not(tmp_path):
+    """With appearance "category" the interior colour of an object tells its category; with "free" it
+    does not. Measured as the nearest-hue-centre accuracy over many objects."""
+    import colorsys
+
+    accuracy = {}
+    for appearance in shapes.APPEARANCES:
+        params = dict(TINY, num_train=40, num_val=1, clutter=0, appearance=appearance)
+        root = str(tmp_path / appearance)
+        shapes.ensure_shapes_dataset(root, **params)
+        coco = load_coco(shapes.annotation_path(root, "train", params))
+        hits = total = 0
+        for ann in coco.anns.values():
+            img = np.asarray(Image.open(os.path.join(shapes.image_dir(root, "train", params),
+                                                     coco.imgs[ann["image_id"]]["file_name"])), dtype=np.float64)
+            mean = img[coco.annToMask(ann).astype(bool)].mean(0) / 255
+            hue = colorsys.rgb_to_hsv(*mean)[0]
+            centres = [shapes.CATEGORY_APPEARANCE[name][2] for name in shapes.CATEGORIES]
+            nearest = min(range(len(centres)), key=lambda k: min(abs(hue - centres[k]), 1 - abs(hue - centres[k])))
+            hits += nearest == ann["category_id"] - 1
+            total += 1
+        accuracy[appearance] = hits / total
+    assert accuracy["category"] > 0.8, accuracy
+    assert accuracy["free"] < 0.4, accuracy
+
+
+def test_unknown_appearance_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="appearance"):
+        shapes.ensure_shapes_dataset(str(tmp_path), **dict(TINY, appearance="plaid"))
 
 
 def test_annotations_load_in_pycocotools_and_match_the_masks(tmp_path):
     root = str(tmp_path)
     shapes.ensure_shapes_dataset(root, **TINY)
-    coco = load_coco(shapes.annotation_path(root, "train"))
+    coco = load_coco(shapes.annotation_path(root, "train", TINY))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == shapes.CATEGORIES
     assert len(coco.imgs) == TINY["num_train"]
     assert len(coco.anns) >= TINY["num_train"]
@@ -67,7 +108,7 @@ def test_annotations_load_in_pycocotools_and_match_the_masks(tmp_path):
 def test_every_category_is_drawn(tmp_path):
     root = str(tmp_path)
     shapes.ensure_shapes_dataset(root, **dict(TINY, num_train=40, num_val=1))
-    coco = load_coco(shapes.annotation_path(root, "train"))
+    coco = load_coco(shapes.annotation_path(root, "train", dict(TINY, num_train=40, num_val=1)))
     assert {a["category_id"] for a in coco.anns.values()} == set(range(1, 11))
     rle = coco.anns[1]["segmentation"]
     assert mask_utils.area(rle) == coco.anns[1]["area"]

@@ -7,7 +7,7 @@ import torch
 
 from model.config import load_config
 from model.contrastmask import build_model
-from model.contrastmask.contrast_loss import contrast_weight
+from model.engine.schedule import contrast_weight
 from model.engine.schedule import Schedule, lr_factor
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "configs")
@@ -106,3 +106,42 @@ def test_ablation_switches_build_train_and_predict(overrides, has_contrast, one_
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and out[0]["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_released_preset_is_the_authors_code_and_files_and_overrides_win():
+    paper, released = load_config(None), load_config(None, ["preset=released"])
+    assert (paper["contrast"]["formulation"], paper["contrast"]["scale"], paper["model"]["mask_loss_rois"]) == \
+        ("paper", 1.0, "all")
+    assert released["contrast"]["formulation"] == "released"
+    assert (released["contrast"]["tau_easy"], released["contrast"]["tau_hard"]) == (0.3, 0.7)
+    assert released["contrast"]["scale"] == 0.1
+    assert released["contrast"]["lambda_schedule"] == "epoch_step"
+    assert released["model"]["mask_loss_rois"] == "gt"
+    assert released["preset"] == "released"
+    # an override after the preset wins over it
+    assert load_config(None, ["preset=released", "contrast.scale=0.5"])["contrast"]["scale"] == 0.5
+    cfg = load_config(os.path.join(CONFIGS, "r50_fpn_1x_nonvoc2voc_released.json"))
+    assert cfg["contrast"]["formulation"] == "released" and cfg["model"]["backbone"] == "resnet50"
+    with pytest.raises(ValueError, match="preset"):
+        load_config(None, ["preset=mine"])
+
+
+def test_lambda_stepped_once_per_epoch():
+    cfg = load_config(None, ["contrast.lambda_schedule=epoch_step", "contrast.lambda_warmup=4"])
+    s = Schedule(cfg["train"], cfg["contrast"], iters_per_epoch=10)
+    assert [s.contrast_weight(i) for i in (0, 9)] == [0.25, 0.25]
+    assert s.contrast_weight(10) == s.contrast_weight(19) == pytest.approx(0.25 + 0.75 / 4)
+    assert s.contrast_weight(40) == s.contrast_weight(1000) == 1.0
+    linear = Schedule(cfg["train"], dict(cfg["contrast"], lambda_schedule="linear"), iters_per_epoch=10)
+    assert linear.contrast_weight(9) > 0.25
+    with pytest.raises(ValueError, match="lambda_schedule"):
+        Schedule(cfg["train"], dict(cfg["contrast"], lambda_schedule="cosine"), iters_per_epoch=10)
+
+
+def test_sampler_seed_is_a_pure_int64_function_of_seed_iteration_and_rank():
+    from model.engine.schedule import sampler_seed
+
+    seeds = {sampler_seed(s, i, r) for s in range(3) for i in range(100) for r in range(2)}
+    assert len(seeds) == 600
+    assert all(-2**63 <= x < 2**63 for x in seeds)
+    assert sampler_seed(5, 7, 1) == sampler_seed(5, 7, 1)

@@ -16,8 +16,8 @@ TINY = {"num_train": 2, "num_val": 6, "image_size": 96, "min_objects": 2, "max_o
 def val_set(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes"))
     shapes.ensure_shapes_dataset(root, **TINY)
-    data_cfg = {"kind": "shapes", "root": root, "base": "shapes"}
-    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val"))
+    data_cfg = {"kind": "shapes", "root": root, "base": "shapes", "shapes": TINY}
+    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val", TINY))
 
 
 def ground_truth_as_results(coco_gt):

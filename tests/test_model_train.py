@@ -160,7 +160,7 @@ def test_novel_masks_in_the_file_change_nothing(data_root, tmp_path):
 
     garbage_root = tmp_path / "garbage"
     shutil.copytree(data_root, garbage_root)
-    ann_path = shapes.annotation_path(str(garbage_root), "train")
+    ann_path = shapes.annotation_path(str(garbage_root), "train", tiny_config(data_root, tmp_path)["data"]["shapes"])
     data = json.load(open(ann_path))
     novel_ids = {c["id"] for c in data["categories"] if c["name"] in shapes.NOVEL_CATEGORIES}
     changed = 0

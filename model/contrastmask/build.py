@@ -76,12 +76,13 @@ def build_model(m, contrast, num_classes):
     mask_head = ClassAgnosticMaskHead(channels, m["mask_channels"], m["mask_convs"],
                                       cl_head.out_channels if cl_head else None, m["head_norm"])
     loss_params = {k: contrast[k] for k in ("supervision", "share_queries", "sigma", "tau_easy", "tau_hard",
-                                            "delta", "hard_sqdist", "min_keys", "formulation")}
+                                            "delta", "hard_sqdist", "min_keys", "formulation", "scale")}
     roi_heads = ContrastMaskRoIHeads(
         pool(output_size=m["box_roi_size"]), box_head,
         pool(output_size=m["mask_roi_size"]), mask_head,
         pool(output_size=m["cl_roi_size"]) if cl_head else None, cl_head,
         use_cam=m["use_cam"], cl_detach_input=m["cl_detach_input"], contrast=loss_params,
+        mask_loss_rois=m["mask_loss_rois"],
         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=m["box_batch_size_per_image"],
         positive_fraction=m["box_positive_fraction"], bbox_reg_weights=None,
         score_thresh=m["box_score_thresh"], nms_thresh=m["box_nms_thresh"],

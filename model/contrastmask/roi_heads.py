@@ -10,6 +10,10 @@ Training, for the positive ROIs of the batch:
   L_con   = query-sharing contrastive loss on Z, with the 28x28 mask targets of base ROIs and the
             CAMs (28x28) of box-only ROIs.
 Test: the same on the detected boxes, with the CAM of the predicted class.
+
+The key sampler's seed is data: the training loop sets `sampler_seed` every iteration (from the run's
+seed, the iteration and the rank), so the loss never draws from torch's global generator and adding the
+contrastive loss leaves every other random draw of the run (proposal and ROI sampling) unchanged.
 """
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,7 @@ from .cams import resize_cams
 from .contrast_loss import query_sharing_contrastive_loss
 
 SUPERVISION = ("all", "base", "novel")
+MASK_LOSS_ROIS = ("all", "gt")
 
 
 def roi_mask_targets(targets, boxes, matched_idxs, size):
@@ -27,9 +32,15 @@ def roi_mask_targets(targets, boxes, matched_idxs, size):
     return torch.cat(per_image) >= 0.5
 
 
+def is_gt_box(targets, boxes, matched_idxs):
+    """(N,) bool: the ROI is a ground-truth box itself (torchvision adds them to the proposals), not a
+    proposal that overlaps one."""
+    return torch.cat([(b == t["boxes"][i]).all(1) for t, b, i in zip(targets, boxes, matched_idxs)])
+
+
 class ContrastMaskRoIHeads(RoIHeads):
     def __init__(self, box_roi_pool, box_head, mask_roi_pool, mask_head, cl_roi_pool=None, cl_head=None, *,
-                 use_cam=True, cl_detach_input=True, contrast=None, **box_kwargs):
+                 use_cam=True, cl_detach_input=True, contrast=None, mask_loss_rois="all", **box_kwargs):
         super().__init__(box_roi_pool, box_head, None, **box_kwargs)
         self.mask_roi_pool = mask_roi_pool
         self.mask_head = mask_head
@@ -41,6 +52,11 @@ class ContrastMaskRoIHeads(RoIHeads):
         self.supervision = self.contrast.pop("supervision", "all")
         if self.supervision not in SUPERVISION:
             raise ValueError(f"supervision must be one of {SUPERVISION}, got {self.supervision!r}")
+        self.contrast_scale = float(self.contrast.pop("scale", 1.0))
+        if mask_loss_rois not in MASK_LOSS_ROIS:
+            raise ValueError(f"mask_loss_rois must be one of {MASK_LOSS_ROIS}, got {mask_loss_rois!r}")
+        self.mask_loss_rois = mask_loss_rois
+        self.sampler_seed = None  # set per iteration by the training loop; None: torch's generator
 
     def has_mask(self):
         return True
@@ -72,8 +88,11 @@ class ContrastMaskRoIHeads(RoIHeads):
         mask_targets = roi_mask_targets(targets, boxes, matched_idxs, mask_logits.shape[-1])
         has_mask = torch.cat([t["has_mask"][i] for t, i in zip(targets, matched_idxs)])
         logits = mask_logits[:, 0]
-        if has_mask.any():
-            loss_mask = F.binary_cross_entropy_with_logits(logits[has_mask], mask_targets[has_mask].to(logits.dtype))
+        # "gt": only the ground-truth boxes that torchvision adds to the proposals (the released code)
+        in_mask_loss = has_mask & is_gt_box(targets, boxes, matched_idxs) if self.mask_loss_rois == "gt" else has_mask
+        if in_mask_loss.any():
+            loss_mask = F.binary_cross_entropy_with_logits(logits[in_mask_loss],
+                                                           mask_targets[in_mask_loss].to(logits.dtype))
         else:
             loss_mask = logits.sum() * 0
         losses = {"loss_mask": loss_mask}
@@ -90,7 +109,9 @@ class ContrastMaskRoIHeads(RoIHeads):
         is_novel = ~has_mask
         valid = {"all": None, "base": has_mask, "novel": is_novel}[self.supervision]
         cam_maps = resize_cams(cams.detach().float(), size)
-        return query_sharing_contrastive_loss(z, masks, cam_maps, is_novel, valid=valid, **self.contrast)
+        loss = query_sharing_contrastive_loss(z, masks, cam_maps, is_novel, valid=valid, seed=self.sampler_seed,
+                                              **self.contrast)
+        return loss * self.contrast_scale if self.contrast_scale != 1.0 else loss
 
     # ------------------------------------------------------------------ forward
     def forward(self, features, proposals, image_shapes, targets=None):

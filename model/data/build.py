@@ -6,7 +6,8 @@ from .coco import PartiallySupervisedCoco
 def dataset_files(data_cfg, split):
     """(image folder, annotation file) of split "train" or "val"."""
     if data_cfg["kind"] == "shapes":
-        return shapes.image_dir(data_cfg["root"], split), shapes.annotation_path(data_cfg["root"], split)
+        params = data_cfg["shapes"]
+        return shapes.image_dir(data_cfg["root"], split, params), shapes.annotation_path(data_cfg["root"], split, params)
     if data_cfg["kind"] == "coco":
         return data_cfg[f"{split}_images"], data_cfg[f"{split}_annotations"]
     raise ValueError(f"unknown data kind {data_cfg['kind']!r}: use coco or shapes")

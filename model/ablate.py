@@ -1,0 +1,266 @@
+"""Ablation runner (paper Table 2 on the built-in data): named arms x seeds, each trained, evaluated on
+detected boxes and on ground-truth boxes, then one JSON, a table and a bar plot.
+
+    python -m model.ablate                                   # the committed protocol (ablation.json)
+    python -m model.ablate --arms baseline cam --seeds 0     # a subset
+    python -m model.ablate --report-only                     # rebuild JSON/table/plot from finished runs
+
+Resumable: a run whose result.json exists is not rerun; a run with a checkpoint continues from it
+(training resume is exact). Results go to --results (default model/results/ablation-<data>.json) with
+the table (.md) and plot (.png) beside it, rewritten after every finished run.
+
+The protocol, fixed before any number was seen: every arm trains the same iterations on the same data
+with seeds 0, 1, 2; validation on 500 images. An ordering between two arms "holds" if it holds in every
+seed-paired comparison, or if the mean gap exceeds twice the larger of the two arms' standard
+deviations across seeds; otherwise it is "not shown".
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+from .config import load_config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "ablation.json")
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+# arm -> (config overrides, what it is). Table 2's rows, plus the arm that separates the CL head's
+# architecture (its Y fused into the mask head) from the loss (lambda = 0), and both loss presets.
+ARMS = {
+    "baseline": (["model.use_cam=false", "model.use_cl=false"], "partially-supervised Mask R-CNN, class-agnostic"),
+    "cam": (["model.use_cl=false"], "+ CAM added to the mask head's input"),
+    "cam_clhead": (["contrast.lambda_start=0", "contrast.lambda_end=0"],
+                   "+ CAM + CL head fused into the mask head, contrastive loss weight 0"),
+    "cam_cl_paper": (["preset=paper"], "+ CAM + CL, the paper's loss (text: tau 0.7/0.3, lambda 0.25->1)"),
+    "cam_cl_released": (["preset=released"], "+ CAM + CL, the authors' released code's loss and mask-loss ROIs"),
+    "cam_cl_base": (["contrast.supervision=base"], "+ CAM + CL on base ROIs only (Table 6)"),
+}
+DEFAULT_ARMS = ["baseline", "cam", "cam_clhead", "cam_cl_paper", "cam_cl_released"]
+DEFAULT_SEEDS = [0, 1, 2]
+# (label, path into a run's metrics) of the numbers the table and plot show, in percent
+METRICS = [
+    ("novel mask AP", ("detected", "novel", "segm", "mAP")),
+    ("base mask AP", ("detected", "base", "segm", "mAP")),
+    ("novel box AP", ("detected", "novel", "bbox", "mAP")),
+    ("base box AP", ("detected", "base", "bbox", "mAP")),
+    ("novel mask AP, gt boxes", ("gt_boxes", "novel", "mask_ap")),
+    ("base mask AP, gt boxes", ("gt_boxes", "base", "mask_ap")),
+    ("novel mIoU, gt boxes", ("gt_boxes", "novel", "mean_iou")),
+    ("novel CAM AUC", ("gt_boxes", "novel", "cam_auc")),
+]
+# the comparisons the decision rule is applied to: (better?, than)
+COMPARISONS = [("cam", "baseline"), ("cam_clhead", "cam"), ("cam_cl_paper", "cam_clhead"),
+               ("cam_cl_released", "cam_clhead"), ("cam_cl_paper", "cam"), ("cam_cl_released", "cam")]
+
+
+def run_config(base_config, arm, seed, out_root, extra=()):
+    overrides, _ = ARMS[arm]
+    cfg = load_config(base_config, [*overrides, f"seed={seed}", *extra])
+    cfg["output_dir"] = os.path.join(out_root, arm, f"seed{seed}")
+    return cfg
+
+
+def run_one(cfg, device=None, progress=False):
+    """Trains (or resumes) and evaluates one run; writes and returns its result.json record."""
+    from .evaluate import evaluate
+    from .train import train
+
+    out = cfg["output_dir"]
+    result_path = os.path.join(out, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    resume = "auto" if os.path.exists(os.path.join(out, "checkpoint.pt")) else None
+    start = time.time()
+    final = train(cfg, resume=resume, device=device, progress=progress)
+    train_seconds = time.time() - start
+    start = time.time()
+    record = evaluate(cfg, device=device, progress=progress, gt_boxes=True)
+    result = {"iterations": final["iteration"], "contrast_backend": final["contrast_backend"],
+              "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - start, 1),
+              "images": record["images"], "detected": record["metrics"], "gt_boxes": record["gt_boxes"]}
+    with open(result_path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(result_path + ".tmp", result_path)
+    return result
+
+
+def metric(run, path):
+    value = run
+    for key in path:
+        if value is None:
+            return None
+        value = value.get(key)
+    return None if value is None or value < 0 else 100 * value
+
+
+def summarize(runs, arms):
+    """{arm: {label: {"mean", "std", "values": {seed: v}}}} over the finished runs."""
+    out = {}
+    for arm in arms:
+        mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        out[arm] = {}
+        for label, path in METRICS:
+            values = {r["seed"]: metric(r["metrics"], path) for r in mine}
+            got = [v for v in values.values() if v is not None]
+            out[arm][label] = {"mean": statistics.fmean(got) if got else None,
+                               "std": statistics.stdev(got) if len(got) > 1 else None, "values": values}
+    return out
+
+
+def decide(summary, better, than, label):
+    """The protocol's decision rule for "better > than" on one metric: holds / reversed / not shown."""
+    a, b = summary.get(better, {}).get(label), summary.get(than, {}).get(label)
+    if not a or not b:
+        return None
+    seeds = sorted(set(a["values"]) & set(b["values"]))
+    pairs = [(a["values"][s], b["values"][s]) for s in seeds
+             if a["values"][s] is not None and b["values"][s] is not None]
+    if len(pairs) < 2:
+        return {"seeds": len(pairs), "verdict": "too few seeds"}
+    gaps = [x - y for x, y in pairs]
+    gap = statistics.fmean(gaps)
+    spread = max(statistics.stdev([x for x, _ in pairs]), statistics.stdev([y for _, y in pairs]))
+    if all(g > 0 for g in gaps) or gap > 2 * spread:
+        verdict = "holds"
+    elif all(g < 0 for g in gaps) or -gap > 2 * spread:
+        verdict = "reversed"
+    else:
+        verdict = "not shown"
+    return {"seeds": len(pairs), "mean_gap": round(gap, 2), "spread": round(spread, 2), "verdict": verdict}
+
+
+def format_report(summary, decisions, arms, protocol):
+    fmt = lambda s: "-" if s is None or s["mean"] is None else (  # noqa: E731
+        f"{s['mean']:.1f} ± {s['std']:.1f}" if s["std"] is not None else f"{s['mean']:.1f}")
+    labels = [label for label, _ in METRICS]
+    lines = [f"Protocol: {protocol}", "",
+             "| arm | seeds | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for arm in arms:
+        if arm not in summary:
+            continue
+        n = len(next(iter(summary[arm].values()))["values"])
+        lines.append(f"| {arm} | {n} | " + " | ".join(fmt(summary[arm][label]) for label in labels) + " |")
+    lines += ["", "Per seed (seed: value):", ""]
+    for arm in arms:
+        if arm not in summary:
+            continue
+        cells = []
+        for label in labels:
+            values = summary[arm][label]["values"]
+            cells.append(f"{label} " + ", ".join(f"{s}: {v:.1f}" if v is not None else f"{s}: -"
+                                                 for s, v in sorted(values.items())))
+        lines.append(f"- {arm}: " + "; ".join(cells))
+    lines += ["", "Decision rule (holds: better in every seed pair, or mean gap > 2 x the larger std):", "",
+              "| comparison | metric | seeds | mean gap | spread | verdict |", "|---|---|---|---|---|---|"]
+    for d in decisions:
+        lines.append(f"| {d['better']} > {d['than']} | {d['metric']} | {d['seeds']} | {d.get('mean_gap', '-')} | "
+                     f"{d.get('spread', '-')} | {d['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, arms, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in METRICS]
+    arms = [a for a in arms if a in summary]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    for ax, label in zip(axes.flat, labels):
+        for i, arm in enumerate(arms):
+            s = summary[arm][label]
+            if s["mean"] is None:
+                continue
+            ax.bar(i, s["mean"], yerr=s["std"] or 0, capsize=4, color=f"C{i}", alpha=0.7)
+            vals = [v for v in s["values"].values() if v is not None]
+            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
+    fig.suptitle("Ablation on the built-in shapes data: mean ± std over seeds (dots: single seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(runs, arms, results_path, protocol):
+    summary = summarize(runs, arms)
+    decisions = []
+    for better, than in COMPARISONS:
+        for label, _ in METRICS:
+            d = decide(summary, better, than, label)
+            if d:
+                decisions.append({"better": better, "than": than, "metric": label, **d})
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+    record = {"protocol": protocol, "arms": {a: ARMS[a][1] for a in arms}, "runs": runs,
+              "summary": summary, "decisions": decisions}
+    with open(results_path, "w") as f:
+        json.dump(record, f, indent=2)
+    stem = os.path.splitext(results_path)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(format_report(summary, decisions, arms, protocol))
+    if summary:
+        plot(summary, arms, stem + ".png")
+    return record
+
+
+def collect(base_config, arms, seeds, out_root, extra=()):
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            path = os.path.join(run_config(base_config, arm, seed, out_root, extra)["output_dir"], "result.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.append({"arm": arm, "seed": seed, "metrics": json.load(f)})
+    return runs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--arms", nargs="*", default=DEFAULT_ARMS, choices=sorted(ARMS))
+    p.add_argument("--seeds", nargs="*", type=int, default=DEFAULT_SEEDS)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--out-dir", default="runs/ablation", help="one folder per arm and seed under this")
+    p.add_argument("--results", help="default: model/results/ablation-<data>.json")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    probe = load_config(args.config, args.set)
+    data_name = probe["data"]["kind"]
+    if data_name == "shapes":
+        data_name += "-" + probe["data"]["shapes"].get("appearance", "category")
+    results = args.results or os.path.join(RESULTS_DIR, f"ablation-{data_name}.json")
+    protocol = (f"config {os.path.relpath(args.config)} {' '.join(args.set)}; arms {args.arms}; seeds {args.seeds}; "
+                f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
+                f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
+                f"validation images: {probe['eval']['max_images'] or 'all'}")
+    if not args.report_only:
+        for seed in args.seeds:  # seed-major: every arm gets its first seed before any gets a second
+            for arm in args.arms:
+                cfg = run_config(args.config, arm, seed, args.out_dir, args.set)
+                print(f"[ablate] {arm} seed {seed} -> {cfg['output_dir']}", flush=True)
+                result = run_one(cfg, args.device)
+                print(f"[ablate] {arm} seed {seed}: " + ", ".join(
+                    f"{label} {metric(result, path):.1f}" for label, path in METRICS
+                    if metric(result, path) is not None), flush=True)
+                write_report(collect(args.config, args.arms, args.seeds, args.out_dir, args.set), args.arms,
+                             results, protocol)
+    record = write_report(collect(args.config, args.arms, args.seeds, args.out_dir, args.set), args.arms, results,
+                          protocol)
+    print(open(os.path.splitext(results)[0] + ".md").read())
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The ablation runner on the tiny config: two arms, one seed, then resume and report."""
+import json
+import os
+
+import pytest
+
+from model import ablate
+
+TINY = os.path.join(os.path.dirname(__file__), os.pardir, "model", "configs", "tiny.json")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_arms_one_seed_then_a_rerun_trains_nothing(tmp_path):
+    results = str(tmp_path / "results" / "ablation-tiny.json")
+    argv = ["--config", TINY, "--arms", "cam", "cam_cl_released", "--seeds", "0", "--out-dir", str(tmp_path / "runs"),
+            "--results", results, "--set", f"data.root={tmp_path / 'data'}", "train.length=2"]
+    record = ablate.main(argv)
+    assert [(r["arm"], r["seed"]) for r in record["runs"]] == [("cam", 0), ("cam_cl_released", 0)]
+    for run in record["runs"]:
+        m = run["metrics"]
+        assert m["iterations"] == 2
+        assert set(m["detected"]) == {"novel", "base"} and set(m["gt_boxes"]) == {"novel", "base"}
+        assert 0.0 <= m["gt_boxes"]["novel"]["cam_auc"] <= 1.0
+    released = json.load(open(tmp_path / "runs" / "cam_cl_released" / "seed0" / "config.json"))
+    assert released["contrast"]["formulation"] == "released" and released["model"]["mask_loss_rois"] == "gt"
+    assert json.load(open(tmp_path / "runs" / "cam" / "seed0" / "config.json"))["model"]["use_cl"] is False
+    assert os.path.exists(results) and os.path.exists(results[:-5] + ".md") and os.path.exists(results[:-5] + ".png")
+    assert "| cam |" in open(results[:-5] + ".md").read()
+    # resumable: finished runs are not trained again (their checkpoints are not rewritten)
+    ckpt = tmp_path / "runs" / "cam" / "seed0" / "checkpoint.pt"
+    stamp = os.stat(ckpt).st_mtime_ns
+    again = ablate.main(argv)
+    assert os.stat(ckpt).st_mtime_ns == stamp
+    assert again["runs"] == record["runs"]
+
+
+def test_decision_rule():
+    def summary(a_values, b_values):
+        from statistics import fmean, stdev
+
+        mk = lambda vs: {"x": {"mean": fmean(vs), "std": stdev(vs) if len(vs) > 1 else None,  # noqa: E731
+                               "values": dict(enumerate(vs))}}
+        return {"a": mk(a_values), "b": mk(b_values)}
+
+    assert ablate.decide(summary([2, 3, 4], [1, 2, 3]), "a", "b", "x")["verdict"] == "holds"  # every pair
+    assert ablate.decide(summary([1, 2, 3], [2, 3, 4]), "a", "b", "x")["verdict"] == "reversed"
+    assert ablate.decide(summary([5, 1, 3], [3, 2, 4]), "a", "b", "x")["verdict"] == "not shown"
+    assert ablate.decide(summary([30, 31, 10], [1, 2, 3]), "a", "b", "x")["verdict"] == "holds"  # by every pair
+    assert ablate.decide(summary([3], [1]), "a", "b", "x")["verdict"] == "too few seeds"
