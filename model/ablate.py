@@ -4,10 +4,14 @@ detected boxes and on ground-truth boxes, then one JSON, a table and a bar plot.
     python -m model.ablate                                   # the committed protocol (ablation.json)
     python -m model.ablate --arms baseline cam --seeds 0     # a subset
     python -m model.ablate --report-only                     # rebuild JSON/table/plot from finished runs
+    python -m model.ablate --threads 1 --seeds 0 1 2 &  python -m model.ablate --threads 1 --seeds 1 2 0
+                                                             # two processes share the work (run locks)
 
 Resumable: a run whose result.json exists is not rerun; a run with a checkpoint continues from it
 (training resume is exact). Results go to --results (default model/results/ablation-<data>.json) with
-the table (.md) and plot (.png) beside it, rewritten after every finished run.
+the table (.md) and plot (.png) beside it, rewritten after every finished run. The report always
+covers the protocol's arms and seeds (plus any asked for), whichever process finished them, so several
+processes may run disjoint seeds side by side (e.g. one per core with --threads 1).
 
 The protocol, fixed before any number was seen: every arm trains the same iterations on the same data
 with seeds 0, 1, 2; validation on 500 images. An ordering between two arms "holds" if it holds in every
@@ -61,8 +65,43 @@ def run_config(base_config, arm, seed, out_root, extra=()):
     return cfg
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(out):
+    """Takes out/running.lock for this process; False when a live process holds it (stale locks of dead
+    processes are taken over)."""
+    os.makedirs(out, exist_ok=True)
+    lock = os.path.join(out, "running.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                return False
+            os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run_one(cfg, device=None, progress=False):
-    """Trains (or resumes) and evaluates one run; writes and returns its result.json record."""
+    """Trains (or resumes) and evaluates one run; writes and returns its result.json record, or None
+    when another process is running it."""
     from .evaluate import evaluate
     from .train import train
 
@@ -71,6 +110,17 @@ def run_one(cfg, device=None, progress=False):
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
+    if not claim(out):
+        return None
+    try:
+        return _train_and_evaluate(cfg, device, progress, evaluate, train)
+    finally:
+        os.remove(os.path.join(out, "running.lock"))
+
+
+def _train_and_evaluate(cfg, device, progress, evaluate, train):
+    out = cfg["output_dir"]
+    result_path = os.path.join(out, "result.json")
     resume = "auto" if os.path.exists(os.path.join(out, "checkpoint.pt")) else None
     start = time.time()
     final = train(cfg, resume=resume, device=device, progress=progress)
@@ -184,8 +234,17 @@ def plot(summary, arms, path):
         ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
     fig.suptitle("Ablation on the built-in shapes data: mean ± std over seeds (dots: single seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
     plt.close(fig)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_report(runs, arms, results_path, protocol):
@@ -199,11 +258,9 @@ def write_report(runs, arms, results_path, protocol):
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     record = {"protocol": protocol, "arms": {a: ARMS[a][1] for a in arms}, "runs": runs,
               "summary": summary, "decisions": decisions}
-    with open(results_path, "w") as f:
-        json.dump(record, f, indent=2)
+    _write_atomic(results_path, json.dumps(record, indent=2))
     stem = os.path.splitext(results_path)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(format_report(summary, decisions, arms, protocol))
+    _write_atomic(stem + ".md", format_report(summary, decisions, arms, protocol))
     if summary:
         plot(summary, arms, stem + ".png")
     return record
@@ -241,23 +298,28 @@ def main(argv=None):
     if data_name == "shapes":
         data_name += "-" + probe["data"]["shapes"].get("appearance", "category")
     results = args.results or os.path.join(RESULTS_DIR, f"ablation-{data_name}.json")
-    protocol = (f"config {os.path.relpath(args.config)} {' '.join(args.set)}; arms {args.arms}; seeds {args.seeds}; "
+    report_arms = [a for a in ARMS if a in set(DEFAULT_ARMS) | set(args.arms)]
+    report_seeds = sorted(set(DEFAULT_SEEDS) | set(args.seeds))
+    protocol = (f"config {os.path.relpath(args.config)} {' '.join(args.set)}; arms {report_arms}; seeds {report_seeds}; "
                 f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
                 f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
                 f"validation images: {probe['eval']['max_images'] or 'all'}")
     if not args.report_only:
-        for seed in args.seeds:  # seed-major: every arm gets its first seed before any gets a second
+        for seed in args.seeds:  # seed-major, in the order given: each arm's first seed before any second
             for arm in args.arms:
                 cfg = run_config(args.config, arm, seed, args.out_dir, args.set)
                 print(f"[ablate] {arm} seed {seed} -> {cfg['output_dir']}", flush=True)
                 result = run_one(cfg, args.device)
+                if result is None:
+                    print(f"[ablate] {arm} seed {seed}: another process is running it", flush=True)
+                    continue
                 print(f"[ablate] {arm} seed {seed}: " + ", ".join(
                     f"{label} {metric(result, path):.1f}" for label, path in METRICS
                     if metric(result, path) is not None), flush=True)
-                write_report(collect(args.config, args.arms, args.seeds, args.out_dir, args.set), args.arms,
+                write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set), report_arms,
                              results, protocol)
-    record = write_report(collect(args.config, args.arms, args.seeds, args.out_dir, args.set), args.arms, results,
-                          protocol)
+    record = write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set), report_arms,
+                          results, protocol)
     print(open(os.path.splitext(results)[0] + ".md").read())
     return record
 

@@ -23,7 +23,7 @@ DEFAULTS = {
     },
     "model": {
         "backbone": "resnet50",          # any torchvision ResNet: resnet18/34/50/101/152, resnext...
-        "backbone_weights": None,        # None (from scratch) | "imagenet" (torchvision download) | path
+        "backbone_weights": None,        # None (from scratch) | "imagenet" (torchvision IMAGENET1K_V1) | path
         "backbone_norm": "frozen_bn",    # frozen_bn (pretrained) | gn | bn (from scratch)
         "trainable_layers": 3,           # 0..5 ResNet stages that train (5 = all)
         "fpn_channels": 256,
@@ -40,6 +40,7 @@ DEFAULTS = {
         "box_batch_size_per_image": 512,
         "box_positive_fraction": 0.25,
         "box_roi_size": 7,
+        "roi_align_aligned": False,      # RoIAlign's half-pixel offset (True: mmdetection, the authors' code)
         "box_channels": 256,
         "box_shared_convs": 4,           # the released code's box head: 4 shared, 1 cls, 2 reg convs
         "box_cls_convs": 1,
@@ -59,6 +60,8 @@ DEFAULTS = {
         "cl_fcs": 3,                     #                 m projector layers
         "cl_channels": 256,
         "cl_detach_input": True,         # the released code feeds the CL head detached ROI features
+        "cl_projector_norm": None,       # None | "bn": BatchNorm in the projector's hidden layers (released code)
+        "cl_enhance": False,             # non-local enhancement of the Y fused into the mask head (released code)
         "mask_loss_rois": "all",         # all: every positive base ROI | gt: ground-truth boxes only (released)
     },
     "contrast": {

@@ -207,3 +207,36 @@ def test_two_process_ddp_on_cpu_agrees_on_weights(data_root, tmp_path):
     assert final["world_size"] == 2 and final["iteration"] == 3
     digests = final["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_the_contrastive_loss_trains_only_the_cl_head_and_draws_no_global_random_numbers(data_root, tmp_path):
+    """L_con's gradient reaches the CL head and nothing else (its input is detached), and with the
+    training loop's sampler seed the loss takes no number from torch's global generator, so adding it
+    leaves the proposal and ROI sampling of the whole run unchanged."""
+    cfg = tiny_config(data_root, tmp_path)
+    images, targets = collate([build_dataset(cfg["data"], "train")[i] for i in range(2)])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], cfg["contrast"], 11).train()
+    model.roi_heads.sampler_seed = 12345
+    torch.manual_seed(1)
+    losses = model(list(images), [dict(t) for t in targets])
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(losses["loss_contrast"], list(params.values()), allow_unused=True, retain_graph=True)
+    reached = {name for name, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+    assert reached and all(name.startswith("roi_heads.cl_head.") for name in reached), sorted(reached)
+    assert any(name.startswith("roi_heads.cl_head.projector") for name in reached)
+    # the mask loss, by contrast, reaches the backbone (through X) and the CL encoder (through the fused Y)
+    grads = torch.autograd.grad(losses["loss_mask"], list(params.values()), allow_unused=True)
+    reached = {name for name, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+    assert any(n.startswith("backbone.") for n in reached) and any(n.startswith("roi_heads.cl_head.encoder") for n in reached)
+    # the global generator: the same state after a training forward with and without the CL head
+    states = []
+    for use_cl in (True, False):
+        cfg_arm = tiny_config(data_root, tmp_path, f"model.use_cl={str(use_cl).lower()}")
+        torch.manual_seed(0)
+        model = build_model(cfg_arm["model"], cfg_arm["contrast"], 11).train()
+        model.roi_heads.sampler_seed = 12345
+        torch.manual_seed(1)
+        model(list(images), [dict(t) for t in targets])
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])

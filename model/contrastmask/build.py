@@ -10,12 +10,13 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, misc as misc_nn_ops
+from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .box_head import CamBoxHead, group_norm
 from .cl_head import CLHead
 from .mask_head import ClassAgnosticMaskHead
+from .poolers import RoIAlignPooler
 from .roi_heads import ContrastMaskRoIHeads
 
 FPN_LEVELS = ["0", "1", "2", "3"]
@@ -24,13 +25,19 @@ FPN_LEVELS = ["0", "1", "2", "3"]
 NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
 
 
+def imagenet_weights(name):
+    """torchvision's original ImageNet weights of a ResNet (IMAGENET1K_V1, what mmdet's torchvision:// is)."""
+    return get_model_weights(name)["IMAGENET1K_V1"]
+
+
 def build_backbone(name, weights=None, norm="frozen_bn", trainable_layers=3, fpn_channels=256):
     """torchvision ResNet of any depth + FPN (torchvision's resnet_fpn_backbone, with the FPN width
     configurable). weights: None, "imagenet" (torchvision's default weights, downloaded) or a path
-    to a saved state_dict of the ResNet."""
+    to a saved state_dict of the ResNet. "imagenet" is torchvision's IMAGENET1K_V1, the original
+    ImageNet weights that mmdetection's torchvision://resnet50 (the paper's initialisation) names."""
     if norm not in NORMS:
         raise ValueError(f"backbone_norm must be one of {sorted(NORMS)}")
-    tv_weights = get_model_weights(name).DEFAULT if weights == "imagenet" else None
+    tv_weights = imagenet_weights(name) if weights == "imagenet" else None
     body = resnet.__dict__[name](weights=tv_weights, norm_layer=NORMS[norm])
     if weights not in (None, "imagenet"):
         body.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
@@ -68,11 +75,13 @@ def build_model(m, contrast, num_classes):
         post_nms_top_n={"training": m["rpn_post_nms_top_n_train"], "testing": m["rpn_post_nms_top_n_test"]},
         nms_thresh=0.7)
 
-    pool = functools.partial(MultiScaleRoIAlign, featmap_names=FPN_LEVELS, sampling_ratio=2)
+    pool = functools.partial(RoIAlignPooler, featmap_names=FPN_LEVELS, sampling_ratio=2,
+                             aligned=m["roi_align_aligned"])
     box_head = CamBoxHead(channels, m["box_channels"], num_classes,
                           m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"], m["head_norm"],
                           m["box_reg_head"], m["box_roi_size"], m["box_fc_channels"])
-    cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"], m["head_norm"]) if m["use_cl"] else None
+    cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"], m["head_norm"], m["cl_projector_norm"],
+                     m["cl_enhance"]) if m["use_cl"] else None
     mask_head = ClassAgnosticMaskHead(channels, m["mask_channels"], m["mask_convs"],
                                       cl_head.out_channels if cl_head else None, m["head_norm"])
     loss_params = {k: contrast[k] for k in ("supervision", "share_queries", "sigma", "tau_easy", "tau_hard",

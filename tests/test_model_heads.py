@@ -1,0 +1,61 @@
+"""Options of the heads that follow the authors' released code: projector BatchNorm, non-local
+enhancement of Y, the ImageNet weights the paper's configs name."""
+import pytest
+import torch
+
+from model.contrastmask.build import imagenet_weights
+from model.contrastmask.cl_head import CLHead, non_local_enhance
+
+
+def test_non_local_enhance_is_a_softmax_cosine_weighted_mean():
+    torch.manual_seed(0)
+    y = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    out = non_local_enhance(y)
+    flat = y.flatten(2)
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    n, i = 1, 7  # one pixel by hand
+    weights = torch.softmax(unit[n, :, i] @ unit[n], dim=0)
+    assert torch.allclose(out.flatten(2)[n, :, i], flat[n] @ weights)
+    const = torch.ones(2, 3, 4, 4) * torch.tensor([1.0, -2.0, 3.0])[None, :, None, None]
+    assert torch.allclose(non_local_enhance(const), const)  # a constant map is a fixed point
+
+
+def test_cl_head_options():
+    x = torch.randn(4, 8, 7, 7)
+    plain = CLHead(8, 16, num_convs=2, num_fcs=3)
+    bn = CLHead(8, 16, num_convs=2, num_fcs=3, projector_norm="bn", enhance=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.projector) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.projector)
+    y, z = bn(x)
+    assert y.shape == z.shape == (4, 16, 7, 7)
+    y_plain, _ = bn(x, project=False)
+    assert torch.allclose(y, non_local_enhance(bn.encoder(x)))
+    assert torch.allclose(y_plain, y)
+    with pytest.raises(ValueError, match="cl_projector_norm"):
+        CLHead(8, 16, projector_norm="gn")
+
+
+def test_imagenet_means_torchvision_v1_weights():
+    assert imagenet_weights("resnet50").name == "IMAGENET1K_V1"
+    assert imagenet_weights("resnet18").name == "IMAGENET1K_V1"
+
+
+def test_roi_align_pooler_matches_torchvision_unaligned_and_shifts_when_aligned():
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from model.contrastmask.poolers import RoIAlignPooler
+
+    torch.manual_seed(0)
+    feats = OrderedDict((str(k), torch.randn(2, 3, 32 // 2**k, 40 // 2**k)) for k in range(4))
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 50.0], [10.0, 10.0, 20.0, 14.0], [0.0, 0.0, 120.0, 100.0]]),
+             torch.tensor([[5.0, 6.0, 60.0, 70.0]])]
+    shapes = [(128, 160), (128, 160)]
+    names = list(feats)
+    expected = MultiScaleRoIAlign(names, 7, 2)(feats, boxes, shapes)
+    assert torch.equal(RoIAlignPooler(names, 7, 2)(feats, boxes, shapes), expected)
+    aligned = RoIAlignPooler(names, 7, 2, aligned=True)(feats, boxes, shapes)
+    assert aligned.shape == expected.shape and not torch.allclose(aligned, expected)
+    single = OrderedDict([("0", feats["0"])])
+    assert torch.equal(RoIAlignPooler(["0"], 5, 2)(single, boxes, shapes), MultiScaleRoIAlign(["0"], 5, 2)(single, boxes, shapes))
