@@ -223,7 +223,7 @@ def _wait_for_new_checkpoint(path, before, proc, log, deadline):
 
 
 def test_sigkill_twice_during_training_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_path):
-    length = 5
+    length = 4
     straight = train(tiny_config(data_root, str(tmp_path / "straight"), f"train.length={length}"), progress=False)
 
     out = tmp_path / "killed"
