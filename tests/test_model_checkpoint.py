@@ -148,6 +148,39 @@ def test_rng_states_round_trip_exactly_through_a_weights_only_file(tmp_path):
     assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])
 
 
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_older_checkpoints_are_refused_with_a_hint_and_upgrade_to_the_same_data(tmp_path):
+    random.gauss(0, 1)
+    np.random.standard_normal()
+    current = ckpt.rng_state()  # reading a state does not advance it: the older layout of the same states
+    legacy = {"python": random.getstate(), "numpy": np.random.get_state(legacy=True), "torch": torch.get_rng_state()}
+    common = {"model": {"w": torch.arange(3.0)}, "optimizer": {"state": {}, "param_groups": []},
+              "scheduler": {"last_epoch": 2}, "scaler": {}, "iteration": 2, "config": {"seed": 0}}
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save(dict(common, rng=[legacy]), old)  # what model.train wrote before
+    with pytest.raises(CheckpointError, match="numpy.*model.engine.checkpoint upgrade"):
+        ckpt.load(str(old))
+    ckpt.main(["upgrade", str(old), str(new)])
+    state = ckpt.load(str(new), require=ckpt.TRAINING_KEYS)
+    assert _same(state["rng"][0], current)
+    assert _same({k: state[k] for k in common}, common)
+
+    marker, zipped, _ = payload_files(tmp_path)  # the upgrade path is weights-only too
+    torch.save({"model": Payload(marker)}, zipped)
+    with pytest.raises(CheckpointError, match="nothing in it was run"):
+        ckpt.upgrade_legacy(str(zipped), str(tmp_path / "x.pt"))
+    assert not marker.exists()
+
+
 def test_writes_are_fsynced_and_stale_temporaries_cleaned(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

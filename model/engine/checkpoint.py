@@ -139,12 +139,12 @@ def load_tensors(path, what="file", map_location="cpu"):
         # the weights-only unpickler stopped at something that is not a tensor or plain data; it ran nothing
         found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(e))
         detail = found.group(1).strip() if found else str(e).strip().splitlines()[0]
-        if "Unsupported global" in detail:
+        if "Unsupported global" in detail or "allowlisted" in detail:
             raise CheckpointError(
                 f"{what} {path!r} refused: its pickle builds or calls objects other than tensors and plain data "
                 f"({detail}); nothing in it was run (loaded with weights_only=True). Checkpoints of this project "
-                f"hold tensors and plain data only (one written by an older version, with numpy RNG states, "
-                f"has to be re-created)") from None
+                f"hold tensors and plain data only; one written by an older version (numpy RNG states) can be "
+                f"converted: python -m model.engine.checkpoint upgrade FILE [NEW_FILE]") from None
         raise CheckpointError(f"{what} {path!r} is not a torch.save file of tensors and plain data, or is "
                               f"corrupt ({detail}); nothing in it was run (loaded with weights_only=True)") from None
     except Exception as e:  # zip reader (truncated, not a zip), legacy reader (garbage bytes), EOF ...
@@ -201,6 +201,46 @@ def load_backbone_weights(module, path):
     return result
 
 
+# Only for upgrade_legacy: a checkpoint written before FORMAT holds numpy's RNG state as an ndarray.
+# numpy's array reconstruction builds arrays and dtypes, it calls nothing else (torch's documented remedy).
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+_NUMPY_ARRAY_GLOBALS = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")] + [
+    (_reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy._core", "numpy.core")] + [
+    type(np.dtype(np.uint32))]  # the keys' dtype class (numpy.dtypes.UInt32DType)
+
+
+def upgrade_legacy(src, dst=None):
+    """Rewrites a model.train checkpoint of the older layout (Python/numpy RNG states as objects, no
+    "format") in this one, at dst (default: in place). Still a weights-only load: on top of tensors and
+    plain data it allows numpy's array reconstruction, nothing else. Returns dst."""
+    dst = dst or src
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        state = load_tensors(src, "legacy checkpoint")
+    if not isinstance(state, dict) or "format" in state or any(k not in state for k in TRAINING_KEYS):
+        raise CheckpointError(f"legacy checkpoint {os.fspath(src)!r} is not an older model.train checkpoint "
+                              f"(a dict with {list(TRAINING_KEYS)} and no 'format')")
+    _check_state_dict(state["model"], src, "legacy checkpoint", "model")
+    rngs = []
+    for old in state["rng"]:
+        (version, mt, gauss_next), (kind, keys, pos, has_gauss, cached) = old["python"], old["numpy"]
+        if not (isinstance(keys, np.ndarray) and keys.dtype == np.uint32 and keys.shape == (624,)):
+            raise CheckpointError(f"legacy checkpoint {os.fspath(src)!r}: numpy RNG state is not MT19937 keys")
+        new = {"python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                          "gauss_next": gauss_next},
+               "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+               "torch": old["torch"]}
+        if "cuda" in old:
+            new["cuda"] = old["cuda"]
+        rngs.append(new)
+    state.update(format=FORMAT, rng=rngs, config=json.loads(json.dumps(state.get("config"))))
+    save_atomic(state, dst)
+    return dst
+
+
 def model_weights(path_or_checkpoint):
     ckpt = load(path_or_checkpoint) if isinstance(path_or_checkpoint, (str, os.PathLike)) else path_or_checkpoint
     return ckpt["model"] if "model" in ckpt else ckpt
@@ -213,3 +253,19 @@ def weights_digest(module):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="python -m model.engine.checkpoint upgrade OLD [NEW]: rewrites a "
+                                "checkpoint of the older layout (numpy RNG states) as tensors and plain data")
+    p.add_argument("command", choices=["upgrade"])
+    p.add_argument("src")
+    p.add_argument("dst", nargs="?", help="default: rewrite src in place")
+    args = p.parse_args(argv)
+    print(upgrade_legacy(args.src, args.dst))
+
+
+if __name__ == "__main__":
+    main()
