@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -217,8 +218,6 @@ def test_backbone_weights_by_path_report_mismatches_and_fail_when_nothing_matche
     full = {k: v.clone() for k, v in source.state_dict().items()}
     full.update({"fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)})  # a whole ResNet's file
     torch.save(full, tmp_path / "resnet18.pt")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exact match is silent
         loaded = build_backbone("resnet18", weights=str(tmp_path / "resnet18.pt")).body

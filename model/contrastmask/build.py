@@ -2,6 +2,7 @@
 from the "model" section of a config (model/config.py), out of torchvision's detection parts."""
 import functools
 
+import torch
 from torch import nn
 from torchvision.models import get_model_weights, resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
