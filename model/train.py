@@ -6,8 +6,9 @@
     python -m model.train --config ... --resume                    # continue from output_dir/checkpoint.pt
 
 Writes into output_dir: checkpoint.pt (every train.checkpoint_every iterations and at the end,
-atomically), metrics.jsonl (window means of every loss, lr, lambda), loss.png, config.json and
-final.json (iteration, contrastive-loss backend, per-rank weight digests).
+atomically; tensors and plain data only, read with weights_only=True), metrics.jsonl (window means
+of every loss, lr, lambda), loss.png, config.json and final.json (iteration, contrastive-loss
+backend, per-rank weight digests).
 """
 import json
 import math
@@ -93,7 +94,8 @@ def train(cfg, resume=None, device=None, progress=True):
     start_iter = 0
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if resume:
-        state = ckpt.load(ckpt_path if resume == "auto" else resume)
+        # a missing, corrupt or foreign checkpoint is an error (CheckpointError), never a fresh start
+        state = ckpt.load(ckpt_path if resume == "auto" else resume, require=ckpt.TRAINING_KEYS)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -113,9 +115,8 @@ def train(cfg, resume=None, device=None, progress=True):
     def save(iteration):
         rngs = all_gather_object(info, ckpt.rng_state())
         if info.is_main:
-            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                              "rng": rngs, "iteration": iteration, "config": cfg}, ckpt_path)
+            ckpt.save_atomic(ckpt.training_checkpoint(model, optimizer, scheduler, scaler, rngs, iteration, cfg),
+                             ckpt_path)
 
     bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not (progress and info.is_main),
                dynamic_ncols=True, desc="train")

@@ -186,6 +186,8 @@ def test_resume_continues_exactly(data_root, tmp_path):
     half = tiny_config(data_root, str(tmp_path / "halves"), "train.length=2")
     first = train(half, progress=False)
     assert first["rank_weight_digests"] != straight["rank_weight_digests"]
+    saved = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)  # data only, no pickled objects
+    assert saved["iteration"] == 2 and isinstance(saved["rng"][0]["numpy"]["keys"], torch.Tensor)
     half["train"]["length"] = 4
     resumed = train(half, resume="auto", progress=False)
     assert resumed["iteration"] == 4

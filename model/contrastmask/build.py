@@ -13,6 +13,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..engine.checkpoint import load_backbone_weights
 from .box_head import CamBoxHead, group_norm
 from .cl_head import CLHead
 from .mask_head import ClassAgnosticMaskHead
@@ -40,7 +41,7 @@ def build_backbone(name, weights=None, norm="frozen_bn", trainable_layers=3, fpn
     tv_weights = imagenet_weights(name) if weights == "imagenet" else None
     body = resnet.__dict__[name](weights=tv_weights, norm_layer=NORMS[norm])
     if weights not in (None, "imagenet"):
-        body.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+        load_backbone_weights(body, weights)  # weights_only; warns of missing/unexpected keys, fails if none match
     if not 0 <= trainable_layers <= 5:
         raise ValueError("trainable_layers must be in 0..5")
     train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
