@@ -242,3 +242,15 @@ def test_the_contrastive_loss_trains_only_the_cl_head_and_draws_no_global_random
         model(list(images), [dict(t) for t in targets])
         states.append(torch.get_rng_state())
     assert torch.equal(states[0], states[1])
+
+
+def test_diagnose_reports_that_the_contrastive_loss_never_reaches_the_backbone(data_root, tmp_path, capsys):
+    from model import diagnose
+
+    diagnose.main(["--config", TINY, "--set", f"data.root={data_root}", "--iters", "2", "--every", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["iter"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["gbb_loss_contrast"] == 0.0
+        assert r["gbb_loss_mask"] > 0 and r["gbb_loss_classifier"] > 0
+        assert r["x_rms"] > 0 and r["fused_y_rms"] > 0
