@@ -49,7 +49,8 @@ def main(argv=None):
         x, y = inputs[0], inputs[1] if len(inputs) > 1 else None
         sizes["x_rms"] = float(x.detach().pow(2).mean().sqrt())
         if y is not None and module.fuse is not None:
-            fused = module.fuse(F.interpolate(y.detach(), size=x.shape[-2:], mode="bilinear", align_corners=False))
+            with torch.no_grad():
+                fused = module.fuse(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False))
             sizes["fused_y_rms"] = float(fused.pow(2).mean().sqrt())
 
     model.roi_heads.mask_head.register_forward_pre_hook(record_inputs)
