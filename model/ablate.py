@@ -296,7 +296,10 @@ def main(argv=None):
     probe = load_config(args.config, args.set)
     data_name = probe["data"]["kind"]
     if data_name == "shapes":
-        data_name += "-" + probe["data"]["shapes"].get("appearance", "category")
+        from .data import shapes
+
+        params = shapes.resolve_params(probe["data"]["shapes"])
+        data_name += f"-{params['appearance']}-v{shapes.GENERATOR_VERSION}"
     results = args.results or os.path.join(RESULTS_DIR, f"ablation-{data_name}.json")
     report_arms = [a for a in ARMS if a in set(DEFAULT_ARMS) | set(args.arms)]
     report_seeds = sorted(set(DEFAULT_SEEDS) | set(args.seeds))

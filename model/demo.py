@@ -64,7 +64,7 @@ def main(argv=None):
           f"contrastive loss: {final['contrast_backend']} op")
     print(table)
     print("(one training run: runs of the same config with other seeds differ by a few AP points; the spread\n"
-          " over seeds is in model/results/ablation-shapes-category.md, from python -m model.ablate)")
+          " over seeds is in model/results/ablation-shapes-category-v2.md, from python -m model.ablate)")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"picture: {picture}\nloss curves: {summary['loss_plot']}")
 

@@ -126,19 +126,24 @@ def _random_color(rng):
 
 
 # The interior family of each category: (pattern, period range in pixels, hue of the pattern's colours).
-# Hues are spread over the colour wheel; the patterns differ too, so neither cue alone is needed.
+# Every pattern is a high-contrast two-shade texture, so "textured object on a smooth background" is a
+# cue that base and novel categories share, as real objects share figure-ground cues. Base and novel
+# hues interleave around the colour wheel: no colour range belongs to one side only (version 1 gave base
+# the hues 0.0-0.4 and novel 0.5-0.9, which let a mask head learn "base colours are objects" and transfer
+# nothing to novel categories).
 CATEGORY_APPEARANCE = {
     "circle": ("stripes", (4, 7), 0.00),
-    "square": ("checker", (3, 6), 0.10),
-    "triangle": ("dots", (5, 8), 0.20),
-    "star": ("waves", (6, 10), 0.30),
-    "cross": ("rings", (4, 7), 0.40),
-    "ellipse": ("grid", (5, 8), 0.50),
-    "hexagon": ("hatch", (4, 7), 0.60),
-    "ring": ("speckle", (2, 3), 0.70),
-    "heart": ("gradient", (8, 12), 0.80),
-    "crescent": ("blotches", (6, 10), 0.90),
+    "square": ("checker", (3, 6), 0.20),
+    "triangle": ("dots", (5, 8), 0.40),
+    "star": ("waves", (6, 10), 0.60),
+    "cross": ("rings", (4, 7), 0.80),
+    "ellipse": ("grid", (5, 8), 0.10),
+    "hexagon": ("hatch", (4, 7), 0.30),
+    "ring": ("speckle", (2, 3), 0.50),
+    "heart": ("zigzag", (6, 9), 0.70),
+    "crescent": ("spots", (6, 9), 0.90),
 }
+GENERATOR_VERSION = 2  # part of every split's cache key: files of an older generator are never reused
 HUE_JITTER = 0.035
 
 
@@ -167,13 +172,13 @@ def _pattern(kind, size, period, rng):
     if kind == "speckle":  # fine random noise, blocky at the period
         cells = rng.random((size // int(period) + 2,) * 2)
         return np.kron(cells, np.ones((int(period), int(period))))[:size, :size]
-    if kind == "gradient":
-        t = u - u.min()
-        return t / max(t.max(), 1e-6)
-    if kind == "blotches":  # smooth low-frequency noise
-        coarse = (rng.random((size // int(period) + 2,) * 2) * 255).astype(np.uint8)
-        big = Image.fromarray(coarse).resize((coarse.shape[1] * int(period),) * 2, Image.BICUBIC)
-        return np.asarray(big, dtype=np.float64)[:size, :size] / 255.0
+    if kind == "zigzag":  # stripes bent into a triangle wave
+        return (np.sin((u + period / 2 * np.abs(((v / period) % 2) - 1)) * w) > 0).astype(np.float64)
+    if kind == "spots":  # random discs on a plain field
+        t = np.zeros((size, size))
+        for cx, cy in rng.uniform(0, size, size=(int(size * size / period ** 2 / 2), 2)):
+            t[np.hypot(xx - cx, yy - cy) < period / 3] = 1.0
+        return t
     raise ValueError(f"unknown pattern {kind!r}")
 
 
@@ -193,7 +198,7 @@ def category_texture(category, size, rng):
 
 
 def texture(size, rng):
-    """A (size, size, 3) float texture: stripes, checker, dots or a two-colour gradient."""
+    """A (size, size, 3) float texture of the "free" appearance: stripes, checker, dots or a gradient."""
     c0, c1 = _random_color(rng), _random_color(rng)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     kind = rng.integers(4)
@@ -308,7 +313,7 @@ def resolve_params(overrides=None):
 def split_params(split, params):
     """The parameters one split's files depend on (not the other split's image count)."""
     other = {"train": "num_val", "val": "num_train"}[split]
-    return {k: v for k, v in params.items() if k != other}
+    return dict({k: v for k, v in params.items() if k != other}, generator_version=GENERATOR_VERSION)
 
 
 def split_dir(root, split, params=None):
