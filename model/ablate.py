@@ -283,7 +283,7 @@ def main(argv=None):
     p.add_argument("--arms", nargs="*", default=DEFAULT_ARMS, choices=sorted(ARMS))
     p.add_argument("--seeds", nargs="*", type=int, default=DEFAULT_SEEDS)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    p.add_argument("--out-dir", default="runs/ablation", help="one folder per arm and seed under this")
+    p.add_argument("--out-dir", help="one folder per arm and seed under this (default: runs/ablation-<data>)")
     p.add_argument("--results", help="default: model/results/ablation-<data>.json")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
@@ -301,6 +301,7 @@ def main(argv=None):
         params = shapes.resolve_params(probe["data"]["shapes"])
         data_name += f"-{params['appearance']}-v{shapes.GENERATOR_VERSION}"
     results = args.results or os.path.join(RESULTS_DIR, f"ablation-{data_name}.json")
+    args.out_dir = args.out_dir or os.path.join("runs", f"ablation-{data_name}")
     report_arms = [a for a in ARMS if a in set(DEFAULT_ARMS) | set(args.arms)]
     report_seeds = sorted(set(DEFAULT_SEEDS) | set(args.seeds))
     protocol = (f"config {os.path.relpath(args.config)} {' '.join(args.set)}; arms {report_arms}; seeds {report_seeds}; "
