@@ -7,7 +7,9 @@ For novel and base categories apart it reports
 - the CAM's foreground/background AUC: how well the CAM (per ROI, min-max normalised to [0, 1] on the
   28x28 grid the contrastive loss uses) ranks object pixels above background pixels of the same ROIs,
   pooled over every pixel of every ROI of the split; the same AUC for a plain "closeness to the box
-  centre" score, as a yardstick any useful CAM must beat;
+  centre" score, as a yardstick any useful CAM must beat, and for the ideal CAM at the box head's
+  resolution (the true mask averaged onto the classifier's h x w grid, then resized and normalised
+  like a CAM), the ceiling that a CAM of that resolution can reach;
 - the purity of the delta-thresholded pseudo-labels that the loss uses for box-only ROIs: of the pixels
   with CAM >= 1 - delta, the fraction that is object; of those with CAM <= delta, the fraction that is
   background (and how many pixels each threshold keeps).
@@ -69,7 +71,7 @@ def run_on_gt_boxes(model, dataset, coco_gt, device, batch_size=8, max_images=No
     base_ds = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     is_base = base_ds.is_base_label()
     segm_results, ious, image_ids = [], {"novel": [], "base": []}, []
-    pixels = {split: {"cam": [], "centre": [], "fg": []} for split in ("novel", "base")}
+    pixels = {split: {"cam": [], "centre": [], "ceiling": [], "fg": []} for split in ("novel", "base")}
     prior = centre_prior(GRID)
     for images, targets in tqdm(eval_loader(dataset, batch_size, num_workers=0), desc="gt boxes",
                                 disable=not progress, dynamic_ncols=True):
@@ -93,10 +95,14 @@ def run_on_gt_boxes(model, dataset, coco_gt, device, batch_size=8, max_images=No
         cams = resize_cams(heads.box_head.cams(cls_maps, labels).float(), GRID).cpu()
         fg = torch.cat([project_masks_on_boxes(t["masks"], b, torch.arange(b.shape[0], device=device), GRID)
                         for t, b in zip(scaled, boxes)]).cpu() >= 0.5
+        ceiling = resize_cams(torch.cat([project_masks_on_boxes(t["masks"], b, torch.arange(b.shape[0], device=device),
+                                                                cls_maps.shape[-1])
+                                         for t, b in zip(scaled, boxes)]).float(), GRID).cpu()
         split_of = ["base" if is_base[int(lab)] else "novel" for lab in labels.cpu()]
         for k, split in enumerate(split_of):
             pixels[split]["cam"].append(cams[k].flatten())
             pixels[split]["centre"].append(prior.flatten())
+            pixels[split]["ceiling"].append(ceiling[k].flatten())
             pixels[split]["fg"].append(fg[k].flatten())
         # masks pasted into the original image, as the detector's output would be
         per_image = mask_logits.sigmoid().split([b.shape[0] for b in boxes])
@@ -123,7 +129,7 @@ def run_on_gt_boxes(model, dataset, coco_gt, device, batch_size=8, max_images=No
         if not px["cam"]:
             out[split] = None
             continue
-        cam, centre, fg = (torch.cat(px[key]).numpy() for key in ("cam", "centre", "fg"))
+        cam, centre, ceiling, fg = (torch.cat(px[key]).numpy() for key in ("cam", "centre", "ceiling", "fg"))
         high, low = cam >= 1 - delta, cam <= delta
         out[split] = {
             "rois": len(ious[split]),
@@ -131,6 +137,7 @@ def run_on_gt_boxes(model, dataset, coco_gt, device, batch_size=8, max_images=No
             "mean_iou": float(np.mean(ious[split])),
             "cam_auc": auc(cam, fg),
             "centre_prior_auc": auc(centre, fg),
+            "cam_ceiling_auc": auc(ceiling, fg),
             "fg_fraction": float(fg.mean()),
             "pseudo_fg_purity": float(fg[high].mean()) if high.any() else None,
             "pseudo_bg_purity": float((~fg[low]).mean()) if low.any() else None,
@@ -157,6 +164,7 @@ def _segm_ap(coco_gt, results, cat_ids, image_ids):
 def format_gt_table(metrics):
     """A text table of run_on_gt_boxes' numbers, in percent (AUC and purity too)."""
     cols = [("mask_ap", "maskAP"), ("mean_iou", "mIoU"), ("cam_auc", "CAM AUC"), ("centre_prior_auc", "centre AUC"),
+            ("cam_ceiling_auc", "ceil. AUC"),
             ("pseudo_fg_purity", "fg purity"), ("pseudo_bg_purity", "bg purity")]
     lines = [f"{'split':8}| " + " ".join(f"{name:>10}" for _, name in cols)]
     for split in ("novel", "base"):
