@@ -7,8 +7,9 @@ detected boxes and on ground-truth boxes, then one JSON, a table and a bar plot.
     python -m model.ablate --threads 1 --seeds 0 1 2 &  python -m model.ablate --threads 1 --seeds 1 2 0
                                                              # two processes share the work (run locks)
 
-Resumable: a run whose result.json exists is not rerun; a run with a checkpoint continues from it
-(training resume is exact). Results go to --results (default model/results/ablation-<data>.json) with
+Resumable: a run recorded in the results file (same protocol) or whose result.json exists is not
+rerun, so a committed results file carries finished runs over to a fresh checkout; a run with a
+checkpoint continues from it (training resume is exact). Results go to --results (default model/results/ablation-<data>.json) with
 the table (.md) and plot (.png) beside it, rewritten after every finished run. The report always
 covers the protocol's arms and seeds (plus any asked for), whichever process finished them, so several
 processes may run disjoint seeds side by side (e.g. one per core with --threads 1).
@@ -266,7 +267,21 @@ def write_report(runs, arms, results_path, protocol):
     return record
 
 
-def collect(base_config, arms, seeds, out_root, extra=()):
+def recorded_runs(results_path, protocol):
+    """{(arm, seed): metrics} of the runs already in the results file, when it holds the same protocol:
+    a committed results file carries finished runs over to a fresh checkout (runs/ is not kept)."""
+    try:
+        with open(results_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if record.get("protocol") != protocol:
+        return {}
+    return {(r["arm"], r["seed"]): r["metrics"] for r in record.get("runs", [])}
+
+
+def collect(base_config, arms, seeds, out_root, extra=(), recorded=None):
+    """The finished runs: each run folder's result.json, else the results file's record of that run."""
     runs = []
     for seed in seeds:
         for arm in arms:
@@ -274,6 +289,8 @@ def collect(base_config, arms, seeds, out_root, extra=()):
             if os.path.exists(path):
                 with open(path) as f:
                     runs.append({"arm": arm, "seed": seed, "metrics": json.load(f)})
+            elif recorded and (arm, seed) in recorded:
+                runs.append({"arm": arm, "seed": seed, "metrics": recorded[(arm, seed)]})
     return runs
 
 
@@ -308,9 +325,13 @@ def main(argv=None):
                 f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
                 f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
                 f"validation images: {probe['eval']['max_images'] or 'all'}")
+    recorded = recorded_runs(results, protocol)
     if not args.report_only:
         for seed in args.seeds:  # seed-major, in the order given: each arm's first seed before any second
             for arm in args.arms:
+                if (arm, seed) in recorded:
+                    print(f"[ablate] {arm} seed {seed}: finished (in {os.path.relpath(results)})", flush=True)
+                    continue
                 cfg = run_config(args.config, arm, seed, args.out_dir, args.set)
                 print(f"[ablate] {arm} seed {seed} -> {cfg['output_dir']}", flush=True)
                 result = run_one(cfg, args.device)
@@ -320,10 +341,10 @@ def main(argv=None):
                 print(f"[ablate] {arm} seed {seed}: " + ", ".join(
                     f"{label} {metric(result, path):.1f}" for label, path in METRICS
                     if metric(result, path) is not None), flush=True)
-                write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set), report_arms,
-                             results, protocol)
-    record = write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set), report_arms,
-                          results, protocol)
+                write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded),
+                             report_arms, results, protocol)
+    record = write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded),
+                          report_arms, results, protocol)
     print(open(os.path.splitext(results)[0] + ".md").read())
     return record
 

@@ -41,6 +41,13 @@ def test_two_arms_one_seed_then_a_rerun_trains_nothing(tmp_path):
     again = ablate.main(argv)
     assert os.stat(ckpt).st_mtime_ns == stamp
     assert again["runs"] == record["runs"]
+    # a fresh checkout has only the committed results file: its runs count as finished, nothing trains
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    fresh = ablate.main(argv)
+    assert fresh["runs"] == record["runs"]
+    assert not (tmp_path / "runs" / "cam" / "seed0" / "checkpoint.pt").exists()
 
 
 def test_decision_rule():
