@@ -83,20 +83,25 @@ class Search:
             return "none: torch is a CPU-only build"
         return "none: no usable CUDA toolkit (" + "; ".join(f"{d}: {p}" for d, _, p in self.tried) + ")"
 
-    def message(self) -> str:
-        """The warning (or error) when none is usable: what was missing, where it looked, what to do."""
-        lines = [f"contrastmask_ops: no usable CUDA toolkit for torch's CUDA {self.torch_cuda}; "
-                 "building the C++ kernels only (no CUDA kernels).",
+    def message(self, cmake: bool = False) -> str:
+        """The warning (or error) when none is usable: what was missing, where it looked, what to do.
+        cmake: worded for CMakeLists.txt instead of setup.py."""
+        lines = [f"contrastmask_ops: no usable CUDA toolkit for torch's CUDA {self.torch_cuda}"
+                 + ("." if cmake else "; building the C++ kernels only (no CUDA kernels)."),
                  "A usable toolkit has include/cuda_runtime.h, the cudart library (lib64/ or lib/) and bin/nvcc "
                  f"of CUDA {major(self.torch_cuda)}.x. Looked in:"]
         for folder, where, problem in self.tried:
             lines.append(f"  {folder}  [{where}]: {problem}")
         if not self.tried:
             lines.append("  (no candidate folder exists)")
-        lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME at it, e.g. "
-                     f"`CUDA_HOME=/usr/local/cuda-{self.torch_cuda} pip install --no-build-isolation .`; "
-                     "CONTRASTMASK_CUDA=0 builds the C++ kernels without looking, CONTRASTMASK_CUDA=1 makes "
-                     "a missing toolkit an error.")
+        if cmake:
+            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME at it "
+                         f"(or pass -DCUDA_TOOLKIT_ROOT_DIR=/usr/local/cuda-{self.torch_cuda}).")
+        else:
+            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME at it, "
+                         f"e.g. `CUDA_HOME=/usr/local/cuda-{self.torch_cuda} pip install --no-build-isolation .`; "
+                         "CONTRASTMASK_CUDA=0 builds the C++ kernels without looking, CONTRASTMASK_CUDA=1 makes "
+                         "a missing toolkit an error.")
         return "\n".join(lines)
 
 
@@ -349,7 +354,7 @@ def main(argv=None) -> int:
         print("CUDA_EXTRA_INCLUDE_DIRS=" + (";".join(t.include_dirs) if t else ""))
         print("CUDA_EXTRA_LIBRARY_DIRS=" + (";".join(t.library_dirs) if t else ""))
         print("CUDA_NVCC=" + (t.nvcc if t else ""))
-    print(search.reason if t or torch_cuda is None else search.message())
+    print(search.reason if t or torch_cuda is None else search.message(cmake=args.cmake))
     return 0 if t else 1
 
 
