@@ -54,7 +54,7 @@ def cuda_toolkit():
     toolkit = search.toolkit
     if toolkit is None:
         if required:
-            raise RuntimeError("CONTRASTMASK_CUDA=1: " + search.message())
+            raise RuntimeError("CONTRASTMASK_CUDA=1: " + search.message(error=True))
         _warn(search.message())
         return None, search.reason
     print(f"contrastmask_ops: CUDA toolkit: {search.reason}", file=sys.stderr, flush=True)

@@ -83,11 +83,11 @@ class Search:
             return "none: torch is a CPU-only build"
         return "none: no usable CUDA toolkit (" + "; ".join(f"{d}: {p}" for d, _, p in self.tried) + ")"
 
-    def message(self, cmake: bool = False) -> str:
+    def message(self, cmake: bool = False, error: bool = False) -> str:
         """The warning (or error) when none is usable: what was missing, where it looked, what to do.
-        cmake: worded for CMakeLists.txt instead of setup.py."""
+        cmake: worded for CMakeLists.txt instead of setup.py; error: for CONTRASTMASK_CUDA=1."""
         lines = [f"contrastmask_ops: no usable CUDA toolkit for torch's CUDA {self.torch_cuda}"
-                 + ("." if cmake else "; building the C++ kernels only (no CUDA kernels)."),
+                 + ("." if cmake or error else "; building the C++ kernels only (no CUDA kernels)."),
                  "A usable toolkit has include/cuda_runtime.h, the cudart library (lib64/ or lib/) and bin/nvcc "
                  f"of CUDA {major(self.torch_cuda)}.x. Looked in:"]
         for folder, where, problem in self.tried:
