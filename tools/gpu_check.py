@@ -11,7 +11,7 @@ Steps (each reported in the summary at the end, with its log under build/gpu-che
   2. build the extension in place against this torch (`setup.py build_ext --inplace`, CONTRASTMASK_CUDA=1);
   3. -- from here on a GPU is needed; without one the run stops here with exit status 2 --
      `pytest tests -m cuda`, then the device-parametrised cases on cuda (`-k cuda` outside the cuda marker,
-     the emulated `cuda-emu` cases left out);
+     the emulated `cuda-emu` cases and the toolkit-search tests left out);
   4. compute-sanitizer memcheck and racecheck over tools/gpu_sanitize_ops.py (when compute-sanitizer exists);
   5. the benchmark sweep on CUDA with the model-step benchmark (python -m benchmarks.run --device cuda):
      benchmarks/results/cuda-<gpu>-<date>.json and its plots.
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         steps.add("pytest device=cuda", "SKIPPED", "pytest is not installed")
     else:
         pytest_step(steps, "pytest -m cuda", ["-m", "cuda"], missing, "pytest-cuda")
-        pytest_step(steps, "pytest device=cuda", ["-m", "not cuda", "-k", "cuda and not emu"], missing,
+        pytest_step(steps, "pytest device=cuda", ["-m", "not cuda", "-k", "cuda and not emu and not find_cuda"], missing,
                     "pytest-device-cuda")
 
     # 4. compute-sanitizer
