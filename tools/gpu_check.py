@@ -234,8 +234,8 @@ def main(argv=None) -> int:
         steps.add("pytest device=cuda", "SKIPPED", "pytest is not installed")
     else:
         pytest_step(steps, "pytest -m cuda", ["-m", "cuda"], missing, "pytest-cuda")
-        pytest_step(steps, "pytest device=cuda", ["-m", "not cuda", "-k", "cuda and not emu and not find_cuda"], missing,
-                    "pytest-device-cuda")
+        pytest_step(steps, "pytest device=cuda", ["-m", "not cuda", "-k", "cuda and not emu and not find_cuda"],
+                    missing, "pytest-device-cuda")
 
     # 4. compute-sanitizer
     sanitizer, looked = find_sanitizer(toolkit_home)
