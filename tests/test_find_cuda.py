@@ -33,7 +33,8 @@ def _script(path: Path, text: str) -> Path:
 def fake_nvcc(path: Path, release: str, dryrun: bool = True) -> Path:
     """An nvcc that prints its CUDA release for --version and, like the real one, its folder for --dryrun."""
     here = 'echo "#\\$ _HERE_=$(dirname "$0")"' if dryrun else "exit 1"
-    return _script(path, f'case "$1" in\n  --version) echo "Cuda compilation tools, release {release}, V{release}.1";;\n'
+    version = f'echo "Cuda compilation tools, release {release}, V{release}.1"'
+    return _script(path, f'case "$1" in\n  --version) {version};;\n'
                          f'  --dryrun) {here};;\nesac\n')
 
 

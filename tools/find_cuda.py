@@ -95,10 +95,12 @@ class Search:
         if not self.tried:
             lines.append("  (no candidate folder exists)")
         if cmake:
-            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME at it "
+            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME "
+                         "at it "
                          f"(or pass -DCUDA_TOOLKIT_ROOT_DIR=/usr/local/cuda-{self.torch_cuda}).")
         else:
-            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME at it, "
+            lines.append(f"Install CUDA {self.torch_cuda} (or any {major(self.torch_cuda)}.x) and point CUDA_HOME "
+                         "at it, "
                          f"e.g. `CUDA_HOME=/usr/local/cuda-{self.torch_cuda} pip install --no-build-isolation .`; "
                          "CONTRASTMASK_CUDA=0 builds the C++ kernels without looking, CONTRASTMASK_CUDA=1 makes "
                          "a missing toolkit an error.")

@@ -176,8 +176,11 @@ def main(argv=None) -> int:
         return 1
     missing = [m for m in OPTIONAL if not have(m)]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu_text = (f"{gpus} GPU(s): {torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})"
-                if gpus else "no GPU visible")
+    if gpus:
+        sm = "".join(map(str, torch.cuda.get_device_capability(0)))
+        gpu_text = f"{gpus} GPU(s): {torch.cuda.get_device_name(0)} (sm_{sm})"
+    else:
+        gpu_text = "no GPU visible"
     env_detail = f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu_text}"
     if torch.version.cuda is None:
         steps.add("environment", "FAIL", env_detail + "; this torch is a CPU-only build")
@@ -204,8 +207,9 @@ def main(argv=None) -> int:
         rc = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build", env=env)
         steps.add("build", "PASS" if rc == 0 else "FAIL",
                   f"setup.py build_ext --inplace, {time.time() - t0:.0f} s" + ("" if rc == 0 else f", exit {rc}"))
-    info_proc = subprocess.run([sys.executable, "-c", "import json, contrastmask_ops as cm; print(json.dumps(cm.build_info()))"],
-                               cwd=REPO, capture_output=True, text=True)
+    info_proc = subprocess.run(
+        [sys.executable, "-c", "import json, contrastmask_ops as cm; print(json.dumps(cm.build_info()))"],
+        cwd=REPO, capture_output=True, text=True)
     try:
         info = json.loads(info_proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -264,7 +268,8 @@ def main(argv=None) -> int:
         log = (LOGS / "benchmarks.log").read_text()
         wrote = [line for line in log.splitlines() if line.startswith("wrote ")]
         detail = wrote[-1] if wrote else "no results written"
-        steps.add("benchmark sweep + model step", "PASS" if rc == 0 else "FAIL", detail + ("" if rc == 0 else f"; exit {rc}"))
+        steps.add("benchmark sweep + model step", "PASS" if rc == 0 else "FAIL",
+                  detail + ("" if rc == 0 else f"; exit {rc}"))
         if wrote:
             extra += bench_summary(REPO / wrote[-1].split()[1].rstrip(","))
 
