@@ -35,9 +35,17 @@ def _load_find_cuda():
 find_cuda = _load_find_cuda()
 
 
-def _warn(text):
-    bar = "=" * 100
-    print(f"\n{bar}\nWARNING: {text}\n{bar}\n", file=sys.stderr, flush=True)
+# pip runs this file several times (requirements, metadata, the build): say things once, in the build.
+BUILDING = any(cmd in sys.argv for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"))
+
+
+def _say(text, warning=False):
+    if not BUILDING:
+        return
+    if warning:
+        bar = "=" * 100
+        text = f"\n{bar}\nWARNING: {text}\n{bar}\n"
+    print(text, file=sys.stderr, flush=True)
 
 
 def cuda_toolkit():
@@ -55,9 +63,9 @@ def cuda_toolkit():
     if toolkit is None:
         if required:
             raise RuntimeError("CONTRASTMASK_CUDA=1: " + search.message(error=True))
-        _warn(search.message())
+        _say(search.message(), warning=True)
         return None, search.reason
-    print(f"contrastmask_ops: CUDA toolkit: {search.reason}", file=sys.stderr, flush=True)
+    _say(f"contrastmask_ops: CUDA toolkit: {search.reason}")
     # torch.utils.cpp_extension read CUDA_HOME when it was imported: point it (and nvcc) at this toolkit.
     cpp_extension.CUDA_HOME = toolkit.home
     os.environ["CUDA_HOME"] = toolkit.home
