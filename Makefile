@@ -3,11 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper: point it at the toolkit.
-CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
-export CUDA_HOME
+# The CUDA toolkit: setup.py validates torch's guess and otherwise searches (tools/find_cuda.py), so a
+# wrapper nvcc on PATH is fine; set CUDA_HOME to choose one.
 export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+SOURCES += tools/find_cuda.py
 
 .PHONY: venv build test test-cuda demo bench clean
 
@@ -26,9 +26,9 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 build: $(VENV)/.built
 
-# The build test fails unless the extension (and, where nvcc exists, its CUDA part) was compiled.
+# The build test fails unless the extension (and, where a usable CUDA toolkit exists, its CUDA part) was compiled.
 test: build
-	CONTRASTMASK_REQUIRE_EXTENSION=1 CONTRASTMASK_REQUIRE_CUDA=$(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0) \
+	CONTRASTMASK_REQUIRE_EXTENSION=1 CONTRASTMASK_REQUIRE_CUDA=$$($(PY) tools/find_cuda.py >/dev/null && echo 1 || echo 0) \
 	  $(PY) -m pytest tests -q -ra
 
 test-cuda: build
@@ -42,3 +42,13 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info contrastmask_ops/_C*.so contrastmask_ops/_build_config.py $(VENV)/.built
+
+# One command for a GPU machine whose python3 already has a CUDA build of torch and that downloads nothing:
+# builds in place against that torch (no venv), runs the CUDA tests, compute-sanitizer memcheck/racecheck and
+# the benchmark sweep with the model step, prints a summary (tools/gpu_check.py; README "On a GPU machine").
+# Exit status 2 when no GPU is visible. The in-place build replaces the venv's: `make build` redoes that.
+.PHONY: gpu-check
+GPU_PYTHON ?= python3
+gpu-check:
+	rm -f $(VENV)/.built
+	$(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)

@@ -170,7 +170,8 @@ def run_sweep(args, device: torch.device, results: Results, impls) -> None:
 
 
 def output_stem(args, meta) -> Path:
-    name = meta["device"]["name"] if meta["device"]["type"] == "cuda" else "cpu"
+    # cpu-<date> or cuda-<gpu name>-<date>, e.g. cuda-nvidia-h100-80gb-hbm3-2026-11-25
+    name = "cuda " + meta["device"]["name"] if meta["device"]["type"] == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return args.out_dir / f"{slug}-{meta['date'][:10]}{'-quick' if args.quick else ''}"
 
@@ -216,9 +217,13 @@ def main(argv=None) -> int:
         stem = output_stem(args, meta)
         json_path = stem.with_suffix(".json")
         json_path.write_text(json.dumps(results.to_json(), indent=1) + "\n")
-        from .plots import write_plots
-
-        written = [json_path, *write_plots(results, stem)]
+        try:
+            from .plots import write_plots
+        except ImportError as exc:  # matplotlib missing: the numbers are saved, the plots are not
+            print(f"plots not drawn ({exc}); redraw later with python -m benchmarks.plots {json_path}")
+            written = [json_path]
+        else:
+            written = [json_path, *write_plots(results, stem)]
         print("wrote " + ", ".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
                                    for p in written))
     return 0

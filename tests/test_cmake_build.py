@@ -4,6 +4,7 @@ The library is built with its C++ kernels only (CUDA is compiled by the pip buil
 fresh interpreter with torch.ops.load_library, without the Python package; its fused plan and loss
 must equal the package's.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,18 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 import contrastmask_ops as cm
 from blobs import make_batch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _find_cuda():
+    spec = importlib.util.spec_from_file_location("find_cuda", REPO / "tools" / "find_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["find_cuda"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+find_cuda = _find_cuda()
 pytestmark = [
     pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed"),
-    # A CUDA build of libtorch needs the toolkit to configure (see CMakeLists.txt).
-    pytest.mark.skipif(torch.version.cuda is not None and not (
-        cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h"))),
-        reason="CUDA build of torch without a CUDA toolkit (set CUDA_HOME, as the Makefile does)"),
+    # A CUDA build of libtorch needs a toolkit to configure; CMakeLists.txt finds it with tools/find_cuda.py.
+    pytest.mark.skipif(torch.version.cuda is not None and find_cuda.find_toolkit(torch.version.cuda).toolkit is None,
+                       reason="CUDA build of torch and no usable CUDA toolkit (see tools/find_cuda.py)"),
     pytest.mark.slow,
 ]
 
@@ -42,13 +52,17 @@ torch.save({"labels": labels, "keys": keys, "keep": keep, "loss": loss}, sys.arg
 def _run(cmd, **kwargs):
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def test_cmake_library_registers_the_same_ops(tmp_path):
     build = tmp_path / "build"
-    env = dict(os.environ, CUDA_HOME=cpp_extension.CUDA_HOME or "")
-    _run(["cmake", "-S", REPO, "-B", build, "-DCONTRASTMASK_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
-          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], env=env)
+    # No CUDA_HOME: CMakeLists.txt finds the toolkit a CUDA libtorch needs by itself (tools/find_cuda.py).
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
+    configured = _run(["cmake", "-S", REPO, "-B", build, "-DCONTRASTMASK_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                       f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], env=env)
+    # The default arch list is setup.py's, read from tools/find_cuda.py.
+    assert f"contrastmask_ops: TORCH_CUDA_ARCH_LIST={find_cuda.DEFAULT_CUDA_ARCHS}" in configured.stdout
     _run(["cmake", "--build", build, "-j", str(os.cpu_count() or 1)])
     library = build / "libcontrastmask_ops.so"
     assert library.exists()
