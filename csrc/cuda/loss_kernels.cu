@@ -20,16 +20,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 
 #include "../contrastmask/loss_math.h"
 #include "../ops/checks.h"
+#include "../ops/library.h"
+#include "platform.cuh"
 #include "reduce.cuh"
 
 namespace contrastmask {
@@ -60,7 +58,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 // counts[n][side]: pixels labelled 1 (side 0) and 0 (side 1) of kept ROIs, 0 for dropped ones.
 __global__ void __launch_bounds__(kThreads) roi_counts_kernel(const int8_t* labels, const bool* keep, int64_t P,
                                                               int32_t* counts) {
-  __shared__ int scratch[kMaxBlockWarps];
+  CM_SHARED(int, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x;
   int fg = 0, bg = 0;
   if (keep[n]) {
@@ -84,14 +82,14 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const bool* keep, int64_t N,
                                                                bool share_queries, const acc_t* grad, acc_t* w,
                                                                int64_t* kept_out, acc_t* scale_out) {
-  __shared__ long long scratch[kMaxBlockWarps];
+  CM_SHARED(long long, scratch, [kMaxBlockWarps]);
   long long kept = 0, with_fg = 0, with_bg = 0;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
     kept += keep[n];
     with_fg += counts[n * 2] > 0;
     with_bg += counts[n * 2 + 1] > 0;
   }
-  __shared__ long long totals[3];
+  CM_SHARED(long long, totals, [3]);
   kept = block_sum(kept, scratch);
   if (threadIdx.x == 0) totals[0] = kept;
   with_fg = block_sum(with_fg, scratch);
@@ -121,7 +119,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t* z, const int8_t* labels,
                                                                   const bool* keep, const acc_t* w, int64_t C,
                                                                   int64_t P, int64_t channel_blocks, acc_t* sums) {
-  extern __shared__ int8_t lab_s[];
+  CM_DYNAMIC_SHARED(int8_t, lab_s, 16);
   const int64_t n = blockIdx.x / channel_blocks;
   if (!keep[n]) return;  // dropped ROIs are skipped by the reduction
   for (int64_t i = threadIdx.x; i < P; i += blockDim.x) lab_s[i] = labels[n * P + i];
@@ -214,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) sum_over_rois_kernel(const acc_t* in
     out[e] = s;
     return;
   }
-  __shared__ acc_t part[kThreads];
+  CM_SHARED(acc_t, part, [kThreads]);
   const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
   const int64_t k = int64_t(blockIdx.x) * kx + x;
   acc_t s = acc_t(0);
@@ -238,13 +236,13 @@ void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t 
     while (kx < K && kx < kWarp) kx *= 2;
     const int64_t blocks = ceil_div(K, kx);
     check_grid(blocks);
-    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), dim3(kx, kThreads / kx), 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(blocks), dim3(kx, kThreads / kx), 0, stream(), sum_over_rois_kernel<acc_t>)(
         in, keep, N, R, K, true, out);
   } else {
     if (N * K == 0) return;
     const int64_t blocks = ceil_div(N * K, kThreads);
     check_grid(blocks);
-    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(in, keep, N, R, K, false,
+    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), sum_over_rois_kernel<acc_t>)(in, keep, N, R, K, false,
                                                                                           out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -273,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
                                                            int64_t P, int64_t pixel_blocks, bool share_queries,
                                                            LossParams<acc_t> params, acc_t* pixstats,
                                                            acc_t* lse_part) {
-  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [2 * kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* part = lse_part + int64_t(blockIdx.x) * kNumTerms * 2;
   if (!keep[n]) {
@@ -336,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_part, int64_t N, int64_t pixel_blocks,
                                                              bool share_queries, acc_t* termstats) {
-  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [2 * kMaxBlockWarps]);
   const int64_t g = blockIdx.x;
   // Share: every block of every ROI; else the blocks of ROI g.
   const int64_t first = share_queries ? 0 : g * pixel_blocks;
@@ -362,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
                                                                  int64_t pixel_blocks, bool share_queries,
                                                                  LossParams<acc_t> params, acc_t* pos_part) {
   constexpr int kValues = kNumTerms * kPosStats;
-  __shared__ acc_t warp_part[kMaxBlockWarps][kValues];
+  CM_SHARED(acc_t, warp_part, [kMaxBlockWarps][kValues]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* out = pos_part + int64_t(blockIdx.x) * kValues;
   if (!keep[n]) {
@@ -407,8 +405,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_part, int64_t N, int64_t pixel_blocks,
                                                                bool share_queries, acc_t* termstats) {
   constexpr int kValues = kNumTerms * kPosStats;
-  __shared__ acc_t scratch[kMaxBlockWarps];
-  __shared__ acc_t totals[kValues];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
+  CM_SHARED(acc_t, totals, [kValues]);
   const int64_t g = blockIdx.x;
   const int64_t first = share_queries ? 0 : g * pixel_blocks;
   const int64_t last = share_queries ? N * pixel_blocks : (g + 1) * pixel_blocks;
@@ -434,7 +432,7 @@ __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* termstats, int64_t G, bool share_queries,
                                                               const int64_t* kept, scalar_t* loss) {
-  __shared__ acc_t scratch[kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   acc_t s = acc_t(0);
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x)
     for (int t = 0; t < kNumTerms; ++t) s += termstats[(g * kNumTerms + t) * kNumTermStats + kValue];
@@ -454,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     const uint8_t* keys, const bool* keep, const acc_t* pixstats, const acc_t* termstats, const acc_t* qnorms,
     const acc_t* scale_ptr, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
     acc_t* coef, acc_t* beta_part) {
-  __shared__ acc_t scratch[kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* bp = beta_part + int64_t(blockIdx.x) * 2;
   if (!keep[n]) {
@@ -561,11 +559,11 @@ void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor&
                     const acc_t* grad, const at::Tensor& counts, const at::Tensor& w, const at::Tensor& kept,
                     const at::Tensor& scale) {
   if (s.N > 0) {
-    roi_counts_kernel<<<static_cast<unsigned>(s.N), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N), kThreads, 0, stream(), roi_counts_kernel)(
         labels.data_ptr<int8_t>(), keep.data_ptr<bool>(), s.P, counts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  roi_weights_kernel<acc_t><<<1, kThreads, 0, stream()>>>(
+  CM_LAUNCH(1, kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
       counts.data_ptr<int32_t>(), keep.data_ptr<bool>(), s.N, share_queries, grad, w.data_ptr<acc_t>(),
       kept.data_ptr<int64_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -577,7 +575,7 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
   if (rows == 0) return;
   const int64_t blocks = ceil_div(rows * kWarp, kThreads);
   check_grid(blocks);
-  query_norms_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(
+  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
       queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -615,8 +613,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
 
     // Pass 1 over z and the queries.
     if (s.N > 0) {
-      partition_sums_kernel<scalar_t, acc_t>
-          <<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
+          partition_sums_kernel<scalar_t, acc_t>)(
               z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, w.data_ptr<acc_t>(), s.C, s.P,
               s.channel_blocks, roi_sums.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -627,29 +625,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
 
     // Pass 2 over z, then the term statistics.
     if (s.N > 0) {
-      cosines_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), cosines_kernel<scalar_t, acc_t>)(
           z_c.data_ptr<scalar_t>(), keys_c.data_ptr<uint8_t>(), keep_p, queries.data_ptr<acc_t>(),
           qnorms.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params, pixstats.data_ptr<acc_t>(),
           lse_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (s.G > 0) {
-      group_lse_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream(), group_lse_kernel<acc_t>)(
           lse_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (s.N > 0) {
-      positive_sums_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
           pixstats.data_ptr<acc_t>(), keys_c.data_ptr<uint8_t>(), keep_p, termstats.data_ptr<acc_t>(), s.P,
           s.pixel_blocks, share_queries, params, pos_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (s.G > 0) {
-      group_terms_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream(), group_terms_kernel<acc_t>)(
           pos_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    write_loss_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream()>>>(
+    CM_LAUNCH(1, kThreads, 0, stream(), write_loss_kernel<scalar_t, acc_t>)(
         termstats.data_ptr<acc_t>(), s.G, share_queries, kept.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -705,14 +703,14 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
     launch_query_norms<acc_t>(s, queries_c, qnorms);
 
-    pixel_coefficients_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
         keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
         qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, share_queries, params,
         coef.data_ptr<acc_t>(), beta_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
-    weighted_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(), weighted_sums_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C, s.P, s.channel_blocks,
         roi_dq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -722,7 +720,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
                                 beta.data_ptr<acc_t>());
 
     // Pass 2 over z: dz.
-    write_dz_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
         queries_c.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), w.data_ptr<acc_t>(), s.C,
         s.P, s.pixel_blocks, share_queries, dz.data_ptr<scalar_t>());
@@ -733,7 +731,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
   m.impl("contrastive_loss", &contrastive_loss_cuda);
   m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
 }

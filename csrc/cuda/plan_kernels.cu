@@ -7,15 +7,13 @@
 // no device asserts, which would kill the process.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../contrastmask/edt.h"
 #include "../contrastmask/plan_steps.h"
 #include "../contrastmask/sampling.h"
 #include "../ops/checks.h"
+#include "../ops/library.h"
+#include "platform.cuh"
 #include "reduce.cuh"
 
 namespace contrastmask {
@@ -74,10 +72,10 @@ __device__ __forceinline__ double mask_value<c10::BFloat16>(c10::BFloat16 v) {
 
 template <typename mask_t>
 __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArgs<mask_t> a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int counts[kNumSets + 2];  // candidate sets, then foreground and background pixels
-  __shared__ int list_len[kNumSets];
-  __shared__ int roi_errors;
+  CM_DYNAMIC_SHARED(unsigned char, smem, 16);
+  CM_SHARED(int, counts, [kNumSets + 2]);  // candidate sets, then foreground and background pixels
+  CM_SHARED(int, list_len, [kNumSets]);
+  CM_SHARED(int, roi_errors);
 
   const int64_t n = blockIdx.x;
   const int H = a.H, W = a.W, P = H * W;
@@ -226,7 +224,7 @@ int32_t launch_plan(PlanArgs<mask_t> a, int64_t N, const at::TensorOptions& opts
   if (smem > kDefaultSharedLimit)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   TORCH_CHECK(N <= 2147483647, "roi_plan: too many ROIs for one launch (", N, ")");
-  kernel<<<static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  CM_LAUNCH(static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream(), kernel)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return read_errors ? errors.item<int32_t>() : 0;
 }
@@ -357,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
   m.impl("partition", &partition_cuda);
   m.impl("boundary_sqdist", &boundary_sqdist_cuda);
   m.impl("sample_keys", &sample_keys_cuda);
