@@ -87,8 +87,9 @@ def set_order(order: str, seed: int = None):
 
 
 def stats() -> dict:
-    launches, blocks, threads, switches, order = torch.ops.contrastmask_emulator.stats()
-    return dict(launches=launches, blocks=blocks, threads=threads, switches=switches, order=order)
+    launches, blocks, threads, switches, order, attribute_sets = torch.ops.contrastmask_emulator.stats()
+    return dict(launches=launches, blocks=blocks, threads=threads, switches=switches, order=order,
+                attribute_sets=attribute_sets)
 
 
 if __name__ == "__main__":

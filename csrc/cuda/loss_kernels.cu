@@ -195,56 +195,133 @@ __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t*
 
 // ---------------------------------------------------------------- reductions over ROIs
 
-// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
-// order. Shared queries (one group): blocks of (kx, 256 / kx) threads, thread (x, y) summing entries
-// y, y + ny, ... of column k, then a tree over y. Per-ROI queries: one thread per (n, k), in order of r.
+// Shared queries reduce over every ROI (N up to 10^5 and more). The reductions are trees of fixed
+// shape: level one sums chunks of kRowsPerChunk rows in blocks side by side, the next level the
+// chunks' partials, and so on until one row is left; the shape depends only on the row count, so the
+// same inputs give the same bits on every run.
+constexpr int64_t kRowsPerChunk = 256;
+
+// Block shape of the chunk kernels: kx columns (a power of two up to a warp) times kThreads / kx rows.
+int chunk_block_x(int64_t K) {
+  int kx = 1;
+  while (kx < K && kx < kWarp) kx *= 2;
+  return kx;
+}
+
+// out[chunk][k] = sum of in[m * K + k] over the rows m of the chunk whose ROI m / R is kept (every
+// row when keep is null): thread (x, y) sums rows y, y + ny, ... of its chunk, then a tree over y.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_over_rois_kernel(const acc_t* in, const bool* keep, int64_t N,
-                                                                 int64_t R, int64_t K, bool share_queries,
-                                                                 acc_t* out) {
-  if (!share_queries) {
-    const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // blockDim.y == 1 here
-    if (e >= N * K) return;
-    const int64_t n = e / K, k = e % K;
-    acc_t s = acc_t(0);
-    if (keep[n])
-      for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
-    out[e] = s;
-    return;
-  }
+__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(const acc_t* in, const bool* keep, int64_t R, int64_t M,
+                                                              int64_t K, acc_t* out) {
   CM_SHARED(acc_t, part, [kThreads]);
   const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
   const int64_t k = int64_t(blockIdx.x) * kx + x;
+  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
+  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
   acc_t s = acc_t(0);
   if (k < K)
-    for (int64_t m = y; m < N * R; m += ny)
-      if (keep[m / R]) s += in[m * K + k];
+    for (int64_t m = first + y; m < last; m += ny)
+      if (!keep || keep[m / R]) s += in[m * K + k];
   part[y * kx + x] = s;
   __syncthreads();
   for (int stride = ny / 2; stride > 0; stride /= 2) {
     if (y < stride) part[y * kx + x] += part[(y + stride) * kx + x];
     __syncthreads();
   }
-  if (y == 0 && k < K) out[k] = part[x];
+  if (y == 0 && k < K) out[int64_t(blockIdx.y) * K + k] = part[x];
 }
 
+// Log-sum-exp pairs (max, sum) merged the same way: in[m][k] and out[chunk][k] hold 2 values each.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) chunk_lse_kernel(const acc_t* in, int64_t M, int64_t K, acc_t* out) {
+  CM_SHARED(acc_t, part, [2 * kThreads]);
+  const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+  const int64_t k = int64_t(blockIdx.x) * kx + x;
+  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
+  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
+  LseAcc<acc_t> acc;
+  if (k < K)
+    for (int64_t m = first + y; m < last; m += ny) {
+      LseAcc<acc_t> p;
+      p.max = in[(m * K + k) * 2];
+      p.sum = in[(m * K + k) * 2 + 1];
+      acc.merge(p);
+    }
+  const int slot = 2 * (y * kx + x);
+  part[slot] = acc.max;
+  part[slot + 1] = acc.sum;
+  __syncthreads();
+  for (int stride = ny / 2; stride > 0; stride /= 2) {
+    if (y < stride) {
+      LseAcc<acc_t> a, b;
+      a.max = part[slot];
+      a.sum = part[slot + 1];
+      b.max = part[slot + 2 * stride * kx];
+      b.sum = part[slot + 2 * stride * kx + 1];
+      a.merge(b);
+      part[slot] = a.max;
+      part[slot + 1] = a.sum;
+    }
+    __syncthreads();
+  }
+  if (y == 0 && k < K) {
+    out[(int64_t(blockIdx.y) * K + k) * 2] = part[2 * x];
+    out[(int64_t(blockIdx.y) * K + k) * 2 + 1] = part[2 * x + 1];
+  }
+}
+
+// out (K values, or K pairs when lse) = the tree reduction of M rows of in (see above).
+template <typename acc_t>
+void launch_reduce_rows(const acc_t* in, const bool* keep, int64_t R, int64_t M, int64_t K, bool lse, acc_t* out,
+                        const at::TensorOptions& acc_opts) {
+  const int64_t chunks = std::max<int64_t>(ceil_div(M, kRowsPerChunk), 1);
+  TORCH_CHECK(chunks <= 65535, "contrastive_loss: too many rows to reduce in one launch (", M, ")");
+  const int kx = chunk_block_x(K);
+  const int64_t col_blocks = ceil_div(K, kx);
+  check_grid(col_blocks);
+  at::Tensor partial;
+  acc_t* level_out = out;
+  if (chunks > 1) {
+    partial = at::empty({chunks, K * (lse ? 2 : 1)}, acc_opts);
+    level_out = partial.data_ptr<acc_t>();
+  }
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
+  if (lse) {
+    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_lse_kernel<acc_t>)(in, M, K, level_out);
+  } else {
+    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_sums_kernel<acc_t>)(in, keep, R, M, K, level_out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 1) launch_reduce_rows<acc_t>(level_out, nullptr, 1, chunks, K, lse, out, acc_opts);
+}
+
+// Per-ROI queries: out[n][k] = sum over r < R of in[(n * R + r) * K + k] for kept ROIs n, else 0; one
+// thread per (n, k), in order of r.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_per_roi_kernel(const acc_t* in, const bool* keep, int64_t N, int64_t R,
+                                                               int64_t K, acc_t* out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= N * K) return;
+  const int64_t n = e / K, k = e % K;
+  acc_t s = acc_t(0);
+  if (keep[n])
+    for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
+  out[e] = s;
+}
+
+// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
+// order (G = 1 with shared queries, else G = N).
 template <typename acc_t>
 void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t R, int64_t K, bool share_queries,
-                          acc_t* out) {
+                          acc_t* out, const at::TensorOptions& acc_opts) {
   if (share_queries) {
-    int kx = 1;
-    while (kx < K && kx < kWarp) kx *= 2;
-    const int64_t blocks = ceil_div(K, kx);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), dim3(kx, kThreads / kx), 0, stream(), sum_over_rois_kernel<acc_t>)(
-        in, keep, N, R, K, true, out);
-  } else {
-    if (N * K == 0) return;
-    const int64_t blocks = ceil_div(N * K, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), sum_over_rois_kernel<acc_t>)(in, keep, N, R, K, false,
-                                                                                          out);
+    launch_reduce_rows<acc_t>(in, keep, R, N * R, K, /*lse=*/false, out, acc_opts);
+    return;
   }
+  if (N * K == 0) return;
+  const int64_t blocks = ceil_div(N * K, kThreads);
+  check_grid(blocks);
+  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), sum_per_roi_kernel<acc_t>)(in, keep, N, R, K, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -580,8 +657,6 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int group_threads(bool share_queries) { return share_queries ? kThreads : kWarp; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
@@ -604,6 +679,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
   at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
+  // Shared queries: the group's merged log-sum-exp pairs, then its positive sums.
+  at::Tensor group_total = at::empty({kNumTerms * kPosStats}, acc_opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -620,7 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     launch_sum_over_rois<acc_t>(roi_sums.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                queries.data_ptr<acc_t>());
+                                queries.data_ptr<acc_t>(), acc_opts);
     launch_query_norms<acc_t>(s, queries, qnorms);
 
     // Pass 2 over z, then the term statistics.
@@ -631,9 +708,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
           lse_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    // Group statistics: a warp per ROI, or with shared queries a tree over every ROI's block partials
+    // first, then one warp.
+    const acc_t* lse_rows = lse_part.data_ptr<acc_t>();
+    int64_t rows_n = s.N, rows_blocks = s.pixel_blocks;
+    if (share_queries) {
+      launch_reduce_rows<acc_t>(lse_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms, /*lse=*/true,
+                                group_total.data_ptr<acc_t>(), acc_opts);
+      lse_rows = group_total.data_ptr<acc_t>();
+      rows_n = rows_blocks = 1;
+    }
     if (s.G > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream(), group_lse_kernel<acc_t>)(
-          lse_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_lse_kernel<acc_t>)(
+          lse_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (s.N > 0) {
@@ -642,9 +729,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
           s.pixel_blocks, share_queries, params, pos_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    const acc_t* pos_rows = pos_part.data_ptr<acc_t>();
+    if (share_queries) {
+      launch_reduce_rows<acc_t>(pos_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kPosStats, /*lse=*/false,
+                                group_total.data_ptr<acc_t>(), acc_opts);
+      pos_rows = group_total.data_ptr<acc_t>();
+    }
     if (s.G > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream(), group_terms_kernel<acc_t>)(
-          pos_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_terms_kernel<acc_t>)(
+          pos_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     CM_LAUNCH(1, kThreads, 0, stream(), write_loss_kernel<scalar_t, acc_t>)(
@@ -715,9 +808,9 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
         roi_dq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                dq_sums.data_ptr<acc_t>());
+                                dq_sums.data_ptr<acc_t>(), acc_opts);
     launch_sum_over_rois<acc_t>(beta_part.data_ptr<acc_t>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
-                                beta.data_ptr<acc_t>());
+                                beta.data_ptr<acc_t>(), acc_opts);
 
     // Pass 2 over z: dz.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(

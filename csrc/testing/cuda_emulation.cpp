@@ -150,7 +150,7 @@ struct SharedSite {
 };
 
 struct Stats {
-  int64_t launches = 0, blocks = 0, fibers = 0, switches = 0;
+  int64_t launches = 0, blocks = 0, fibers = 0, switches = 0, attribute_sets = 0;
 };
 
 uint64_t mix64(uint64_t x) {
@@ -480,7 +480,7 @@ void set_schedule(int order, uint64_t seed) {
 
 std::vector<int64_t> stats() {
   Runtime& r = rt();
-  return {r.stats.launches, r.stats.blocks, r.stats.fibers, r.stats.switches, r.order};
+  return {r.stats.launches, r.stats.blocks, r.stats.fibers, r.stats.switches, r.order, r.stats.attribute_sets};
 }
 
 void fail(const std::string& message) {
@@ -507,6 +507,7 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int val
   KernelInfo& k = r.kernels[func];
   if (value < 0 || static_cast<size_t>(value) + k.static_bytes > kMaxSharedPerBlock) return cudaErrorInvalidValue;
   k.max_dynamic = value;
+  ++r.stats.attribute_sets;
   return cudaSuccess;
 }
 
@@ -588,19 +589,19 @@ uint64_t warp_collective(const char* file, int line, WarpOp op, unsigned mask, u
   const Site site{file, line};
   const int lane = f.linear % 32;
   Warp& w = r.warps[f.linear / 32];
-  const std::string what = std::string(warp_op_name(op)) + " (" + where(site) + ") in " + thread_name(f);
+  auto what = [&] { return std::string(warp_op_name(op)) + " (" + where(site) + ") in " + thread_name(f); };
   if (mask != 0xffffffffu) {
     char hex[16];
     snprintf(hex, sizeof hex, "0x%08x", mask);
-    fail_in_fiber(what + ": partial mask " + hex + "; only full-warp collectives (0xffffffff) are supported");
+    fail_in_fiber(what() + ": partial mask " + hex + "; only full-warp collectives (0xffffffff) are supported");
   }
   if (w.size != 32)
-    fail_in_fiber(what + ": its warp has only " + std::to_string(w.size) + " lanes (block of " +
+    fail_in_fiber(what() + ": its warp has only " + std::to_string(w.size) + " lanes (block of " +
                   std::to_string(r.threads) + " threads), but the mask names 32");
   if (width < 1 || width > 32 || (width & (width - 1)))
-    fail_in_fiber(what + ": width " + std::to_string(width) + " is not a power of two <= 32");
+    fail_in_fiber(what() + ": width " + std::to_string(width) + " is not a power of two <= 32");
   if (w.exited > 0)
-    fail_in_fiber(what + ": " + std::to_string(w.exited) + " lane(s) of its warp have exited; a warp collective " +
+    fail_in_fiber(what() + ": " + std::to_string(w.exited) + " lane(s) of its warp have exited; a warp collective " +
                   "needs every lane of its mask");
   if (w.arrived == 0) {
     w.site = site;
@@ -608,7 +609,7 @@ uint64_t warp_collective(const char* file, int line, WarpOp op, unsigned mask, u
     w.first = f.linear;
   } else if (!same_site(site, w.site) || w.op != op) {
     fail_in_fiber("warp divergence: " + thread_name(r.fibers[w.first]) + " waits at " + warp_op_name(w.op) + " (" +
-                  where(w.site) + ") while " + what.substr(0, what.find(" in ")) + " was reached by " +
+                  where(w.site) + ") while " + warp_op_name(op) + " (" + where(site) + ") was reached by " +
                   thread_name(f));
   }
   f.state = State::kWarp;

@@ -101,7 +101,7 @@ constexpr int kMultiProcessors = 132;
 enum Order : int { kForward = 0, kReverse = 1, kRandom = 2 };
 
 void set_schedule(int order, uint64_t seed);
-std::vector<int64_t> stats();  // launches, blocks, threads, fiber switches, current order
+std::vector<int64_t> stats();  // launches, blocks, threads, fiber switches, order, attribute sets
 [[noreturn]] void fail(const std::string& message);  // from kernel code: aborts the launch with this error
 
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
