@@ -5,7 +5,8 @@ a fiber of its block (see docs/DESIGN.md, "CUDA emulation").
 
 Built with torch.utils.cpp_extension.load into build/cuda-emu/ (never installed by pip); `make test`
 builds it first (`python tests/cuda_emu.py`), and the tests load it. `python tests/cuda_emu.py --asan`
-builds the AddressSanitizer variant into build/cuda-emu-asan/ (used by `make test-emu-asan`).
+builds the AddressSanitizer variant into build/cuda-emu-asan/ (`make test-emu-asan`; libasan must be
+preloaded into the process).
 
 Environment: CONTRASTMASK_EMU_ASAN=1 makes load() use the ASan variant (the process must preload
 libasan, see the Makefile); CONTRASTMASK_EMU_SEED sets the random fiber order's seed (default 0).
@@ -13,7 +14,6 @@ libasan, see the Makefile); CONTRASTMASK_EMU_SEED sets the random fiber order's 
 import argparse
 import glob
 import os
-import sys
 
 import torch
 from torch.utils import cpp_extension
@@ -94,17 +94,8 @@ def stats() -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--asan", action="store_true", help="build the AddressSanitizer variant")
+    parser.add_argument("--asan", action="store_true",
+                        help="build the AddressSanitizer variant (run with libasan preloaded, see the Makefile)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    if args.asan:
-        # Only compile here: loading an ASan library needs libasan preloaded into the process.
-        os.environ["CONTRASTMASK_EMU_ASAN"] = "1"
-    try:
-        path = build(asan=args.asan, verbose=args.verbose)
-    except OSError as exc:  # the ASan library cannot load without LD_PRELOAD; the build itself is done
-        if not args.asan:
-            raise
-        print("built (not loadable without libasan preloaded):", exc)
-        sys.exit(0)
-    print("CUDA emulation library:", path)
+    print("CUDA emulation library:", build(asan=args.asan, verbose=args.verbose))

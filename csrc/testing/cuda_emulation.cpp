@@ -34,7 +34,15 @@
 #define CM_EMU_ASAN 0
 #endif
 #if CM_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+// Shared memory outside the block's variables (static) or past the launch's size (dynamic) is
+// poisoned, so AddressSanitizer reports kernel accesses there.
+#define CM_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define CM_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define CM_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define CM_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
 uint3 threadIdx{0, 0, 0};
@@ -243,7 +251,8 @@ void fiber_start();
 
 char* new_stack() {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  void* p = mmap(nullptr, kStackSize + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p = mmap(nullptr, kStackSize + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                 0);
   TORCH_CHECK(p != MAP_FAILED, "CUDA emulation: cannot map a fiber stack");
   mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting memory
   return static_cast<char*>(p) + page;
@@ -329,8 +338,9 @@ void thread_exited(Fiber& f) {
   Warp& w = r.warps[f.linear / 32];
   ++w.exited;
   if (r.at_barrier > 0) {
-    fail_in_fiber(thread_name(f) + " exited while " + std::to_string(r.at_barrier) + " thread(s) of its block wait at " +
-                  "__syncthreads (" + where(r.barrier_site) + "): every thread of the block must reach each barrier");
+    fail_in_fiber(thread_name(f) + " exited while " + std::to_string(r.at_barrier) +
+                  " thread(s) of its block wait at __syncthreads (" + where(r.barrier_site) +
+                  "): every thread of the block must reach each barrier");
   }
   if (w.arrived > 0) {
     fail_in_fiber(thread_name(f) + " exited while lanes of its warp wait at " + warp_op_name(w.op) + " (" +
@@ -400,8 +410,12 @@ void run_block(uint64_t block_seed) {
   // Shared memory: garbage at every block start.
   r.shared_sites.clear();
   r.static_used = 0;
+  CM_EMU_UNPOISON(r.static_arena, kMaxStaticShared);
   if (r.static_filled) fill_garbage(r.static_arena, r.static_filled, r.order, block_seed ^ 0x5a5a);
+  CM_EMU_POISON(r.static_arena, kMaxStaticShared);
+  CM_EMU_UNPOISON(r.dynamic_arena, kMaxSharedPerBlock);
   if (c.dynamic_shared) fill_garbage(r.dynamic_arena, c.dynamic_shared, r.order, block_seed ^ 0xa5a5);
+  CM_EMU_POISON(r.dynamic_arena + c.dynamic_shared, kMaxSharedPerBlock - c.dynamic_shared);
 
   const int T = r.threads;
   for (int i = 0; i < T; ++i) {
@@ -540,8 +554,9 @@ void* static_shared(const void* site, size_t bytes, size_t align) {
          " bytes per block");
   r.static_used = end;
   k.static_bytes = std::max(k.static_bytes, end);
+  CM_EMU_UNPOISON(r.static_arena + offset, bytes);
   if (end > r.static_filled) {
-    fill_garbage(r.static_arena + r.static_filled, end - r.static_filled, r.order, r.launch_index ^ end);
+    fill_garbage(r.static_arena + offset, end - offset, r.order, r.launch_index ^ end);
     r.static_filled = end;
   }
   r.shared_sites.push_back(SharedSite{site, offset, bytes});
@@ -651,7 +666,8 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
   std::lock_guard<std::mutex> lock(r.launch_mutex);
   const dim3 g = c.grid, b = c.block;
   if (g.x == 0 || g.y == 0 || g.z == 0) launch_error(c, "empty grid");
-  if (g.x > 2147483647u || g.y > 65535 || g.z > 65535) launch_error(c, "grid too large (at most 2^31-1 x 65535 x 65535)");
+  if (g.x > 2147483647u || g.y > 65535 || g.z > 65535)
+    launch_error(c, "grid too large (at most 2^31-1 x 65535 x 65535)");
   if (b.x == 0 || b.y == 0 || b.z == 0) launch_error(c, "empty block");
   if (b.x > 1024 || b.y > 1024 || b.z > 64 || uint64_t(b.x) * b.y * b.z > 1024)
     launch_error(c, "block too large (at most 1024 threads, z <= 64)");

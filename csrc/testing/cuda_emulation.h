@@ -287,10 +287,11 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  namespace emu = ::contrastmask::emu;
   switch (attr) {
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(::contrastmask::emu::kDefaultDynamicShared); break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(::contrastmask::emu::kMaxSharedPerBlock); break;
-    case cudaDevAttrMultiProcessorCount: *value = ::contrastmask::emu::kMultiProcessors; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(emu::kDefaultDynamicShared); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(emu::kMaxSharedPerBlock); break;
+    case cudaDevAttrMultiProcessorCount: *value = emu::kMultiProcessors; break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;
