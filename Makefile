@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 SOURCES += tools/find_cuda.py
 
-.PHONY: venv build test test-cuda demo bench clean
+.PHONY: venv build emu test test-cuda test-emu-asan demo bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,24 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 build: $(VENV)/.built
 
+# The CUDA kernels compiled by the host compiler into a test-only emulation library (build/cuda-emu/,
+# never installed); the op tests run on it as device cuda-emu (docs/DESIGN.md, "CUDA emulation").
+emu: build
+	$(PY) tests/cuda_emu.py
+
 # The build test fails unless the extension (and, where a usable CUDA toolkit exists, its CUDA part) was compiled.
-test: build
+test: build emu
 	CONTRASTMASK_REQUIRE_EXTENSION=1 CONTRASTMASK_REQUIRE_CUDA=$$($(PY) tools/find_cuda.py >/dev/null && echo 1 || echo 0) \
 	  $(PY) -m pytest tests -q -ra
 
 test-cuda: build
 	$(PY) -m pytest tests -q -ra -m cuda
+
+# The cuda-emu tests on an AddressSanitizer build of the emulation library (build/cuda-emu-asan/).
+ASAN_ENV = CONTRASTMASK_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so)
+test-emu-asan: build
+	$(ASAN_ENV) $(PY) tests/cuda_emu.py --asan
+	$(ASAN_ENV) $(PY) -m pytest tests -q -ra -m cuda_emu
 
 demo: build
 	$(PY) -m model.demo

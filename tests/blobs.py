@@ -58,7 +58,7 @@ def blob_cams(masks: torch.Tensor, *, generator: torch.Generator, n_bumps: int =
     return ((raw - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
 
 
-def make_batch(n: int, h: int, w: int, c: int, *, seed: int, dtype: torch.dtype = torch.float32,
+def blob_batch(n: int, h: int, w: int, c: int, *, seed: int, dtype: torch.dtype = torch.float32,
                novel_frac: float = 0.5, device="cpu", cams_dtype: torch.dtype = torch.float32) -> dict:
     """A batch of n ROIs: z (n, c, h, w) of dtype, masks bool, cams in [0, 1], is_novel bool, valid None.
     Foreground pixels share a mean direction in feature space, so the loss is meaningful."""

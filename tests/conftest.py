@@ -1,14 +1,28 @@
-import os
-import sys
+import zlib
 
 import pytest
 import torch
 
-# tests/ holds shared helpers (blobs.py); make them importable as plain modules.
-sys.path.insert(0, os.path.dirname(__file__))
+import devices
+
+# tests/ is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so shared helpers
+# (blobs.py, cases.py, devices.py, cuda_emu.py) import as plain modules.
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=devices.all_devices())
+def device(request, monkeypatch):
+    """The device a test's ops run on: cpu, cuda-emu under each fiber order, cuda (see devices.py).
+    On cuda-emu the public API is routed to torch.ops.contrastmask_emu for the test, and the random
+    order's seed is derived from the test id (reproducible, different per test)."""
+    d = request.param
+    devices.activate(d, monkeypatch)
+    if d.kind == "cuda-emu" and d.order == "rand":
+        import cuda_emu
+        cuda_emu.set_order("rand", zlib.crc32(request.node.nodeid.encode()) ^ cuda_emu.env_seed())
+    return d

@@ -1,16 +1,17 @@
-"""Autograd, torch.library.opcheck and torch.compile through the compiled operators."""
+"""Autograd, torch.library.opcheck and torch.compile through the compiled operators (opcheck and
+torch.compile on every device, see devices.py)."""
 import pytest
 import torch
 
 import contrastmask_ops as cm
-from blobs import make_batch
+from blobs import blob_batch
 
 pytestmark = pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
 ops = torch.ops.contrastmask
 
 
 def _tiny(seed=0, n=3, c=4, dtype=torch.float64):
-    b = make_batch(n, 9, 11, c, seed=seed, dtype=dtype)
+    b = blob_batch(n, 9, 11, c, seed=seed, dtype=dtype)
     labels, keys, keep = ops.roi_plan(b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.5, 2, 1, seed)
     assert keep.any(), "the tiny batch must keep some ROI"
     return b, labels, keys, keep
@@ -36,12 +37,14 @@ def test_gradcheck_fused(formulation, share_queries):
     assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def _opcheck_cases():
+def _opcheck_cases(device):
     b, labels, keys, keep = _tiny(dtype=torch.float32)
+    b, labels, keys, keep = device.batch(b), device.to(labels), device.to(keys), device.to(keep)
+    ops = device.ops
     sqdist = ops.boundary_sqdist(b["masks"])
     z = b["z"].clone().requires_grad_(True)
     loss, queries, pixstats, termstats = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, True, "paper")
-    grad = torch.ones((), dtype=z.dtype)
+    grad = device.to(torch.ones((), dtype=z.dtype))
     return {
         "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1),
         "boundary_sqdist": (b["masks"],),
@@ -55,16 +58,17 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("name", ["partition", "boundary_sqdist", "sample_keys", "roi_plan", "contrastive_loss",
                                   "contrastive_loss_backward"])
-def test_opcheck(name):
-    torch.library.opcheck(getattr(ops, name).default, _opcheck_cases()[name])
+def test_opcheck(device, name):
+    torch.library.opcheck(getattr(device.ops, name).default, _opcheck_cases(device)[name])
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    b = make_batch(8, 28, 28, 16, seed=3)
+def test_torch_compile_fullgraph_matches_eager(device):
+    b = device.batch(blob_batch(8, 28, 28, 16, seed=3))
 
     def step(z, masks, cams, is_novel):
         return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, seed=123) * 2.0
 
+    torch._dynamo.reset()  # a fresh compile on each device (the public API routes to its kernels)
     compiled = torch.compile(step, fullgraph=True)
     z1 = b["z"].clone().requires_grad_(True)
     z2 = b["z"].clone().requires_grad_(True)
@@ -77,7 +81,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_stats_are_detached():
-    b = make_batch(8, 28, 28, 16, seed=3)
+    b = blob_batch(8, 28, 28, 16, seed=3)
     z = b["z"].clone().requires_grad_(True)
     loss, stats = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=1,
                                                     return_stats=True)

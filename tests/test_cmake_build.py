@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import contrastmask_ops as cm
-from blobs import make_batch
+from blobs import blob_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_cmake_library_registers_the_same_ops(tmp_path):
     library = build / "libcontrastmask_ops.so"
     assert library.exists()
 
-    b = make_batch(9, 28, 28, 4, seed=3)
+    b = blob_batch(9, 28, 28, 4, seed=3)
     torch.save(b, tmp_path / "inputs.pt")
     # A fresh interpreter that never imports contrastmask_ops.
     _run([sys.executable, "-c", CHILD, library, tmp_path / "inputs.pt", tmp_path / "out.pt"])

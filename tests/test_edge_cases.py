@@ -4,7 +4,7 @@ import torch
 
 import contrastmask_ops as cm
 from contrastmask_ops import reference as ref
-from blobs import make_batch
+from blobs import blob_batch
 
 IMPLS = [pytest.param(ref, id="reference")]
 if cm.build_info()["cpu"]:
@@ -30,7 +30,7 @@ def test_empty_batch(impl, share_queries):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("formulation", ["paper", "released"])
 def test_every_roi_dropped_gives_zero_loss_and_zero_grad(impl, formulation):
-    b = make_batch(6, 28, 28, 8, seed=0)
+    b = blob_batch(6, 28, 28, 8, seed=0)
     loss, g = _loss_and_grad(impl, b["z"], b["masks"], b["cams"], b["is_novel"], min_keys=10**6,
                              formulation=formulation)
     assert loss.item() == 0.0
@@ -39,7 +39,7 @@ def test_every_roi_dropped_gives_zero_loss_and_zero_grad(impl, formulation):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_invalid_rois_are_dropped(impl):
-    b = make_batch(6, 28, 28, 8, seed=0)
+    b = blob_batch(6, 28, 28, 8, seed=0)
     valid = torch.zeros(6, dtype=torch.bool)
     loss, stats = impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], valid=valid,
                                                       return_stats=True)
@@ -61,7 +61,7 @@ def test_all_foreground_mask_has_no_boundary(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_norm_features_stay_finite(impl):
-    b = make_batch(6, 28, 28, 8, seed=1)
+    b = blob_batch(6, 28, 28, 8, seed=1)
     z = b["z"].clone()
     z[:, :, :10] = 0.0  # zero vectors among keys and queries' pixels
     z[2] = 0.0
@@ -74,14 +74,14 @@ def test_zero_norm_features_stay_finite(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tiny_temperature_stays_finite(impl):
-    b = make_batch(6, 28, 28, 8, seed=1)
+    b = blob_batch(6, 28, 28, 8, seed=1)
     loss, g = _loss_and_grad(impl, b["z"], b["masks"], b["cams"], b["is_novel"], tau_easy=1e-3, tau_hard=1e-3)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_in_used_pixel_gives_nan_loss(impl):
-    b = make_batch(6, 28, 28, 8, seed=1)
+    b = blob_batch(6, 28, 28, 8, seed=1)
     labels = impl.partition(b["masks"], b["cams"], b["is_novel"])
     n, y, x = [int(v) for v in (labels == 1).nonzero()[0]]
     z = b["z"].clone()
@@ -92,13 +92,13 @@ def test_nan_in_used_pixel_gives_nan_loss(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_channel(impl):
-    b = make_batch(5, 13, 21, 1, seed=4)
+    b = blob_batch(5, 13, 21, 1, seed=4)
     loss, g = _loss_and_grad(impl, b["z"], b["masks"], b["cams"], b["is_novel"], seed=1)
     assert torch.isfinite(loss) and torch.isfinite(g).all() and loss.item() != 0.0
 
 
 def _bad_calls(impl):
-    b = make_batch(4, 14, 14, 8, seed=0)
+    b = blob_batch(4, 14, 14, 8, seed=0)
     z, masks, cams, novel = b["z"], b["masks"], b["cams"], b["is_novel"]
     novel = novel.clone()
     novel[0] = True

@@ -12,7 +12,8 @@ import torch
 
 import contrastmask_ops as cm
 from contrastmask_ops import reference as ref
-from blobs import make_batch
+from blobs import blob_batch
+from cases import assert_grad_close, loss_and_grad, loss_kwargs, plan_kwargs, random_valid
 
 pytestmark = pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
 
@@ -20,21 +21,11 @@ SHAPES = [(28, 28), (14, 14), (13, 21)]
 PLAN_CASES = list(itertools.product([0, 1, 7, 64], SHAPES, [0, 1, 2]))
 
 
-def _plan_kwargs(seed):
-    # Vary the sampler's parameters with the case, so min_keys = 0 and sigma = 1 are covered too.
-    return dict(sigma=[0.3, 1.0, 0.05][seed % 3], hard_sqdist=[2, 0, 5][seed % 3], min_keys=[5, 0, 12][seed % 3])
-
-
-def _random_valid(n, seed):
-    g = torch.Generator().manual_seed(seed + 1000)
-    return torch.rand(n, generator=g) > 0.2 if seed % 2 else None
-
-
 @pytest.mark.parametrize("n,hw,seed", PLAN_CASES)
 def test_plan_ops_match_reference(n, hw, seed):
-    b = make_batch(n, hw[0], hw[1], 1, seed=seed)
-    valid = _random_valid(n, seed)
-    kw = _plan_kwargs(seed)
+    b = blob_batch(n, hw[0], hw[1], 1, seed=seed)
+    valid = random_valid(n, seed)
+    kw = plan_kwargs(seed)
     labels = cm.partition(b["masks"], b["cams"], b["is_novel"], valid=valid)
     assert labels.dtype == torch.int8
     assert torch.equal(labels, ref.partition(b["masks"], b["cams"], b["is_novel"], valid=valid))
@@ -54,7 +45,7 @@ def test_plan_ops_match_reference(n, hw, seed):
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("cam_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_partition_dtypes_match_reference(mask_dtype, cam_dtype):
-    b = make_batch(16, 13, 21, 1, seed=3)
+    b = blob_batch(16, 13, 21, 1, seed=3)
     masks, cams = b["masks"].to(mask_dtype), b["cams"].to(cam_dtype)
     # Put CAM values exactly on the thresholds, where rounding decides.
     cams[0, 0, :4] = torch.tensor([0.9, 0.1, 0.5, 1.0]).to(cam_dtype)
@@ -65,7 +56,7 @@ def test_partition_dtypes_match_reference(mask_dtype, cam_dtype):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sample_counts_are_exact(seed):
-    b = make_batch(32, 28, 28, 1, seed=seed)
+    b = blob_batch(32, 28, 28, 1, seed=seed)
     labels = cm.partition(b["masks"], b["cams"], b["is_novel"])
     sqdist = cm.boundary_sqdist(b["masks"])
     keys, keep = cm.sample_keys(labels, sqdist, b["is_novel"], sigma=0.3, min_keys=0, seed=seed)
@@ -81,23 +72,10 @@ def test_sample_counts_are_exact(seed):
 
 
 def _loss_inputs(n, hw, c, dtype, seed):
-    b = make_batch(n, hw[0], hw[1], c, seed=seed, dtype=dtype)
+    b = blob_batch(n, hw[0], hw[1], c, seed=seed, dtype=dtype)
     labels, keys, keep = torch.ops.contrastmask.roi_plan(b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2,
                                                          3, seed)
     return b["z"], labels, keys, keep
-
-
-def _loss_and_grad(fn, z, *args, **kw):
-    z = z.detach().clone().requires_grad_(True)
-    loss = fn(z, *args, **kw)
-    (g,) = torch.autograd.grad(loss, z)
-    return loss.detach(), g
-
-
-def _assert_grad_close(g, g_ref, rel, atol=1e-7):
-    scale = g_ref.abs().max().item()
-    err = (g.double() - g_ref.double()).abs().max().item()
-    assert err <= rel * scale + atol, (err, scale)
 
 
 LOSS_CASES = [
@@ -115,11 +93,9 @@ LOSS_CASES = [
 @pytest.mark.parametrize("share_queries", [True, False])
 def test_loss_matches_reference_float32(n, hw, c, seed, formulation, share_queries):
     z, labels, keys, keep = _loss_inputs(n, hw, c, torch.float32, seed)
-    kw = dict(tau_easy=0.7, tau_hard=0.3, share_queries=share_queries, formulation=formulation)
-    if formulation == "released":
-        kw.update(tau_easy=0.3, tau_hard=0.7)
-    loss, g = _loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
+    kw = loss_kwargs(formulation, share_queries)
+    loss, g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
+    loss_ref, g_ref = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
     if c == 1:
@@ -127,7 +103,7 @@ def test_loss_matches_reference_float32(n, hw, c, seed, formulation, share_queri
         # noise (amplified by 1/|z - q| in "released"), so compare each with 0 instead.
         assert g.abs().max() <= 1e-3 and g_ref.abs().max() <= 1e-3
     else:
-        _assert_grad_close(g, g_ref, 1e-4)
+        assert_grad_close(g, g_ref, 1e-4)
 
 
 @pytest.mark.parametrize("dtype,loss_rtol,grad_rel", [
@@ -136,17 +112,17 @@ def test_loss_matches_reference_float32(n, hw, c, seed, formulation, share_queri
 def test_loss_matches_reference_other_dtypes(dtype, loss_rtol, grad_rel, formulation):
     z, labels, keys, keep = _loss_inputs(7, (28, 28), 32, dtype, 5)
     kw = dict(formulation=formulation)
-    loss, g = _loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
+    loss, g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
+    loss_ref, g_ref = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
     assert loss.dtype == dtype and g.dtype == dtype
     torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=loss_rtol, atol=1e-6)
-    _assert_grad_close(g, g_ref, grad_rel)
+    assert_grad_close(g, g_ref, grad_rel)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("share_queries", [True, False])
 def test_fused_pipeline_matches_reference(seed, share_queries):
-    b = make_batch(24, 28, 28, 64, seed=seed)
+    b = blob_batch(24, 28, 28, 64, seed=seed)
     args = (b["masks"], b["cams"], b["is_novel"])
     kw = dict(share_queries=share_queries, seed=seed, return_stats=True)
     z = b["z"].clone().requires_grad_(True)
@@ -156,7 +132,7 @@ def test_fused_pipeline_matches_reference(seed, share_queries):
     loss_ref, stats_ref = ref.query_sharing_contrastive_loss(z_ref, *args, **kw)
     (g_ref,) = torch.autograd.grad(loss_ref, z_ref)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
-    _assert_grad_close(g, g_ref, 1e-4)
+    assert_grad_close(g, g_ref, 1e-4)
     assert int(stats.kept) == int(stats_ref.kept) > 0
     assert torch.equal(stats.keys_per_set, stats_ref.keys_per_set)
     torch.testing.assert_close(stats.q_pos.float(), stats_ref.q_pos.float(), rtol=1e-5, atol=1e-6)
@@ -164,7 +140,7 @@ def test_fused_pipeline_matches_reference(seed, share_queries):
 
 
 def test_same_seed_same_result_and_threads_do_not_matter():
-    b = make_batch(32, 28, 28, 32, seed=7)
+    b = blob_batch(32, 28, 28, 32, seed=7)
     args = (b["z"], b["masks"], b["cams"], b["is_novel"])
     threads = torch.get_num_threads()
     try:
@@ -179,7 +155,7 @@ def test_same_seed_same_result_and_threads_do_not_matter():
 
 
 def test_module_wrapper_matches_function():
-    b = make_batch(8, 28, 28, 16, seed=2)
+    b = blob_batch(8, 28, 28, 16, seed=2)
     crit = cm.QuerySharingContrastiveLoss(sigma=0.5, tau_easy=0.5, share_queries=False)
     got = crit(b["z"], b["masks"], b["cams"], b["is_novel"], seed=3)
     want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], sigma=0.5, tau_easy=0.5,
@@ -192,7 +168,7 @@ def test_kernel_sampler_is_uniform_over_seeds():
     # Every candidate of a set should be picked about equally often across seeds (chi-square).
     from scipy.stats import chisquare
 
-    b = make_batch(8, 28, 28, 1, seed=11)
+    b = blob_batch(8, 28, 28, 1, seed=11)
     novel = torch.zeros(8, dtype=torch.bool)
     labels = cm.partition(b["masks"], None, novel)
     sqdist = cm.boundary_sqdist(b["masks"])

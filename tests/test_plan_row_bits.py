@@ -11,7 +11,7 @@ import torch
 
 import contrastmask_ops as cm
 from contrastmask_ops import reference as ref
-from blobs import make_batch
+from blobs import blob_batch
 
 pytestmark = pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
 
@@ -41,7 +41,7 @@ def _assert_same(fused, steps):
 @pytest.mark.parametrize("hw", GRIDS)
 @pytest.mark.parametrize("hard_sqdist", HARD_SQDISTS)
 def test_fused_plan_equals_steps(hw, hard_sqdist):
-    b = make_batch(12, hw[0], hw[1], 1, seed=hw[0] * 100 + hw[1])
+    b = blob_batch(12, hw[0], hw[1], 1, seed=hw[0] * 100 + hw[1])
     valid = torch.arange(12) % 5 != 3
     kw = dict(sigma=0.3, hard_sqdist=hard_sqdist, min_keys=1)
     fused = _fused(b, valid, 7, **kw)
@@ -53,7 +53,7 @@ def test_fused_plan_equals_steps(hw, hard_sqdist):
 def test_fused_plan_equals_reference_across_seeds(seed):
     sigma = [0.3, 0.05, 0.55, 1.0, 0.999, 0.5][seed]
     hw = GRIDS[seed % len(GRIDS)]
-    b = make_batch(20, hw[0], hw[1], 1, seed=seed)
+    b = blob_batch(20, hw[0], hw[1], 1, seed=seed)
     kw = dict(sigma=sigma, hard_sqdist=[2, 5, 0, 2, 18, 1][seed], min_keys=[5, 0, 1, 3, 0, 2][seed])
     labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
     keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(b["masks"]), b["is_novel"], seed=seed * 7919, **kw)

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import contrastmask_ops.reference as ref
-from blobs import blob_masks, make_batch
+from blobs import blob_masks, blob_batch
 
 INT32_MAX = 2**31 - 1
 M64 = 2**64
@@ -185,7 +185,7 @@ def candidate_lists(labels, sqdist, is_novel, hard_sqdist):
 @pytest.mark.parametrize("sigma,hard_sqdist,min_keys", [(0.3, 2, 5), (1.0, 0, 1), (0.05, 5, 0), (0.7, -1, 0),
                                                         (0.5, 2**40, 0), (0.5, -2**40, 0)])
 def test_sample_keys_matches_python_selection(sigma, hard_sqdist, min_keys):
-    batch = make_batch(24, 11, 9, 1, seed=7)
+    batch = blob_batch(24, 11, 9, 1, seed=7)
     labels, sqdist = plan(batch)
     seed = 2**63 + 12345
     keys, keep = ref.sample_keys(labels, sqdist, batch["is_novel"], sigma=sigma, hard_sqdist=hard_sqdist,
@@ -227,7 +227,7 @@ def test_sample_keys_count_rule_float_product(sigma, c, k):
 
 
 def test_sample_keys_seeds():
-    batch = make_batch(16, 14, 14, 1, seed=1)
+    batch = blob_batch(16, 14, 14, 1, seed=1)
     labels, sqdist = plan(batch)
     nov = batch["is_novel"]
     a, ka = ref.sample_keys(labels, sqdist, nov, seed=5)
@@ -361,7 +361,7 @@ def naive_loss(z, labels, keys, keep, *, tau_easy=0.7, tau_hard=0.3, share_queri
 
 
 def sampled(n, h, w, c, seed, dtype=torch.float64, min_keys=1, sigma=0.3):
-    batch = make_batch(n, h, w, c, seed=seed, dtype=dtype)
+    batch = blob_batch(n, h, w, c, seed=seed, dtype=dtype)
     labels, sqdist = plan(batch)
     keys, keep = ref.sample_keys(labels, sqdist, batch["is_novel"], sigma=sigma, min_keys=min_keys, seed=seed)
     return batch, labels, keys, keep
@@ -511,7 +511,7 @@ def test_loss_gradcheck(formulation, share):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_pipeline_composes_blocks_and_stats(share):
-    batch = make_batch(12, 14, 10, 8, seed=17)
+    batch = blob_batch(12, 14, 10, 8, seed=17)
     batch["valid"] = torch.ones(12, dtype=torch.bool)
     batch["valid"][3] = False
     args = (batch["z"], batch["masks"], batch["cams"], batch["is_novel"])
@@ -539,7 +539,7 @@ def test_pipeline_composes_blocks_and_stats(share):
 
 
 def test_pipeline_module_level_defaults_match_spec():
-    batch = make_batch(6, 10, 10, 4, seed=3)
+    batch = blob_batch(6, 10, 10, 4, seed=3)
     args = (batch["z"], batch["masks"], batch["cams"], batch["is_novel"])
     a = ref.query_sharing_contrastive_loss(*args, seed=1)
     b = ref.query_sharing_contrastive_loss(*args, seed=1, delta=0.1, sigma=0.3, tau_easy=0.7, tau_hard=0.3,
@@ -552,7 +552,7 @@ def test_pipeline_module_level_defaults_match_spec():
 # ------------------------------------------------------------------------------------------------
 
 def _bad_cases():
-    batch = make_batch(3, 6, 7, 4, seed=0)
+    batch = blob_batch(3, 6, 7, 4, seed=0)
     z, masks, cams, nov = batch["z"], batch["masks"], batch["cams"], batch["is_novel"]
     nov = torch.tensor([True, False, False])
     labels = ref.partition(masks, cams, nov)

@@ -20,16 +20,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 
 #include "../contrastmask/loss_math.h"
 #include "../ops/checks.h"
+#include "../ops/library.h"
+#include "platform.cuh"
 #include "reduce.cuh"
 
 namespace contrastmask {
@@ -60,7 +58,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 // counts[n][side]: pixels labelled 1 (side 0) and 0 (side 1) of kept ROIs, 0 for dropped ones.
 __global__ void __launch_bounds__(kThreads) roi_counts_kernel(const int8_t* labels, const bool* keep, int64_t P,
                                                               int32_t* counts) {
-  __shared__ int scratch[kMaxBlockWarps];
+  CM_SHARED(int, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x;
   int fg = 0, bg = 0;
   if (keep[n]) {
@@ -84,14 +82,14 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const bool* keep, int64_t N,
                                                                bool share_queries, const acc_t* grad, acc_t* w,
                                                                int64_t* kept_out, acc_t* scale_out) {
-  __shared__ long long scratch[kMaxBlockWarps];
+  CM_SHARED(long long, scratch, [kMaxBlockWarps]);
   long long kept = 0, with_fg = 0, with_bg = 0;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
     kept += keep[n];
     with_fg += counts[n * 2] > 0;
     with_bg += counts[n * 2 + 1] > 0;
   }
-  __shared__ long long totals[3];
+  CM_SHARED(long long, totals, [3]);
   kept = block_sum(kept, scratch);
   if (threadIdx.x == 0) totals[0] = kept;
   with_fg = block_sum(with_fg, scratch);
@@ -121,7 +119,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t* z, const int8_t* labels,
                                                                   const bool* keep, const acc_t* w, int64_t C,
                                                                   int64_t P, int64_t channel_blocks, acc_t* sums) {
-  extern __shared__ int8_t lab_s[];
+  CM_DYNAMIC_SHARED(int8_t, lab_s, 16);
   const int64_t n = blockIdx.x / channel_blocks;
   if (!keep[n]) return;  // dropped ROIs are skipped by the reduction
   for (int64_t i = threadIdx.x; i < P; i += blockDim.x) lab_s[i] = labels[n * P + i];
@@ -197,56 +195,133 @@ __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t*
 
 // ---------------------------------------------------------------- reductions over ROIs
 
-// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
-// order. Shared queries (one group): blocks of (kx, 256 / kx) threads, thread (x, y) summing entries
-// y, y + ny, ... of column k, then a tree over y. Per-ROI queries: one thread per (n, k), in order of r.
+// Shared queries reduce over every ROI (N up to 10^5 and more). The reductions are trees of fixed
+// shape: level one sums chunks of kRowsPerChunk rows in blocks side by side, the next level the
+// chunks' partials, and so on until one row is left; the shape depends only on the row count, so the
+// same inputs give the same bits on every run.
+constexpr int64_t kRowsPerChunk = 256;
+
+// Block shape of the chunk kernels: kx columns (a power of two up to a warp) times kThreads / kx rows.
+int chunk_block_x(int64_t K) {
+  int kx = 1;
+  while (kx < K && kx < kWarp) kx *= 2;
+  return kx;
+}
+
+// out[chunk][k] = sum of in[m * K + k] over the rows m of the chunk whose ROI m / R is kept (every
+// row when keep is null): thread (x, y) sums rows y, y + ny, ... of its chunk, then a tree over y.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_over_rois_kernel(const acc_t* in, const bool* keep, int64_t N,
-                                                                 int64_t R, int64_t K, bool share_queries,
-                                                                 acc_t* out) {
-  if (!share_queries) {
-    const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // blockDim.y == 1 here
-    if (e >= N * K) return;
-    const int64_t n = e / K, k = e % K;
-    acc_t s = acc_t(0);
-    if (keep[n])
-      for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
-    out[e] = s;
-    return;
-  }
-  __shared__ acc_t part[kThreads];
+__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(const acc_t* in, const bool* keep, int64_t R, int64_t M,
+                                                              int64_t K, acc_t* out) {
+  CM_SHARED(acc_t, part, [kThreads]);
   const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
   const int64_t k = int64_t(blockIdx.x) * kx + x;
+  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
+  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
   acc_t s = acc_t(0);
   if (k < K)
-    for (int64_t m = y; m < N * R; m += ny)
-      if (keep[m / R]) s += in[m * K + k];
+    for (int64_t m = first + y; m < last; m += ny)
+      if (!keep || keep[m / R]) s += in[m * K + k];
   part[y * kx + x] = s;
   __syncthreads();
   for (int stride = ny / 2; stride > 0; stride /= 2) {
     if (y < stride) part[y * kx + x] += part[(y + stride) * kx + x];
     __syncthreads();
   }
-  if (y == 0 && k < K) out[k] = part[x];
+  if (y == 0 && k < K) out[int64_t(blockIdx.y) * K + k] = part[x];
 }
 
+// Log-sum-exp pairs (max, sum) merged the same way: in[m][k] and out[chunk][k] hold 2 values each.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) chunk_lse_kernel(const acc_t* in, int64_t M, int64_t K, acc_t* out) {
+  CM_SHARED(acc_t, part, [2 * kThreads]);
+  const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+  const int64_t k = int64_t(blockIdx.x) * kx + x;
+  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
+  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
+  LseAcc<acc_t> acc;
+  if (k < K)
+    for (int64_t m = first + y; m < last; m += ny) {
+      LseAcc<acc_t> p;
+      p.max = in[(m * K + k) * 2];
+      p.sum = in[(m * K + k) * 2 + 1];
+      acc.merge(p);
+    }
+  const int slot = 2 * (y * kx + x);
+  part[slot] = acc.max;
+  part[slot + 1] = acc.sum;
+  __syncthreads();
+  for (int stride = ny / 2; stride > 0; stride /= 2) {
+    if (y < stride) {
+      LseAcc<acc_t> a, b;
+      a.max = part[slot];
+      a.sum = part[slot + 1];
+      b.max = part[slot + 2 * stride * kx];
+      b.sum = part[slot + 2 * stride * kx + 1];
+      a.merge(b);
+      part[slot] = a.max;
+      part[slot + 1] = a.sum;
+    }
+    __syncthreads();
+  }
+  if (y == 0 && k < K) {
+    out[(int64_t(blockIdx.y) * K + k) * 2] = part[2 * x];
+    out[(int64_t(blockIdx.y) * K + k) * 2 + 1] = part[2 * x + 1];
+  }
+}
+
+// out (K values, or K pairs when lse) = the tree reduction of M rows of in (see above).
+template <typename acc_t>
+void launch_reduce_rows(const acc_t* in, const bool* keep, int64_t R, int64_t M, int64_t K, bool lse, acc_t* out,
+                        const at::TensorOptions& acc_opts) {
+  const int64_t chunks = std::max<int64_t>(ceil_div(M, kRowsPerChunk), 1);
+  TORCH_CHECK(chunks <= 65535, "contrastive_loss: too many rows to reduce in one launch (", M, ")");
+  const int kx = chunk_block_x(K);
+  const int64_t col_blocks = ceil_div(K, kx);
+  check_grid(col_blocks);
+  at::Tensor partial;
+  acc_t* level_out = out;
+  if (chunks > 1) {
+    partial = at::empty({chunks, K * (lse ? 2 : 1)}, acc_opts);
+    level_out = partial.data_ptr<acc_t>();
+  }
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
+  if (lse) {
+    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_lse_kernel<acc_t>)(in, M, K, level_out);
+  } else {
+    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_sums_kernel<acc_t>)(in, keep, R, M, K, level_out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 1) launch_reduce_rows<acc_t>(level_out, nullptr, 1, chunks, K, lse, out, acc_opts);
+}
+
+// Per-ROI queries: out[n][k] = sum over r < R of in[(n * R + r) * K + k] for kept ROIs n, else 0; one
+// thread per (n, k), in order of r.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_per_roi_kernel(const acc_t* in, const bool* keep, int64_t N, int64_t R,
+                                                               int64_t K, acc_t* out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= N * K) return;
+  const int64_t n = e / K, k = e % K;
+  acc_t s = acc_t(0);
+  if (keep[n])
+    for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
+  out[e] = s;
+}
+
+// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
+// order (G = 1 with shared queries, else G = N).
 template <typename acc_t>
 void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t R, int64_t K, bool share_queries,
-                          acc_t* out) {
+                          acc_t* out, const at::TensorOptions& acc_opts) {
   if (share_queries) {
-    int kx = 1;
-    while (kx < K && kx < kWarp) kx *= 2;
-    const int64_t blocks = ceil_div(K, kx);
-    check_grid(blocks);
-    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), dim3(kx, kThreads / kx), 0, stream()>>>(
-        in, keep, N, R, K, true, out);
-  } else {
-    if (N * K == 0) return;
-    const int64_t blocks = ceil_div(N * K, kThreads);
-    check_grid(blocks);
-    sum_over_rois_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(in, keep, N, R, K, false,
-                                                                                          out);
+    launch_reduce_rows<acc_t>(in, keep, R, N * R, K, /*lse=*/false, out, acc_opts);
+    return;
   }
+  if (N * K == 0) return;
+  const int64_t blocks = ceil_div(N * K, kThreads);
+  check_grid(blocks);
+  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), sum_per_roi_kernel<acc_t>)(in, keep, N, R, K, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -273,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
                                                            int64_t P, int64_t pixel_blocks, bool share_queries,
                                                            LossParams<acc_t> params, acc_t* pixstats,
                                                            acc_t* lse_part) {
-  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [2 * kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* part = lse_part + int64_t(blockIdx.x) * kNumTerms * 2;
   if (!keep[n]) {
@@ -336,7 +411,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_part, int64_t N, int64_t pixel_blocks,
                                                              bool share_queries, acc_t* termstats) {
-  __shared__ acc_t scratch[2 * kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [2 * kMaxBlockWarps]);
   const int64_t g = blockIdx.x;
   // Share: every block of every ROI; else the blocks of ROI g.
   const int64_t first = share_queries ? 0 : g * pixel_blocks;
@@ -362,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
                                                                  int64_t pixel_blocks, bool share_queries,
                                                                  LossParams<acc_t> params, acc_t* pos_part) {
   constexpr int kValues = kNumTerms * kPosStats;
-  __shared__ acc_t warp_part[kMaxBlockWarps][kValues];
+  CM_SHARED(acc_t, warp_part, [kMaxBlockWarps][kValues]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* out = pos_part + int64_t(blockIdx.x) * kValues;
   if (!keep[n]) {
@@ -407,8 +482,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_part, int64_t N, int64_t pixel_blocks,
                                                                bool share_queries, acc_t* termstats) {
   constexpr int kValues = kNumTerms * kPosStats;
-  __shared__ acc_t scratch[kMaxBlockWarps];
-  __shared__ acc_t totals[kValues];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
+  CM_SHARED(acc_t, totals, [kValues]);
   const int64_t g = blockIdx.x;
   const int64_t first = share_queries ? 0 : g * pixel_blocks;
   const int64_t last = share_queries ? N * pixel_blocks : (g + 1) * pixel_blocks;
@@ -434,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* termstats, int64_t G, bool share_queries,
                                                               const int64_t* kept, scalar_t* loss) {
-  __shared__ acc_t scratch[kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   acc_t s = acc_t(0);
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x)
     for (int t = 0; t < kNumTerms; ++t) s += termstats[(g * kNumTerms + t) * kNumTermStats + kValue];
@@ -454,7 +529,7 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     const uint8_t* keys, const bool* keep, const acc_t* pixstats, const acc_t* termstats, const acc_t* qnorms,
     const acc_t* scale_ptr, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
     acc_t* coef, acc_t* beta_part) {
-  __shared__ acc_t scratch[kMaxBlockWarps];
+  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* bp = beta_part + int64_t(blockIdx.x) * 2;
   if (!keep[n]) {
@@ -561,11 +636,11 @@ void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor&
                     const acc_t* grad, const at::Tensor& counts, const at::Tensor& w, const at::Tensor& kept,
                     const at::Tensor& scale) {
   if (s.N > 0) {
-    roi_counts_kernel<<<static_cast<unsigned>(s.N), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N), kThreads, 0, stream(), roi_counts_kernel)(
         labels.data_ptr<int8_t>(), keep.data_ptr<bool>(), s.P, counts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  roi_weights_kernel<acc_t><<<1, kThreads, 0, stream()>>>(
+  CM_LAUNCH(1, kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
       counts.data_ptr<int32_t>(), keep.data_ptr<bool>(), s.N, share_queries, grad, w.data_ptr<acc_t>(),
       kept.data_ptr<int64_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -577,12 +652,10 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
   if (rows == 0) return;
   const int64_t blocks = ceil_div(rows * kWarp, kThreads);
   check_grid(blocks);
-  query_norms_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(
+  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
       queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-int group_threads(bool share_queries) { return share_queries ? kThreads : kWarp; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
@@ -606,6 +679,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
   at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
+  // Shared queries: the group's merged log-sum-exp pairs, then its positive sums.
+  at::Tensor group_total = at::empty({kNumTerms * kPosStats}, acc_opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -615,41 +690,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
 
     // Pass 1 over z and the queries.
     if (s.N > 0) {
-      partition_sums_kernel<scalar_t, acc_t>
-          <<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
+          partition_sums_kernel<scalar_t, acc_t>)(
               z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, w.data_ptr<acc_t>(), s.C, s.P,
               s.channel_blocks, roi_sums.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     launch_sum_over_rois<acc_t>(roi_sums.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                queries.data_ptr<acc_t>());
+                                queries.data_ptr<acc_t>(), acc_opts);
     launch_query_norms<acc_t>(s, queries, qnorms);
 
     // Pass 2 over z, then the term statistics.
     if (s.N > 0) {
-      cosines_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), cosines_kernel<scalar_t, acc_t>)(
           z_c.data_ptr<scalar_t>(), keys_c.data_ptr<uint8_t>(), keep_p, queries.data_ptr<acc_t>(),
           qnorms.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params, pixstats.data_ptr<acc_t>(),
           lse_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    // Group statistics: a warp per ROI, or with shared queries a tree over every ROI's block partials
+    // first, then one warp.
+    const acc_t* lse_rows = lse_part.data_ptr<acc_t>();
+    int64_t rows_n = s.N, rows_blocks = s.pixel_blocks;
+    if (share_queries) {
+      launch_reduce_rows<acc_t>(lse_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms, /*lse=*/true,
+                                group_total.data_ptr<acc_t>(), acc_opts);
+      lse_rows = group_total.data_ptr<acc_t>();
+      rows_n = rows_blocks = 1;
+    }
     if (s.G > 0) {
-      group_lse_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
-          lse_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_lse_kernel<acc_t>)(
+          lse_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (s.N > 0) {
-      positive_sums_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
           pixstats.data_ptr<acc_t>(), keys_c.data_ptr<uint8_t>(), keep_p, termstats.data_ptr<acc_t>(), s.P,
           s.pixel_blocks, share_queries, params, pos_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    const acc_t* pos_rows = pos_part.data_ptr<acc_t>();
+    if (share_queries) {
+      launch_reduce_rows<acc_t>(pos_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kPosStats, /*lse=*/false,
+                                group_total.data_ptr<acc_t>(), acc_opts);
+      pos_rows = group_total.data_ptr<acc_t>();
+    }
     if (s.G > 0) {
-      group_terms_kernel<acc_t><<<static_cast<unsigned>(s.G), group_threads(share_queries), 0, stream()>>>(
-          pos_part.data_ptr<acc_t>(), s.N, s.pixel_blocks, share_queries, termstats.data_ptr<acc_t>());
+      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_terms_kernel<acc_t>)(
+          pos_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    write_loss_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream()>>>(
+    CM_LAUNCH(1, kThreads, 0, stream(), write_loss_kernel<scalar_t, acc_t>)(
         termstats.data_ptr<acc_t>(), s.G, share_queries, kept.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -705,24 +796,24 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
     launch_query_norms<acc_t>(s, queries_c, qnorms);
 
-    pixel_coefficients_kernel<acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
         keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
         qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, share_queries, params,
         coef.data_ptr<acc_t>(), beta_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
-    weighted_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(), weighted_sums_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C, s.P, s.channel_blocks,
         roi_dq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                dq_sums.data_ptr<acc_t>());
+                                dq_sums.data_ptr<acc_t>(), acc_opts);
     launch_sum_over_rois<acc_t>(beta_part.data_ptr<acc_t>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
-                                beta.data_ptr<acc_t>());
+                                beta.data_ptr<acc_t>(), acc_opts);
 
     // Pass 2 over z: dz.
-    write_dz_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream()>>>(
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
         queries_c.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), w.data_ptr<acc_t>(), s.C,
         s.P, s.pixel_blocks, share_queries, dz.data_ptr<scalar_t>());
@@ -733,7 +824,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
   m.impl("contrastive_loss", &contrastive_loss_cuda);
   m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
 }

@@ -7,15 +7,16 @@
 // no device asserts, which would kill the process.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
 
 #include "../contrastmask/edt.h"
 #include "../contrastmask/plan_steps.h"
 #include "../contrastmask/sampling.h"
 #include "../ops/checks.h"
+#include "../ops/library.h"
+#include "platform.cuh"
 #include "reduce.cuh"
 
 namespace contrastmask {
@@ -44,8 +45,8 @@ struct PlanArgs : PlanSteps {
 //   then mask uint8, labels int8, candidate bits uint8, key bits uint8 (Pa each).
 struct PlanLayout {
   int Pa;
-  __host__ __device__ explicit PlanLayout(int P) : Pa((P + 7) / 8 * 8) {}
-  __host__ __device__ size_t bytes() const { return size_t(15) * Pa; }
+  __host__ __device__ constexpr explicit PlanLayout(int P) : Pa((P + 7) / 8 * 8) {}
+  __host__ __device__ constexpr size_t bytes() const { return size_t(15) * Pa; }
   __host__ __device__ size_t sqdist() const { return 0; }
   __host__ __device__ size_t g() const { return size_t(4) * Pa; }
   __host__ __device__ size_t s() const { return size_t(6) * Pa; }
@@ -72,12 +73,97 @@ __device__ __forceinline__ double mask_value<c10::BFloat16>(c10::BFloat16 v) {
   return static_cast<double>(static_cast<float>(v));
 }
 
+constexpr int kRadixBits = 8;
+constexpr int kRadixBins = 1 << kRadixBits;
+
+// Samples set s: sets bit s in keys_s for the k smallest (hash, pixel) pairs of its c candidates
+// (0 < k < c), in time linear in c. The candidates' pairs are compacted into a list (their order does
+// not matter), then a radix select over the hash, 8 bits per round from the top, narrows the digit
+// prefix of the k-th smallest hash until the candidates sharing it are exactly the ones still to pick
+// (usually after two rounds); candidates below the prefix are picked. Only an exact 64-bit hash tie
+// at the k-th place needs the pixel order. `hist` is zero on entry; block-uniform arguments.
+__device__ void select_k_smallest(const uint8_t* cand_s, int s, int P, int c, int k, uint64_t stream,
+                                  uint64_t* hash_s, int16_t* idx_s, int* list_len, int* hist, int* sel,
+                                  uint8_t* keys_s) {
+  const int tid = threadIdx.x, T = blockDim.x;
+  int shift = 64 - kRadixBits;
+  // Compact the set's (hash, pixel) pairs and count the hashes' top digits.
+  for (int i = tid; i < P; i += T) {
+    if ((cand_s[i] >> s) & 1) {
+      const uint64_t h = stream_hash(stream, i);
+      const int pos = atomicAdd(&list_len[s], 1);
+      hash_s[pos] = h;
+      idx_s[pos] = static_cast<int16_t>(i);
+      atomicAdd(&hist[h >> shift], 1);
+    }
+  }
+  __syncthreads();  // the list and its histogram are complete
+  uint64_t prefix = 0;  // digits of the k-th smallest hash found so far (bits >= shift)
+  int rest = k;         // candidates still to pick among those sharing the prefix
+  int in_bucket = 0;
+  while (true) {
+    // Warp 0 finds the digit holding the rest-th smallest: lane l scans bins 8l..8l+7.
+    if (tid < cuda::kWarp) {
+      constexpr int kPerLane = kRadixBins / cuda::kWarp;
+      int local[kPerLane], sum = 0;
+      for (int q = 0; q < kPerLane; ++q) sum += local[q] = hist[tid * kPerLane + q];
+      int incl = sum;
+      for (int offset = 1; offset < cuda::kWarp; offset *= 2) {
+        const int v = __shfl_up_sync(cuda::kFullMask, incl, offset);
+        if (tid >= offset) incl += v;
+      }
+      int below = incl - sum;
+      if (below < rest && rest <= incl) {
+        int q = 0;
+        while (below + local[q] < rest) below += local[q++];
+        sel[0] = tid * kPerLane + q;
+        sel[1] = below;
+        sel[2] = local[q];
+      }
+    }
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(sel[0]) << shift;
+    rest -= sel[1];
+    in_bucket = sel[2];
+    if (in_bucket == rest || shift == 0) break;
+    for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
+    __syncthreads();  // every thread has read sel and warp 0 the histogram
+    const uint64_t decided = ~0ull << shift;
+    shift -= kRadixBits;
+    for (int e = tid; e < c; e += T) {
+      const uint64_t h = hash_s[e];
+      if ((h & decided) == prefix) atomicAdd(&hist[(h >> shift) & (kRadixBins - 1)], 1);
+    }
+    __syncthreads();
+  }
+  // Picked: below the prefix, or sharing it when the whole bucket is wanted (else, on a full 64-bit
+  // tie, by pixel index among the tied candidates).
+  const uint64_t decided = ~0ull << shift;
+  for (int e = tid; e < c; e += T) {
+    const uint64_t h = hash_s[e];
+    const int pixel = idx_s[e];
+    bool picked = (h & decided) < prefix;
+    if ((h & decided) == prefix) {
+      if (in_bucket == rest) {
+        picked = true;
+      } else {
+        int tied_before = 0;
+        for (int j = 0; j < c; ++j) tied_before += hash_s[j] == h && idx_s[j] < pixel;
+        picked = tied_before < rest;
+      }
+    }
+    if (picked) keys_s[pixel] |= static_cast<uint8_t>(1u << s);
+  }
+}
+
 template <typename mask_t>
 __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArgs<mask_t> a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int counts[kNumSets + 2];  // candidate sets, then foreground and background pixels
-  __shared__ int list_len[kNumSets];
-  __shared__ int roi_errors;
+  CM_DYNAMIC_SHARED(unsigned char, smem, 16);
+  CM_SHARED(int, counts, [kNumSets + 2]);  // candidate sets, then foreground and background pixels
+  CM_SHARED(int, list_len, [kNumSets]);
+  CM_SHARED(int, roi_errors);
+  CM_SHARED(int, hist, [kRadixBins]);  // radix select: candidates per digit
+  CM_SHARED(int, sel, [3]);            // radix select: the chosen digit, candidates below it, in it
 
   const int64_t n = blockIdx.x;
   const int H = a.H, W = a.W, P = H * W;
@@ -172,33 +258,24 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
       }
       for (int k = 0; k < kNumSets + 2; ++k)
         if (local[k]) atomicAdd(&counts[k], local[k]);
+      for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
       __syncthreads();
       kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
       if (kept) {
         for (int s = 0; s < kNumSets; ++s) {
-          // Compact the set's (hash, pixel) pairs; their order in the list does not matter, only the
-          // pairs themselves decide each candidate's rank.
-          for (int i = tid; i < P; i += T) {
-            if ((cand_s[i] >> s) & 1) {
-              const int pos = atomicAdd(&list_len[s], 1);
-              hash_s[pos] = key_hash(a.mixed_seed, n, s, i);
-              idx_s[pos] = static_cast<int16_t>(i);
-            }
-          }
-          __syncthreads();
           const int c = counts[s];
           const int k = sample_count(a.sigma, c);
-          for (int e = tid; e < c; e += T) {
-            const uint64_t h = hash_s[e];
-            const int pixel = idx_s[e];
-            // Rank = number of candidates before this one (by hash, ties by pixel); picked iff rank < k.
-            int rank = 0;
-            if (k < c) {
-              for (int j = 0; j < c && rank < k; ++j) rank += hash_before(hash_s[j], idx_s[j], h, pixel);
-            }
-            if (rank < k) keys_s[pixel] |= static_cast<uint8_t>(1u << s);
+          const uint8_t bit = static_cast<uint8_t>(1u << s);
+          if (k >= c) {  // the whole set: no hashes needed
+            for (int i = tid; i < P; i += T)
+              if ((cand_s[i] >> s) & 1) keys_s[i] |= bit;
+          } else {
+            select_k_smallest(cand_s, s, P, c, k, key_stream(a.mixed_seed, n, s), hash_s, idx_s, list_len, hist, sel,
+                              keys_s);
           }
-          __syncthreads();  // before the next set overwrites the list
+          // Before the next set reuses the list and the histogram (zeroed here for it).
+          for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
+          __syncthreads();
         }
       }
     }
@@ -209,6 +286,32 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
 }
 
 int plan_threads(int P) { return P <= 256 ? 128 : (P <= 1024 ? 256 : kPlanMaxThreads); }
+
+// Lets the plan kernel instance use the dynamic shared memory of the largest ROI grid (kMaxPixels),
+// once per device: setting it per call to the call's size could race with another host thread
+// lowering it between its cudaFuncSetAttribute and our launch.
+template <typename mask_t>
+void allow_plan_shared_memory() {
+  constexpr size_t kMaxDynamic = PlanLayout(kMaxPixels).bytes();
+  static std::mutex mutex;
+  static std::vector<bool> done;  // per device index
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) < done.size() && done[device]) return;
+  auto kernel = roi_plan_kernel<mask_t>;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(kMaxDynamic + attributes.sharedSizeBytes <= static_cast<size_t>(optin), "roi_plan: the plan kernel ",
+              "needs ", kMaxDynamic, " bytes of dynamic and ", attributes.sharedSizeBytes, " bytes of static shared ",
+              "memory per block; device ", device, " allows ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kMaxDynamic)));
+  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, false);
+  done[device] = true;
+}
 
 // Launches the per-ROI kernel for N ROIs; returns the error bits (one device-to-host copy) when
 // `read_errors`, else 0 without any host sync.
@@ -222,11 +325,10 @@ int32_t launch_plan(PlanArgs<mask_t> a, int64_t N, const at::TensorOptions& opts
   }
   const int P = a.H * a.W;
   const size_t smem = PlanLayout(P).bytes();
-  auto kernel = roi_plan_kernel<mask_t>;
-  if (smem > kDefaultSharedLimit)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (smem > kDefaultSharedLimit) allow_plan_shared_memory<mask_t>();
   TORCH_CHECK(N <= 2147483647, "roi_plan: too many ROIs for one launch (", N, ")");
-  kernel<<<static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  CM_LAUNCH(static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream(),
+            roi_plan_kernel<mask_t>)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return read_errors ? errors.item<int32_t>() : 0;
 }
@@ -357,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CUDA, m) {
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
   m.impl("partition", &partition_cuda);
   m.impl("boundary_sqdist", &boundary_sqdist_cuda);
   m.impl("sample_keys", &sample_keys_cuda);

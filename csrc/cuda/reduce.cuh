@@ -3,12 +3,10 @@
 // never by scheduling, and uses no float atomics: the same inputs give the same bits on every run.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
-
 #include <stdint.h>
 
 #include "../contrastmask/loss_math.h"
+#include "platform.cuh"
 
 namespace contrastmask {
 namespace cuda {

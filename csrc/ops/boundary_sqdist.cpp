@@ -1,6 +1,6 @@
 // boundary_sqdist: exact squared Euclidean distance to each mask's boundary (SPEC step 2).
-#include <torch/library.h>
+#include "library.h"
 
-TORCH_LIBRARY_FRAGMENT(contrastmask, m) {
+TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   m.def("boundary_sqdist(Tensor masks) -> Tensor");
 }

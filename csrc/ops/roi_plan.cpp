@@ -1,8 +1,8 @@
 // roi_plan: partition + distance transform + sampling fused in one per-ROI kernel; the distances
 // never leave it. Same results as partition -> boundary_sqdist -> sample_keys.
-#include <torch/library.h>
+#include "library.h"
 
-TORCH_LIBRARY_FRAGMENT(contrastmask, m) {
+TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   m.def(
       "roi_plan(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, float sigma, "
       "int hard_sqdist, int min_keys, int seed) -> (Tensor labels, Tensor keys, Tensor keep)");

@@ -1,7 +1,7 @@
 // sample_keys: candidate sets, keep rule and the deterministic key sampler (SPEC steps 3-4).
-#include <torch/library.h>
+#include "library.h"
 
-TORCH_LIBRARY_FRAGMENT(contrastmask, m) {
+TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   m.def(
       "sample_keys(Tensor labels, Tensor sqdist, Tensor is_novel, float sigma, int hard_sqdist, int min_keys, "
       "int seed) -> (Tensor keys, Tensor keep)");

@@ -1,0 +1,759 @@
+// Runtime of the CUDA emulation (cuda_emulation.h): fibers, the block scheduler and its checks,
+// shared memory, launch checks and garbage-filled allocations.
+#include "cuda_emulation.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#if defined(__x86_64__)
+#define CM_EMU_ASM_SWITCH 1
+#else
+#define CM_EMU_ASM_SWITCH 0
+#include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CM_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CM_EMU_ASAN 1
+#endif
+#endif
+#ifndef CM_EMU_ASAN
+#define CM_EMU_ASAN 0
+#endif
+#if CM_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+// Shared memory outside the block's variables (static) or past the launch's size (dynamic) is
+// poisoned, so AddressSanitizer reports kernel accesses there.
+#define CM_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define CM_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define CM_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define CM_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+uint3 threadIdx{0, 0, 0};
+uint3 blockIdx{0, 0, 0};
+dim3 blockDim;
+dim3 gridDim;
+
+#if CM_EMU_ASM_SWITCH
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the
+// stack pointer in *save and continues on the stack `load` (which was saved the same way, or built
+// by new_fiber_stack()).
+extern "C" void cm_emu_switch_context(void** save, void* load);
+asm(R"(
+  .text
+  .p2align 4
+  .globl cm_emu_switch_context
+  .hidden cm_emu_switch_context
+  .type cm_emu_switch_context,@function
+cm_emu_switch_context:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cm_emu_switch_context,.-cm_emu_switch_context
+)");
+#endif
+
+namespace contrastmask {
+namespace emu {
+namespace {
+
+struct Site {
+  const char* file = nullptr;
+  int line = 0;
+};
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && (a.file == b.file || (a.file && b.file && strcmp(a.file, b.file) == 0));
+}
+std::string where(const Site& s) {
+  const char* f = s.file ? s.file : "?";
+  const char* slash = strrchr(f, '/');
+  return std::string(slash ? slash + 1 : f) + ":" + std::to_string(s.line);
+}
+
+enum class State : uint8_t { kReady, kBarrier, kWarp, kDone };
+
+const char* warp_op_name(int op) {
+  switch (op) {
+    case kShflIdx: return "__shfl_sync";
+    case kShflUp: return "__shfl_up_sync";
+    case kShflDown: return "__shfl_down_sync";
+    case kShflXor: return "__shfl_xor_sync";
+    case kBallot: return "__ballot_sync";
+    default: return "__syncwarp";
+  }
+}
+
+#if CM_EMU_ASAN
+constexpr size_t kStackSize = 1024 * 1024;
+#else
+constexpr size_t kStackSize = 128 * 1024;
+#endif
+
+struct Fiber {
+#if CM_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+  char* stack = nullptr;  // lowest usable address; kStackSize bytes
+  uint3 tid{0, 0, 0};
+  int linear = 0;
+  State state = State::kReady;
+  Site site;
+  // Barrier: predicate in, result out. Warp collective: operation, value, argument and result.
+  int pred = 0, result = 0;
+  int op = 0, arg = 0, width = 32;
+  uint64_t value = 0, out = 0;
+};
+
+struct Warp {
+  int size = 0, arrived = 0, exited = 0;
+  Site site;
+  int op = 0;
+  int first = -1;  // linear index of the first lane to arrive
+};
+
+struct KernelInfo {
+  int max_dynamic = -1;     // cudaFuncAttributeMaxDynamicSharedMemorySize, -1 = never set
+  size_t static_bytes = 0;  // largest static shared memory seen in a block of this kernel
+};
+
+struct SharedSite {
+  const void* site;
+  size_t offset, bytes;
+};
+
+struct Stats {
+  int64_t launches = 0, blocks = 0, fibers = 0, switches = 0, attribute_sets = 0;
+};
+
+uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// Garbage: all-ones bytes (NaN in every float dtype, -1 in every signed integer) under the forward
+// and reverse orders, random bytes under the random order.
+void fill_garbage(void* p, size_t n, int order, uint64_t salt) {
+  if (order != kRandom) {
+    memset(p, 0xff, n);
+    return;
+  }
+  unsigned char* b = static_cast<unsigned char*>(p);
+  uint64_t state = mix64(salt);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    state = mix64(state);
+    memcpy(b + i, &state, 8);
+  }
+  state = mix64(state);
+  for (; i < n; ++i) b[i] = static_cast<unsigned char>(state >> (8 * (i % 8)));
+}
+
+struct Runtime {
+  std::mutex launch_mutex;  // one launch at a time in the process
+  int order = kForward;
+  uint64_t seed = 0;
+  uint64_t launch_index = 0;
+  std::map<const void*, KernelInfo> kernels;
+  Stats stats;
+
+  // Current launch and block.
+  const LaunchConfig* config = nullptr;
+  KernelInfo* kernel = nullptr;
+  void (*body)(void*) = nullptr;
+  void* context = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<char*> stacks;
+  int threads = 0, ready = 0, live = 0, exited = 0, at_barrier = 0;
+  Site barrier_site;
+  int barrier_first = -1, first_exited = -1;
+  Fiber* current = nullptr;
+  bool failed = false;
+  std::string error;
+  std::mt19937_64 rng;
+  std::vector<int> order_buf;
+
+  // Shared memory of the current block.
+  std::vector<SharedSite> shared_sites;
+  char* static_arena = nullptr;
+  size_t static_used = 0, static_filled = 0;
+  char* dynamic_arena = nullptr;
+
+#if CM_EMU_ASM_SWITCH
+  void* scheduler_sp = nullptr;
+  uint64_t fp_control = 0;  // MXCSR | x87 control word << 32, for new fibers
+#else
+  ucontext_t scheduler_uc;
+#endif
+#if CM_EMU_ASAN
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
+#endif
+
+  Runtime() {
+    static_arena = static_cast<char*>(aligned_alloc(256, kMaxStaticShared));
+    dynamic_arena = static_cast<char*>(aligned_alloc(256, kMaxSharedPerBlock));
+  }
+};
+
+Runtime& rt() {
+  static Runtime* r = new Runtime();  // never destroyed: fibers may hold pointers into it at exit
+  return *r;
+}
+
+std::string thread_name(const Fiber& f) {
+  std::ostringstream s;
+  s << "thread (" << f.tid.x << "," << f.tid.y << "," << f.tid.z << ")";
+  return s.str();
+}
+
+// ---------------------------------------------------------------- context switches
+
+void fiber_start();
+
+char* new_stack() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* p = mmap(nullptr, kStackSize + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                 0);
+  TORCH_CHECK(p != MAP_FAILED, "CUDA emulation: cannot map a fiber stack");
+  mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting memory
+  return static_cast<char*>(p) + page;
+}
+
+void prepare_fiber(Fiber& f) {
+  Runtime& r = rt();
+#if CM_EMU_ASM_SWITCH
+  uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStackSize);  // 16-byte aligned
+  top[-1] = 0;                                                         // fiber_start's return address
+  top[-2] = reinterpret_cast<uint64_t>(&fiber_start);
+  for (int i = 3; i <= 8; ++i) top[-i] = 0;                            // rbp, rbx, r12..r15
+  top[-9] = r.fp_control;
+  f.sp = top - 9;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = f.stack;
+  f.uc.uc_stack.ss_size = kStackSize;
+  f.uc.uc_link = nullptr;
+  makecontext(&f.uc, &fiber_start, 0);
+#endif
+}
+
+// Scheduler -> fiber.
+void resume(Fiber& f) {
+  Runtime& r = rt();
+  r.current = &f;
+  threadIdx = f.tid;
+  ++r.stats.switches;
+#if CM_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack, kStackSize);
+#endif
+#if CM_EMU_ASM_SWITCH
+  cm_emu_switch_context(&r.scheduler_sp, f.sp);
+#else
+  swapcontext(&r.scheduler_uc, &f.uc);
+#endif
+#if CM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  r.current = nullptr;
+}
+
+// Fiber -> scheduler; returns when the scheduler resumes this fiber (never when `exiting`).
+void yield(bool exiting = false) {
+  Runtime& r = rt();
+  Fiber& f = *r.current;
+#if CM_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, r.scheduler_stack_bottom, r.scheduler_stack_size);
+#endif
+#if CM_EMU_ASM_SWITCH
+  cm_emu_switch_context(&f.sp, r.scheduler_sp);
+#else
+  swapcontext(&f.uc, &r.scheduler_uc);
+#endif
+#if CM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  (void)exiting;
+  (void)f;
+}
+
+// Records the block's first error and leaves the fiber for good (its stack holds only the kernel's
+// trivially destructible locals).
+[[noreturn]] void fail_in_fiber(const std::string& message) {
+  Runtime& r = rt();
+  if (!r.failed) {
+    r.failed = true;
+    r.error = message;
+  }
+  yield(/*exiting=*/true);
+  __builtin_unreachable();
+}
+
+void thread_exited(Fiber& f) {
+  Runtime& r = rt();
+  f.state = State::kDone;
+  --r.ready;
+  --r.live;
+  if (r.exited++ == 0) r.first_exited = f.linear;
+  Warp& w = r.warps[f.linear / 32];
+  ++w.exited;
+  if (r.at_barrier > 0) {
+    fail_in_fiber(thread_name(f) + " exited while " + std::to_string(r.at_barrier) +
+                  " thread(s) of its block wait at __syncthreads (" + where(r.barrier_site) +
+                  "): every thread of the block must reach each barrier");
+  }
+  if (w.arrived > 0) {
+    fail_in_fiber(thread_name(f) + " exited while lanes of its warp wait at " + warp_op_name(w.op) + " (" +
+                  where(w.site) + "): a warp collective needs every lane of its mask");
+  }
+}
+
+void fiber_start() {
+  Runtime& r = rt();
+#if CM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &r.scheduler_stack_bottom, &r.scheduler_stack_size);
+#endif
+  Fiber& f = *r.current;
+  try {
+    r.body(r.context);
+  } catch (const std::exception& e) {
+    fail_in_fiber(thread_name(f) + " threw: " + e.what());
+  } catch (...) {
+    fail_in_fiber(thread_name(f) + " threw an unknown exception");
+  }
+  thread_exited(f);
+  yield(/*exiting=*/true);
+  __builtin_unreachable();
+}
+
+// ---------------------------------------------------------------- the scheduler
+
+void release_barrier() {
+  Runtime& r = rt();
+  int or_ = 0, and_ = 1, count = 0;
+  for (int i = 0; i < r.threads; ++i) {
+    const Fiber& f = r.fibers[i];
+    if (f.state != State::kBarrier) continue;
+    or_ |= f.pred != 0;
+    and_ &= f.pred != 0;
+    count += f.pred != 0;
+  }
+  for (int i = 0; i < r.threads; ++i) {
+    Fiber& f = r.fibers[i];
+    if (f.state != State::kBarrier) continue;
+    f.result = f.op == kBarrierOr ? or_ : f.op == kBarrierAnd ? and_ : f.op == kBarrierCount ? count : 0;
+    f.state = State::kReady;
+  }
+  r.ready += r.at_barrier;
+  r.at_barrier = 0;
+  r.barrier_first = -1;
+}
+
+std::string deadlock_report() {
+  Runtime& r = rt();
+  std::map<std::string, int> waiting;
+  for (int i = 0; i < r.threads; ++i) {
+    const Fiber& f = r.fibers[i];
+    if (f.state == State::kBarrier) ++waiting["__syncthreads (" + where(f.site) + ")"];
+    if (f.state == State::kWarp) ++waiting[std::string(warp_op_name(f.op)) + " (" + where(f.site) + ")"];
+  }
+  std::ostringstream s;
+  s << "deadlock: no thread of the block can run;";
+  for (const auto& [what, n] : waiting) s << " " << n << " wait at " << what << ";";
+  if (r.exited) s << " " << r.exited << " exited";
+  return s.str();
+}
+
+void run_block(uint64_t block_seed) {
+  Runtime& r = rt();
+  const LaunchConfig& c = *r.config;
+  // Shared memory: garbage at every block start.
+  r.shared_sites.clear();
+  r.static_used = 0;
+  CM_EMU_UNPOISON(r.static_arena, kMaxStaticShared);
+  if (r.static_filled) fill_garbage(r.static_arena, r.static_filled, r.order, block_seed ^ 0x5a5a);
+  CM_EMU_POISON(r.static_arena, kMaxStaticShared);
+  CM_EMU_UNPOISON(r.dynamic_arena, kMaxSharedPerBlock);
+  if (c.dynamic_shared) fill_garbage(r.dynamic_arena, c.dynamic_shared, r.order, block_seed ^ 0xa5a5);
+  CM_EMU_POISON(r.dynamic_arena + c.dynamic_shared, kMaxSharedPerBlock - c.dynamic_shared);
+
+  const int T = r.threads;
+  for (int i = 0; i < T; ++i) {
+    Fiber& f = r.fibers[i];
+    f.linear = i;
+    f.tid = uint3{i % c.block.x, (i / c.block.x) % c.block.y, i / (c.block.x * c.block.y)};
+    f.state = State::kReady;
+    prepare_fiber(f);
+  }
+  for (size_t w = 0; w < r.warps.size(); ++w) {
+    r.warps[w] = Warp();
+    r.warps[w].size = std::min(32, T - static_cast<int>(w) * 32);
+  }
+  r.ready = r.live = T;
+  r.exited = r.at_barrier = 0;
+  r.barrier_first = r.first_exited = -1;
+  r.stats.fibers += T;
+  ++r.stats.blocks;
+
+  r.rng.seed(block_seed);
+  std::vector<int>& order = r.order_buf;
+  order.resize(T);
+  while (true) {
+    for (int i = 0; i < T; ++i) order[i] = r.order == kReverse ? T - 1 - i : i;
+    if (r.order == kRandom) std::shuffle(order.begin(), order.end(), r.rng);
+    for (int i : order) {
+      if (r.fibers[i].state != State::kReady) continue;
+      resume(r.fibers[i]);
+      if (r.failed) return;
+    }
+    if (r.live == 0) return;
+    if (r.ready > 0) continue;
+    if (r.at_barrier == r.live) {
+      release_barrier();
+      continue;
+    }
+    r.failed = true;
+    r.error = deadlock_report();
+    return;
+  }
+}
+
+std::string dim_string(const dim3& d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+[[noreturn]] void launch_error(const LaunchConfig& c, const std::string& message) {
+  TORCH_CHECK(false, "CUDA emulation: launch of ", c.name, " at ", where(Site{c.file, c.line}), " with grid ",
+              dim_string(c.grid), ", block ", dim_string(c.block), ", ", c.dynamic_shared,
+              " bytes of dynamic shared memory: ", message);
+  __builtin_unreachable();
+}
+
+size_t dynamic_limit(const KernelInfo& k) {
+  return k.max_dynamic >= 0 ? static_cast<size_t>(k.max_dynamic) : kDefaultDynamicShared - k.static_bytes;
+}
+
+std::string limit_hint() {
+  return "a kernel may use at most 48 KB of shared memory (static + dynamic) unless "
+         "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) raised its limit, "
+         "and at most " + std::to_string(kMaxSharedPerBlock) + " bytes in all";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- API used by the header
+
+void set_schedule(int order, uint64_t seed) {
+  TORCH_CHECK(order == kForward || order == kReverse || order == kRandom, "CUDA emulation: unknown order ", order);
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  r.order = order;
+  r.seed = seed;
+  r.launch_index = 0;
+}
+
+std::vector<int64_t> stats() {
+  Runtime& r = rt();
+  return {r.stats.launches, r.stats.blocks, r.stats.fibers, r.stats.switches, r.order, r.stats.attribute_sets};
+}
+
+void fail(const std::string& message) {
+  Runtime& r = rt();
+  if (r.current) fail_in_fiber(message);
+  TORCH_CHECK(false, "CUDA emulation: ", message);
+  __builtin_unreachable();
+}
+
+const char* error_string(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  KernelInfo& k = r.kernels[func];
+  if (value < 0 || static_cast<size_t>(value) + k.static_bytes > kMaxSharedPerBlock) return cudaErrorInvalidValue;
+  k.max_dynamic = value;
+  ++r.stats.attribute_sets;
+  return cudaSuccess;
+}
+
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func) {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  const KernelInfo& k = r.kernels[func];
+  attr->sharedSizeBytes = k.static_bytes;
+  attr->maxDynamicSharedSizeBytes = static_cast<int>(dynamic_limit(k));
+  attr->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+void* static_shared(const void* site, size_t bytes, size_t align) {
+  Runtime& r = rt();
+  if (!r.current) fail("a __shared__ variable outside a kernel");
+  for (const SharedSite& s : r.shared_sites)
+    if (s.site == site) return r.static_arena + s.offset;
+  const size_t offset = (r.static_used + align - 1) / align * align;
+  const size_t end = offset + bytes;
+  const size_t dyn = r.config->dynamic_shared;
+  KernelInfo& k = *r.kernel;
+  if (end > kMaxStaticShared) fail("static shared memory of " + std::to_string(end) + " bytes exceeds 48 KB");
+  if (k.max_dynamic < 0 && end + dyn > kDefaultDynamicShared)
+    fail("static (" + std::to_string(end) + ") + dynamic (" + std::to_string(dyn) + ") shared memory exceeds 48 KB; " +
+         limit_hint());
+  if (k.max_dynamic >= 0 && end + static_cast<size_t>(k.max_dynamic) > kMaxSharedPerBlock)
+    fail("static shared memory (" + std::to_string(end) + ") + cudaFuncAttributeMaxDynamicSharedMemorySize (" +
+         std::to_string(k.max_dynamic) + ") exceeds the device limit of " + std::to_string(kMaxSharedPerBlock) +
+         " bytes per block");
+  r.static_used = end;
+  k.static_bytes = std::max(k.static_bytes, end);
+  CM_EMU_UNPOISON(r.static_arena + offset, bytes);
+  if (end > r.static_filled) {
+    fill_garbage(r.static_arena + offset, end - offset, r.order, r.launch_index ^ end);
+    r.static_filled = end;
+  }
+  r.shared_sites.push_back(SharedSite{site, offset, bytes});
+  return r.static_arena + offset;
+}
+
+void* dynamic_shared() {
+  Runtime& r = rt();
+  if (!r.current) fail("extern __shared__ memory outside a kernel");
+  return r.dynamic_arena;
+}
+
+int syncthreads(const char* file, int line, BarrierOp op, int predicate) {
+  Runtime& r = rt();
+  if (!r.current) fail("__syncthreads outside a kernel");
+  Fiber& f = *r.current;
+  const Site site{file, line};
+  if (r.exited > 0) {
+    fail_in_fiber("__syncthreads (" + where(site) + ") reached by " + thread_name(f) + " after " +
+                  thread_name(r.fibers[r.first_exited]) +
+                  " exited: every thread of the block must reach each barrier");
+  }
+  if (r.at_barrier == 0) {
+    r.barrier_site = site;
+    r.barrier_first = f.linear;
+  } else if (!same_site(site, r.barrier_site)) {
+    fail_in_fiber("divergent barrier: " + thread_name(r.fibers[r.barrier_first]) + " waits at __syncthreads (" +
+                  where(r.barrier_site) + ") while " + thread_name(f) + " reached __syncthreads (" + where(site) +
+                  ")");
+  }
+  f.state = State::kBarrier;
+  f.site = site;
+  f.op = op;
+  f.pred = predicate;
+  ++r.at_barrier;
+  --r.ready;
+  yield();
+  return f.result;
+}
+
+uint64_t warp_collective(const char* file, int line, WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+  Runtime& r = rt();
+  if (!r.current) fail(std::string(warp_op_name(op)) + " outside a kernel");
+  Fiber& f = *r.current;
+  const Site site{file, line};
+  const int lane = f.linear % 32;
+  Warp& w = r.warps[f.linear / 32];
+  auto what = [&] { return std::string(warp_op_name(op)) + " (" + where(site) + ") in " + thread_name(f); };
+  if (mask != 0xffffffffu) {
+    char hex[16];
+    snprintf(hex, sizeof hex, "0x%08x", mask);
+    fail_in_fiber(what() + ": partial mask " + hex + "; only full-warp collectives (0xffffffff) are supported");
+  }
+  if (w.size != 32)
+    fail_in_fiber(what() + ": its warp has only " + std::to_string(w.size) + " lanes (block of " +
+                  std::to_string(r.threads) + " threads), but the mask names 32");
+  if (width < 1 || width > 32 || (width & (width - 1)))
+    fail_in_fiber(what() + ": width " + std::to_string(width) + " is not a power of two <= 32");
+  if (w.exited > 0)
+    fail_in_fiber(what() + ": " + std::to_string(w.exited) + " lane(s) of its warp have exited; a warp collective " +
+                  "needs every lane of its mask");
+  if (w.arrived == 0) {
+    w.site = site;
+    w.op = op;
+    w.first = f.linear;
+  } else if (!same_site(site, w.site) || w.op != op) {
+    fail_in_fiber("warp divergence: " + thread_name(r.fibers[w.first]) + " waits at " + warp_op_name(w.op) + " (" +
+                  where(w.site) + ") while " + warp_op_name(op) + " (" + where(site) + ") was reached by " +
+                  thread_name(f));
+  }
+  f.state = State::kWarp;
+  f.site = site;
+  f.op = op;
+  f.value = value;
+  f.arg = arg;
+  f.width = width;
+  --r.ready;
+  if (++w.arrived == w.size) {
+    Fiber* lanes = &r.fibers[f.linear - lane];
+    uint64_t ballot = 0;
+    for (int l = 0; l < 32; ++l) ballot |= (lanes[l].value & 1) << l;
+    for (int l = 0; l < 32; ++l) {
+      Fiber& g = lanes[l];
+      const int seg = l & ~(g.width - 1);
+      int src = l;
+      switch (g.op) {
+        case kShflIdx: src = seg + (g.arg & (g.width - 1)); break;
+        case kShflUp: src = l - g.arg >= seg ? l - g.arg : l; break;
+        case kShflDown: src = l + g.arg < seg + g.width ? l + g.arg : l; break;
+        case kShflXor: src = (l ^ g.arg) < seg + g.width && (l ^ g.arg) >= 0 ? (l ^ g.arg) : l; break;
+        default: break;
+      }
+      g.out = g.op == kBallot ? ballot : lanes[src].value;
+      g.state = State::kReady;
+    }
+    r.ready += 32;
+    w.arrived = 0;
+    w.first = -1;
+  }
+  yield();
+  return f.out;
+}
+
+void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
+  Runtime& r = rt();
+  TORCH_CHECK(!r.current, "CUDA emulation: kernel launch from inside a kernel (", c.name, ")");
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  const dim3 g = c.grid, b = c.block;
+  if (g.x == 0 || g.y == 0 || g.z == 0) launch_error(c, "empty grid");
+  if (g.x > 2147483647u || g.y > 65535 || g.z > 65535)
+    launch_error(c, "grid too large (at most 2^31-1 x 65535 x 65535)");
+  if (b.x == 0 || b.y == 0 || b.z == 0) launch_error(c, "empty block");
+  if (b.x > 1024 || b.y > 1024 || b.z > 64 || uint64_t(b.x) * b.y * b.z > 1024)
+    launch_error(c, "block too large (at most 1024 threads, z <= 64)");
+  KernelInfo& k = r.kernels[c.func];
+  if (c.dynamic_shared > kMaxSharedPerBlock)
+    launch_error(c, "dynamic shared memory over the device limit of " + std::to_string(kMaxSharedPerBlock) + " bytes");
+  if (c.dynamic_shared > dynamic_limit(k))
+    launch_error(c, "dynamic shared memory over the kernel's limit of " + std::to_string(dynamic_limit(k)) +
+                        " bytes; " + limit_hint());
+
+  const int T = static_cast<int>(b.x * b.y * b.z);
+  if (r.fibers.size() < static_cast<size_t>(T)) r.fibers.resize(T);
+  while (r.stacks.size() < static_cast<size_t>(T)) r.stacks.push_back(new_stack());
+  for (int i = 0; i < T; ++i) r.fibers[i].stack = r.stacks[i];
+  r.warps.assign((T + 31) / 32, Warp());
+  r.threads = T;
+  r.config = &c;
+  r.kernel = &k;
+  r.body = body;
+  r.context = context;
+  r.failed = false;
+  r.error.clear();
+#if CM_EMU_ASM_SWITCH
+  uint32_t mxcsr = 0;
+  uint16_t fcw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fcw));
+  r.fp_control = uint64_t(mxcsr) | (uint64_t(fcw) << 32);
+#endif
+  gridDim = g;
+  blockDim = b;
+  ++r.stats.launches;
+  const uint64_t launch_seed = mix64(r.seed ^ mix64(++r.launch_index));
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        run_block(mix64(launch_seed ^ (uint64_t(z) << 48 | uint64_t(y) << 32 | x)));
+        if (r.failed) {
+          r.config = nullptr;
+          TORCH_CHECK(false, "CUDA emulation: kernel ", c.name, " (launched at ", where(Site{c.file, c.line}),
+                      "), block (", x, ",", y, ",", z, ") of grid ", dim_string(g), ", block ", dim_string(b), ": ",
+                      r.error);
+        }
+      }
+  r.config = nullptr;
+}
+
+// ---------------------------------------------------------------- garbage-filled allocations
+
+namespace {
+
+thread_local int garbage_depth = 0;
+
+struct GarbageAllocator final : c10::Allocator {
+  c10::Allocator* inner;
+  explicit GarbageAllocator(c10::Allocator* a) : inner(a) {}
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr p = inner->allocate(n);
+    if (garbage_depth > 0 && n > 0 && p.get()) {
+      Runtime& r = rt();
+      fill_garbage(p.get(), n, r.order, mix64(r.seed ^ reinterpret_cast<uintptr_t>(p.get()) ^ n));
+    }
+    return p;
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return inner->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    inner->copy_data(dest, src, count);
+  }
+};
+
+void install_garbage_allocator() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    static GarbageAllocator allocator(c10::GetCPUAllocator());
+    c10::SetCPUAllocator(&allocator, /*priority=*/100);
+  });
+}
+
+}  // namespace
+
+GarbageAllocations::GarbageAllocations() {
+  install_garbage_allocator();
+  ++garbage_depth;
+}
+GarbageAllocations::~GarbageAllocations() { --garbage_depth; }
+
+}  // namespace emu
+}  // namespace contrastmask
