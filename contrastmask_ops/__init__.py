@@ -10,7 +10,7 @@ from .functional import (
     sample_keys,
 )
 from .module import QuerySharingContrastiveLoss
-from .reference import LossStats
+from .common import LossStats
 
 __all__ = [
     "partition",

@@ -31,32 +31,41 @@ except ImportError as exc:  # not built, or built for another torch: the public 
     HAS_EXTENSION = False
     _IMPORT_ERROR = exc
 
-_warned = False
-
-
-def fallback_warning() -> str:
-    """One line: why the compiled extension is not used."""
-    if isinstance(_IMPORT_ERROR, TorchVersionMismatch):
-        return (f"contrastmask_ops: the compiled extension is not used: {_IMPORT_ERROR}; using the pure-PyTorch "
-                "reference implementation, which is much slower.")
-    error = " ".join(str(_IMPORT_ERROR).split())
-    return ("contrastmask_ops: the compiled extension is not available (%s); using the pure-PyTorch "
-            "reference implementation, which is much slower. Build it with `pip install --no-build-isolation .` "
-            "or `make build`." % (error,))
-
-
-def warn_fallback_once():
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(fallback_warning(), RuntimeWarning, stacklevel=3)
 
 
 def has_kernel(device_type: str) -> bool:
-    """True if the compiled library holds kernels for this device type ("CPU", "CUDA")."""
+    """True if the compiled library holds kernels for this device type ("cpu", "cuda", or the dispatch
+    key's name "CPU", "CUDA")."""
     if not HAS_EXTENSION:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("contrastmask::roi_plan", device_type)
+    key = device_type if device_type[:1].isupper() else torch._C._dispatch_key_for_device(device_type)
+    return torch._C._dispatch_has_kernel_for_dispatch_key("contrastmask::roi_plan", key)
+
+
+# Device types whose tensors the compiled operators take. The public API's dispatch
+# (functional._use_kernels) and build_info() both read this one set, so the model's backend() and the
+# dispatch agree. "meta" (shapes only) is served by the fake kernels of ops.py, which the package
+# registers whenever the extension loads.
+KERNEL_DEVICE_TYPES = frozenset([t for t in ("cpu", "cuda") if has_kernel(t)] + (["meta"] if HAS_EXTENSION else []))
+
+_warned = set()
+
+
+def warn_fallback_once(device_type: str = "cpu"):
+    """One warning per device type that the reference runs instead of the compiled kernels."""
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    if HAS_EXTENSION:
+        reason = f"this build has no {device_type} kernels (it holds kernels for: {sorted(KERNEL_DEVICE_TYPES)})"
+    else:
+        reason = f"the compiled extension is not available ({_IMPORT_ERROR})"
+    warnings.warn(
+        f"contrastmask_ops: {reason}; using the pure-PyTorch reference implementation for {device_type} tensors, "
+        "which is much slower. Build it with `pip install --no-build-isolation .` or `make build`.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def build_info() -> dict:
@@ -65,8 +74,8 @@ def build_info() -> dict:
     return {
         "extension": HAS_EXTENSION,
         "extension_error": None if HAS_EXTENSION else str(_IMPORT_ERROR),
-        "cpu": has_kernel("CPU"),
-        "cuda": has_kernel("CUDA"),
+        "cpu": "cpu" in KERNEL_DEVICE_TYPES,
+        "cuda": "cuda" in KERNEL_DEVICE_TYPES,
         "cuda_arch_list": BUILD_CONFIG.get("cuda_arch_list"),
         "built_with_torch": BUILD_CONFIG.get("built_with_torch"),
         "built_with_cuda": BUILD_CONFIG.get("built_with_cuda"),

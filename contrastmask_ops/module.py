@@ -3,6 +3,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from . import common
 from .functional import query_sharing_contrastive_loss
 
 
@@ -16,6 +17,9 @@ class QuerySharingContrastiveLoss(nn.Module):
     def __init__(self, *, delta: float = 0.1, sigma: float = 0.3, tau_easy: float = 0.7, tau_hard: float = 0.3,
                  hard_sqdist: int = 2, min_keys: int = 5, share_queries: bool = True, formulation: str = "paper"):
         super().__init__()
+        common.loss_module_params(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
+                                  hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries,
+                                  formulation=formulation)  # bad parameters fail here, not at the first forward
         self.delta, self.sigma = delta, sigma
         self.tau_easy, self.tau_hard = tau_easy, tau_hard
         self.hard_sqdist, self.min_keys = hard_sqdist, min_keys

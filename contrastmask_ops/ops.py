@@ -1,35 +1,108 @@
-"""Python side of the compiled operators: fake kernels (for torch.compile / FakeTensor) and autograd
-for torch.ops.contrastmask.*. Importing this module registers them; it is imported by the package
-only when the extension is built. register() does the same for another namespace holding the same
-schemas (the tests' CUDA emulation build, torch.ops.contrastmask_emu)."""
+"""Python side of the compiled operators: fake kernels (for torch.compile / FakeTensor / meta tensors),
+autograd and autocast for torch.ops.contrastmask.*. Importing this module registers them; it is imported
+by the package only when the extension is built. register() does the same for another namespace holding
+the same schemas (the tests' CUDA emulation build, torch.ops.contrastmask_emu).
+
+The fake kernels check what the real kernels check without reading data (shapes, dtypes, devices,
+parameters; contrastmask_ops.common, the validation the public API uses too), so a call the real kernel
+rejects is rejected under fake tensors as well, and mixed devices (say z on the CPU and cams on meta)
+raise instead of returning memory nobody wrote."""
 import torch
 
 from . import _ext  # noqa: F401  (loads the library that defines the ops)
+from . import common
 
 
 def _acc_dtype(z):
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
+def _check_sampling(sigma, min_keys):
+    # hard_sqdist and seed: any int64 (the schema's type), as in the kernels.
+    common.sigma_param(sigma)
+    common.integer("min_keys", min_keys, minimum=0)
+
+
+def _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation):
+    common.check_loss_tensors(z, labels, keys, keep)
+    # The raw op accepts tau = inf (1/tau = 0); the public API asks for finite temperatures.
+    common.temperature("tau_easy", tau_easy, finite=False)
+    common.temperature("tau_hard", tau_hard, finite=False)
+    common.formulation_param(formulation)
+
+
+def _saved_shapes(z, share_queries):
+    n, c, h, w = z.shape
+    groups = 1 if share_queries else n
+    return {"queries": (groups, 2, c), "pixstats": (n, 4, h * w), "termstats": (groups, 4, 4)}
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "contrastmask_ops: the fused contrastive loss has no double backward (its gradient is not differentiable), "
+    "so this higher-order gradient would silently miss the loss's second-order term. Use "
+    "contrastmask_ops.reference.query_sharing_contrastive_loss / contrastive_loss_from_keys (same semantics, pure "
+    "PyTorch) where you need gradients of gradients.")
+
+
+class _LossBackward(torch.autograd.Function):
+    """dz of the fused loss when the backward itself is recorded (create_graph=True): the same kernel, in
+    a node whose own backward raises. Its tensor inputs are grad and z, so any gradient of dz that reaches z or
+    the upstream gradient passes through it."""
+
+    @staticmethod
+    def forward(ctx, backward_op, grad, z, *rest):
+        return backward_op(grad, z, *rest)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def _setup_context(ctx, inputs, output):
+    z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation = inputs
+    _, queries, pixstats, termstats = output
+    ctx.mark_non_differentiable(queries, pixstats, termstats)
+    ctx.save_for_backward(z, labels, keys, keep, queries, pixstats, termstats)
+    ctx.params = (tau_easy, tau_hard, share_queries, formulation)
+
+
+def _backward(ctx, grad_loss, _grad_queries, _grad_pixstats, _grad_termstats, backward_op):
+    z, labels, keys, keep, queries, pixstats, termstats = ctx.saved_tensors
+    dz = None
+    if ctx.needs_input_grad[0]:
+        args = (grad_loss, z, labels, keys, keep, queries, pixstats, termstats, *ctx.params)
+        if torch.is_grad_enabled() and (grad_loss.requires_grad or z.requires_grad):
+            # create_graph=True: record a node that refuses to be differentiated
+            dz = _LossBackward.apply(backward_op, *args)
+        else:
+            dz = backward_op(*args)
+    return dz, None, None, None, None, None, None, None
+
+
 def register(namespace: str = "contrastmask"):
-    """Fake kernels and autograd for the operators of torch.ops.<namespace>."""
+    """Fake kernels, autograd and autocast for the operators of torch.ops.<namespace>."""
     ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(namespace + "::partition")
     def _(masks, cams, is_novel, valid, delta):
+        common.partition_args(masks, cams, is_novel, valid, delta)
         return masks.new_empty(masks.shape, dtype=torch.int8)
 
     @torch.library.register_fake(namespace + "::boundary_sqdist")
     def _(masks):
+        common.check_masks(masks)
         return masks.new_empty(masks.shape, dtype=torch.int32)
 
     @torch.library.register_fake(namespace + "::sample_keys")
     def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed):
-        return (labels.new_empty(labels.shape, dtype=torch.uint8),
-                labels.new_empty(labels.shape[:1], dtype=torch.bool))
+        common.check_sample_tensors(labels, sqdist, is_novel)
+        _check_sampling(sigma, min_keys)
+        return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
     @torch.library.register_fake(namespace + "::roi_plan")
     def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed):
+        common.partition_args(masks, cams, is_novel, valid, delta)
+        _check_sampling(sigma, min_keys)
         return (
             masks.new_empty(masks.shape, dtype=torch.int8),
             masks.new_empty(masks.shape, dtype=torch.uint8),
@@ -38,36 +111,46 @@ def register(namespace: str = "contrastmask"):
 
     @torch.library.register_fake(namespace + "::contrastive_loss")
     def _(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation):
-        n, c, h, w = z.shape
-        groups = 1 if share_queries else n
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
         acc = _acc_dtype(z)
+        shapes = _saved_shapes(z, share_queries)
         return (
             z.new_empty(()),
-            z.new_empty((groups, 2, c), dtype=acc),
-            z.new_empty((n, 4, h * w), dtype=acc),
-            z.new_empty((groups, 4, 4), dtype=acc),
+            z.new_empty(shapes["queries"], dtype=acc),
+            z.new_empty(shapes["pixstats"], dtype=acc),
+            z.new_empty(shapes["termstats"], dtype=acc),
         )
 
     @torch.library.register_fake(namespace + "::contrastive_loss_backward")
     def _(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        common._require(grad.numel() == 1, ValueError,
+                        lambda: f"grad must be the gradient of a scalar loss, got shape {tuple(grad.shape)}")
+        acc = _acc_dtype(z)
+        # The saved tensors must be what the forward returned for these inputs.
+        for name, t in (("queries", queries), ("pixstats", pixstats), ("termstats", termstats)):
+            shape = _saved_shapes(z, share_queries)[name]
+            common.check_tensor(name, t, len(shape), str(shape))
+            common._require(tuple(t.shape) == shape, ValueError,
+                            lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} (from z and "
+                                                                f"share_queries), got {tuple(t.shape)}")
+            common.check_dtype(name, t, (acc,), str(acc))
+            common.check_same_device(name, t, "z", z)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output):
-        z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation = inputs
-        _, queries, pixstats, termstats = output
-        ctx.mark_non_differentiable(queries, pixstats, termstats)
-        ctx.save_for_backward(z, labels, keys, keep, queries, pixstats, termstats)
-        ctx.params = (tau_easy, tau_hard, share_queries, formulation)
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward_op=ops.contrastive_loss_backward)
 
-    def backward(ctx, grad_loss, _grad_queries, _grad_pixstats, _grad_termstats):
-        z, labels, keys, keep, queries, pixstats, termstats = ctx.saved_tensors
-        dz = None
-        if ctx.needs_input_grad[0]:
-            dz = ops.contrastive_loss_backward(grad_loss, z, labels, keys, keep, queries, pixstats, termstats,
-                                               *ctx.params)
-        return dz, None, None, None, None, None, None, None
+    torch.library.register_autograd(namespace + "::contrastive_loss", backward, setup_context=_setup_context)
 
-    torch.library.register_autograd(namespace + "::contrastive_loss", backward, setup_context=setup_context)
+    # ---------------------------------------------------------------------------------------------
+    # Autocast: like PyTorch's own losses (autocast policy "fp32"), a float16/bfloat16 z is cast to float32,
+    # so the loss is computed and returned in float32 (DESIGN, "Autocast"). float64 is left alone.
+    # ---------------------------------------------------------------------------------------------
+
+    for device_type in ("cpu", "cuda"):
+        if torch._C._is_autocast_available(device_type):
+            torch.library.register_autocast(namespace + "::contrastive_loss", device_type, torch.float32)
 
 
 register()

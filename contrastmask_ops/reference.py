@@ -1,202 +1,55 @@
 """Pure-PyTorch reference of the query-sharing contrastive loss (the test oracle and the fallback).
 
-Semantics: ../shared/SPEC.md and docs/DESIGN.md ("Decisions"). Every step is vectorised over ROIs;
+Semantics: docs/SPEC.md and docs/DESIGN.md ("Decisions"). Every step is vectorised over ROIs;
 the key sampler's hash runs in numpy uint64 (torch has no full uint64 arithmetic on every device).
+Where precision is a choice, the reference takes the most exact one: it is the oracle the kernels are
+tested against.
 """
 import math
 import operator
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-INT32_MAX = 2**31 - 1
-MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
+from . import common
+from .common import FORMULATIONS, INT32_MAX, MAX_PIXELS, Z_DTYPES, LossStats, loss_stats  # noqa: F401 (re-exported)
+
 NORM_EPS = 1e-8  # the cosine's clamp of each norm (SPEC step 6)
-FORMULATIONS = ("paper", "released")
-Z_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # (query side, positive set, negative set, uses tau_hard) of the terms A, B, C, D of L (DESIGN).
 # Set ids: 0 easy-fg, 1 hard-fg, 2 easy-bg, 3 hard-bg; side 0 = q+, 1 = q-.
 TERMS = ((0, 0, 2, False), (0, 1, 3, True), (1, 2, 0, False), (1, 3, 1, True))
 
-
-class LossStats(NamedTuple):
-    """Detached statistics of one loss call (DESIGN: public API)."""
-
-    kept: Tensor  # int64 0-dim: number of kept ROIs
-    keys_per_set: Tensor  # int64 (4,): EF, HF, EB, HB key counts over kept ROIs
-    q_pos: Tensor  # (C,) with share_queries, else (N, C) (zero rows for dropped ROIs)
-    q_neg: Tensor
-
-
-# ---------------------------------------------------------------------------------------------
-# Input validation (shared with the public Python API)
-# ---------------------------------------------------------------------------------------------
-
-def _check_tensor(name: str, x, ndim: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-
-
-def _check_same_device(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
-
-
-def _check_dtype(name: str, x: Tensor, dtypes, what: str) -> None:
-    if x.dtype not in dtypes:
-        raise ValueError(f"{name} must be {what}, got {x.dtype}")
-
-
-def _check_grid(name: str, h: int, w: int) -> None:
-    if h < 1 or w < 1:
-        raise ValueError(f"{name}: H and W must be at least 1, got H={h}, W={w}")
-    if h * w > MAX_PIXELS:
-        raise ValueError(f"{name}: H*W = {h * w} exceeds the limit of {MAX_PIXELS} pixels per ROI")
-
-
-def _check_roi_vector(name: str, x, n: int, ref_name: str, ref: Tensor) -> None:
-    """A (N,) bool tensor on ref's device."""
-    _check_tensor(name, x, 1)
-    _check_dtype(name, x, (torch.bool,), "bool")
-    if x.shape[0] != n:
-        raise ValueError(f"{name} has {x.shape[0]} entries but {ref_name} has N = {n} ROIs")
-    _check_same_device(name, x, ref_name, ref)
-
-
-def _check_real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    if not ok:  # also catches NaN
-        interval = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return v
-
-
-def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def check_masks(masks) -> None:
-    """masks: (N, H, W), bool/uint8/float, values 0 or 1 (DESIGN decision 2: every row is checked)."""
-    _check_tensor("masks", masks, 3)
-    if not (masks.dtype in (torch.bool, torch.uint8) or masks.dtype.is_floating_point):
-        raise ValueError(f"masks must be bool, uint8 or floating point, got {masks.dtype}")
-    _check_grid("masks", masks.shape[1], masks.shape[2])
-    if masks.dtype != torch.bool and bool(((masks != 0) & (masks != 1)).any()):
-        raise ValueError("masks must hold only 0 and 1")
-
-
-def check_plan_inputs(masks, cams, is_novel, valid=None, *, delta=0.1, sigma=None, hard_sqdist=None,
-                      min_keys=None, seed=None) -> None:
-    """Validates the inputs of partition / the whole pipeline. Parameters left None are not checked."""
-    check_masks(masks)
-    n = masks.shape[0]
-    _check_roi_vector("is_novel", is_novel, n, "masks", masks)
-    if valid is not None:
-        _check_roi_vector("valid", valid, n, "masks", masks)
-    if cams is None:
-        if bool(is_novel.any()):
-            raise ValueError("cams is None but some ROI is novel (is_novel has a True entry)")
-    else:
-        _check_tensor("cams", cams, 3)
-        if not cams.dtype.is_floating_point:
-            raise ValueError(f"cams must be floating point, got {cams.dtype}")
-        if cams.shape != masks.shape:
-            raise ValueError(f"cams has shape {tuple(cams.shape)} but masks has shape {tuple(masks.shape)}")
-        _check_same_device("cams", cams, "masks", masks)
-    _check_real("delta", delta, 0.0, 0.5, lo_open=False)
-    check_sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-
-
-def check_sampling_params(*, sigma=None, hard_sqdist=None, min_keys=None, seed=None) -> None:
-    if sigma is not None:
-        _check_real("sigma", sigma, 0.0, 1.0, lo_open=True)
-    if hard_sqdist is not None:
-        _check_int("hard_sqdist", hard_sqdist)
-    if min_keys is not None:
-        _check_int("min_keys", min_keys, minimum=0)
-    if seed is not None:
-        _check_int("seed", seed)
-
-
-def check_sample_inputs(labels, sqdist, is_novel, *, sigma=0.3, hard_sqdist=2, min_keys=5, seed=None) -> None:
-    _check_tensor("labels", labels, 3)
-    _check_dtype("labels", labels, (torch.int8,), "int8")
-    _check_grid("labels", labels.shape[1], labels.shape[2])
-    _check_tensor("sqdist", sqdist, 3)
-    _check_dtype("sqdist", sqdist, (torch.int32,), "int32")
-    if sqdist.shape != labels.shape:
-        raise ValueError(f"sqdist has shape {tuple(sqdist.shape)} but labels has shape {tuple(labels.shape)}")
-    _check_same_device("sqdist", sqdist, "labels", labels)
-    _check_roi_vector("is_novel", is_novel, labels.shape[0], "labels", labels)
-    check_sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-
-
-def check_loss_params(*, tau_easy=0.7, tau_hard=0.3, share_queries=True, formulation="paper") -> None:
-    _check_real("tau_easy", tau_easy, 0.0, math.inf, lo_open=True, hi_open=True)
-    _check_real("tau_hard", tau_hard, 0.0, math.inf, lo_open=True, hi_open=True)
-    if not isinstance(share_queries, (bool, np.bool_)):
-        raise TypeError(f"share_queries must be a bool, got {share_queries!r}")
-    if formulation not in FORMULATIONS:
-        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-
-
-def check_z(z, n: int, h: int, w: int, ref_name: str, ref: Tensor) -> None:
-    """z: (N, C, H, W) float16/bfloat16/float32/float64 matching ref's N, H, W and device."""
-    _check_tensor("z", z, 4)
-    _check_dtype("z", z, Z_DTYPES, "float16, bfloat16, float32 or float64")
-    if z.shape[0] != n:
-        raise ValueError(f"z has N = {z.shape[0]} ROIs but {ref_name} has N = {n}")
-    if z.shape[1] < 1:
-        raise ValueError("z must have at least one channel (C >= 1)")
-    if tuple(z.shape[2:]) != (h, w):
-        raise ValueError(f"z has H, W = {tuple(z.shape[2:])} but {ref_name} has H, W = {(h, w)}")
-    _check_same_device("z", z, ref_name, ref)
-
-
-def check_loss_inputs(z, labels, keys, keep, *, tau_easy=0.7, tau_hard=0.3, share_queries=True,
-                      formulation="paper") -> None:
-    _check_tensor("labels", labels, 3)
-    _check_dtype("labels", labels, (torch.int8,), "int8")
-    n, h, w = labels.shape
-    _check_grid("labels", h, w)
-    check_z(z, n, h, w, "labels", labels)
-    _check_tensor("keys", keys, 3)
-    _check_dtype("keys", keys, (torch.uint8,), "uint8")
-    if keys.shape != labels.shape:
-        raise ValueError(f"keys has shape {tuple(keys.shape)} but labels has shape {tuple(labels.shape)}")
-    _check_same_device("keys", keys, "labels", labels)
-    _check_roi_vector("keep", keep, n, "labels", labels)
-    check_loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation)
+# Input validation: contrastmask_ops.common, shared with the compiled path. The reference adds the two
+# checks that read values (masks 0/1, cams present for novel ROIs), which the kernels do themselves.
 
 
 # ---------------------------------------------------------------------------------------------
 # Step 1: partition
 # ---------------------------------------------------------------------------------------------
 
+def _check_plan_values(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor) -> None:
+    common.check_mask_values(masks)
+    common.check_cams_present(cams, is_novel)
+
+
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
               valid: Optional[Tensor] = None) -> Tensor:
     """Label per pixel: 1 foreground, 0 background, -1 ignored. int8 (N, H, W)."""
-    check_plan_inputs(masks, cams, is_novel, valid, delta=delta)
+    delta = common.partition_args(masks, cams, is_novel, valid, delta)
+    _check_plan_values(masks, cams, is_novel)
+    return _partition(masks, cams, is_novel, delta, valid)
+
+
+def _partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, delta: float,
+               valid: Optional[Tensor]) -> Tensor:
     labels = (masks != 0).to(torch.int8)
     if cams is not None:
-        # DESIGN decision 1: thresholds rounded to cams.dtype; foreground tested first.
-        hi = torch.tensor(1.0 - float(delta), dtype=cams.dtype, device=cams.device)
-        lo = torch.tensor(float(delta), dtype=cams.dtype, device=cams.device)
+        # DESIGN, "Thresholds in the CAM's dtype": thresholds rounded to cams.dtype; foreground tested first.
+        hi = torch.tensor(1.0 - delta, dtype=cams.dtype, device=cams.device)
+        lo = torch.tensor(delta, dtype=cams.dtype, device=cams.device)
         minus_one = torch.full_like(labels, -1)
         novel_labels = torch.where(cams >= hi, torch.ones_like(labels),
                                    torch.where(cams <= lo, torch.zeros_like(labels), minus_one))
@@ -251,7 +104,12 @@ def _sqdist_to_set(b: Tensor) -> Tensor:
 def boundary_sqdist(masks: Tensor) -> Tensor:
     """Exact squared Euclidean distance of every pixel to its mask's boundary set. int32 (N, H, W);
     INT32_MAX where the mask has no boundary (all 0 or all 1)."""
-    check_masks(masks)
+    common.check_masks(masks)
+    common.check_mask_values(masks)
+    return _boundary_sqdist(masks)
+
+
+def _boundary_sqdist(masks: Tensor) -> Tensor:
     b = boundary_pixels(masks)
     transpose = b.shape[2] > b.shape[1]  # brute-force pass over the shorter axis
     if transpose:
@@ -291,7 +149,7 @@ def key_hash(seed: int, n, s, i) -> np.ndarray:
 
 
 def draw_seed() -> int:
-    """DESIGN decision 3: seed=None draws from torch's default CPU generator."""
+    """DESIGN, "Seed": seed=None draws from torch's default CPU generator."""
     return int(torch.randint(0, 2**63 - 1, ()).item())
 
 
@@ -317,9 +175,14 @@ def sample_counts(counts: Tensor, sigma: float, max_count: int) -> Tensor:
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
                 min_keys: int = 5, seed: Optional[int] = None):
     """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,))."""
-    check_sample_inputs(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                        seed=seed)
-    seed = draw_seed() if seed is None else operator.index(seed)
+    sigma, hard_sqdist, min_keys, seed = common.sample_keys_args(labels, sqdist, is_novel, sigma=sigma,
+                                                                 hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
+    return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed)
+
+
+def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
+                 seed: Optional[int]):
+    seed = draw_seed() if seed is None else seed
     n, h, w = labels.shape
     p = h * w
     device = labels.device
@@ -371,7 +234,7 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
     bits = torch.arange(4, device=keys.device, dtype=torch.uint8).view(1, 4, 1)
     in_set = (((keys.reshape(n, 1, h * w) >> bits) & 1) != 0) & keep_[:, :, None]  # (N, 4, P)
 
-    # Pixels that take part in nothing are zeroed, so a NaN there has no effect (DESIGN decision 9).
+    # Pixels that take part in nothing are zeroed, so a NaN there has no effect (DESIGN, "NaN").
     # Channels last (N, P, C): the reductions below are then plain matrix products.
     used = pos_part | neg_part | in_set.any(dim=1)
     zt = z.reshape(n, c, h * w).transpose(1, 2).to(acc)
@@ -384,20 +247,25 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
     if share_queries:
         has = (part_count > 0).to(acc)
         queries = (mu * has[:, :, None]).sum(dim=0, keepdim=True) / has.sum(dim=0).clamp_min(1)[None, :, None]
-        dots = (zf @ queries[0].T).transpose(1, 2)  # (N, 2, P)
         q_per_roi = queries.expand(n, 2, c)
     else:
         queries = mu
         q_per_roi = mu
-        dots = torch.bmm(mu, zf.transpose(1, 2))
 
     # Cosines s[n, side, p] of each pixel with the ROI's two queries.
     q_norm = torch.linalg.vector_norm(q_per_roi, dim=2)  # (N, 2)
     if formulation == "paper":
+        if share_queries:
+            dots = (zf @ queries[0].T).transpose(1, 2)  # (N, 2, P)
+        else:
+            dots = torch.bmm(mu, zf.transpose(1, 2))
         pix_norm = torch.linalg.vector_norm(zf, dim=2)[:, None, :]  # (N, 1, P)
-    else:  # "released": keys centred on the query, s = cos(q, z - q)
-        dots = dots - q_norm.square()[:, :, None]
-        pix_norm = torch.cdist(zf, q_per_roi, compute_mode="donot_use_mm_for_euclid_dist").transpose(1, 2)
+    else:
+        # "released": keys centred on the query, s = cos(q, z - q). z - q is formed first (exact for z near
+        # q) and both the dot and the norm are taken of it: q.z - |q|^2 would cancel for z near q.
+        centred = zf[:, None, :, :] - q_per_roi[:, :, None, :]  # (N, 2, P, C)
+        dots = torch.matmul(centred, q_per_roi[:, :, :, None]).squeeze(3)  # (N, 2, P)
+        pix_norm = torch.linalg.vector_norm(centred, dim=3)
     sims = dots / (q_norm.clamp_min(NORM_EPS)[:, :, None] * pix_norm.clamp_min(NORM_EPS))
 
     # Step 6: the four terms. Reduction dims: pooled over kept ROIs, or per ROI.
@@ -422,26 +290,19 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
                                tau_hard: float = 0.3, share_queries: bool = True,
                                formulation: str = "paper") -> Tensor:
-    """The query-sharing contrastive loss (Eqs. 1, 2, 4) from explicit key sets; 0-dim, z's dtype,
-    differentiable in z."""
-    check_loss_inputs(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries,
-                      formulation=formulation)
-    loss, _ = _loss_and_queries(z, labels, keys, keep, float(tau_easy), float(tau_hard), bool(share_queries),
-                                formulation)
-    return loss
+    """The query-sharing contrastive loss (Eqs. 1, 2, 4) from explicit key sets; 0-dim, z's dtype (float32
+    for a float16/bfloat16 z under autocast), differentiable in z."""
+    params = common.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
+                                        share_queries=share_queries, formulation=formulation)
+    return _loss(z, labels, keys, keep, params)[0]
 
 
-def loss_stats(keys: Tensor, keep: Tensor, queries: Tensor, share_queries: bool) -> LossStats:
-    bits = torch.arange(4, device=keys.device, dtype=torch.uint8).view(1, 4, 1)
-    n = keys.shape[0]
-    in_set = ((keys.reshape(n, 1, keys.shape[1] * keys.shape[2]) >> bits) & 1) * keep.view(n, 1, 1)
-    per_set = in_set.sum(dim=(0, 2), dtype=torch.int64)
-    queries = queries.detach()
-    if share_queries:
-        q_pos, q_neg = queries[0, 0], queries[0, 1]
-    else:
-        q_pos, q_neg = queries[:, 0], queries[:, 1]
-    return LossStats(kept=keep.sum(dtype=torch.int64), keys_per_set=per_set, q_pos=q_pos, q_neg=q_neg)
+def _loss(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, params: common.LossParams):
+    """(loss, queries) with the autocast rule of DESIGN, "Autocast": a float16/bfloat16 z is taken as float32
+    under autocast, and no op inside drops to a lower precision."""
+    z = common.autocast_z(z)
+    with common.autocast_disabled(z.device.type):
+        return _loss_and_queries(z, labels, keys, keep, *params)
 
 
 def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *,
@@ -450,16 +311,14 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
                                    seed: Optional[int] = None, return_stats: bool = False):
     """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats)."""
-    check_plan_inputs(masks, cams, is_novel, valid, delta=delta, sigma=sigma, hard_sqdist=hard_sqdist,
-                      min_keys=min_keys, seed=seed)
-    check_z(z, masks.shape[0], masks.shape[1], masks.shape[2], "masks", masks)
-    check_loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation)
-    labels = partition(masks, cams, is_novel, delta=delta, valid=valid)
-    sqdist = boundary_sqdist(masks)
-    keys, keep = sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                             seed=seed)
-    loss, queries = _loss_and_queries(z, labels, keys, keep, float(tau_easy), float(tau_hard), bool(share_queries),
-                                      formulation)
+    plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
+                                        tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
+                                        share_queries=share_queries, formulation=formulation, seed=seed)
+    _check_plan_values(masks, cams, is_novel)
+    labels = _partition(masks, cams, is_novel, plan.delta, valid)
+    sqdist = _boundary_sqdist(masks)
+    keys, keep = _sample_keys(labels, sqdist, is_novel, plan.sigma, plan.hard_sqdist, plan.min_keys, plan.seed)
+    loss, queries = _loss(z, labels, keys, keep, params)
     if return_stats:
-        return loss, loss_stats(keys, keep, queries, share_queries)
+        return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

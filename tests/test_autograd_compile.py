@@ -86,3 +86,142 @@ def test_stats_are_detached():
     loss, stats = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=1,
                                                     return_stats=True)
     assert loss.requires_grad and not stats.q_pos.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Double backward: differentiating the fused loss's gradient raises instead of dropping a term
+# ------------------------------------------------------------------------------------------------
+
+def _fused_and_from_keys(b, labels, keys, keep):
+    return [
+        lambda z: cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], sigma=0.5, min_keys=1,
+                                                    seed=4),
+        lambda z: cm.contrastive_loss_from_keys(z, labels, keys, keep, formulation="released", share_queries=False),
+    ]
+
+
+def test_double_backward_raises_a_clear_error():
+    b, labels, keys, keep = _tiny()
+    for loss_fn in _fused_and_from_keys(b, labels, keys, keep):
+        z = b["z"].clone().requires_grad_(True)
+        (g_plain,) = torch.autograd.grad(loss_fn(z), z)
+        # A gradient penalty: create_graph=True alone is fine and gives the same first-order gradient ...
+        total = loss_fn(z) + (z ** 2).sum()
+        (g,) = torch.autograd.grad(total, z, create_graph=True)
+        torch.testing.assert_close(g, g_plain + 2 * z, rtol=1e-12, atol=1e-12)
+        # ... but differentiating that gradient would miss the loss's second-order term: it raises.
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(g.square().sum(), z)
+        (g,) = torch.autograd.grad(loss_fn(z), z, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            g.sum().backward()
+
+
+def test_reference_has_double_backward():
+    from contrastmask_ops import reference as ref
+
+    b, labels, keys, keep = _tiny()
+    z = b["z"].clone().requires_grad_(True)
+    for formulation in ("paper", "released"):
+        assert torch.autograd.gradgradcheck(
+            lambda x: ref.contrastive_loss_from_keys(x, labels, keys, keep, formulation=formulation), (z,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels check devices, shapes and dtypes like the real ones
+# ------------------------------------------------------------------------------------------------
+
+def _meta(t):
+    return None if t is None else t.to("meta")
+
+
+def _fake_cases():
+    b, labels, keys, keep = _tiny(dtype=torch.float32)
+    masks, cams, novel, z = b["masks"], b["cams"], b["is_novel"], b["z"]
+    sqdist = ops.boundary_sqdist(masks)
+    loss, queries, pixstats, termstats = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, True, "paper")
+    grad = torch.ones(())
+    m = _meta
+    return [
+        # (argument named, call): mixed devices, wrong shapes, wrong dtypes, bad parameters
+        ("cams", lambda: ops.partition(masks, m(cams), novel, None, 0.1)),
+        ("is_novel", lambda: ops.partition(m(masks), m(cams), novel, None, 0.1)),
+        ("cams", lambda: ops.roi_plan(m(masks), m(cams)[:, :5], m(novel), None, 0.1, 0.3, 2, 1, 0)),
+        ("valid", lambda: ops.roi_plan(m(masks), m(cams), m(novel), m(novel)[:2], 0.1, 0.3, 2, 1, 0)),
+        ("sigma", lambda: ops.roi_plan(m(masks), m(cams), m(novel), None, 0.1, 1.5, 2, 1, 0)),
+        ("masks", lambda: ops.boundary_sqdist(m(masks)[0])),
+        ("sqdist", lambda: ops.sample_keys(m(labels), sqdist, m(novel), 0.3, 2, 1, 0)),
+        ("sqdist", lambda: ops.sample_keys(m(labels), m(sqdist).long(), m(novel), 0.3, 2, 1, 0)),
+        ("min_keys", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, -1, 0)),
+        ("z", lambda: ops.contrastive_loss(z, m(labels), m(keys), m(keep), 0.7, 0.3, True, "paper")),
+        ("z", lambda: ops.contrastive_loss(m(z), labels, keys, keep, 0.7, 0.3, True, "paper")),
+        ("keep", lambda: ops.contrastive_loss(m(z), m(labels), m(keys), keep, 0.7, 0.3, True, "paper")),
+        ("z", lambda: ops.contrastive_loss(m(z)[:2], m(labels), m(keys), m(keep), 0.7, 0.3, True, "paper")),
+        ("keys", lambda: ops.contrastive_loss(m(z), m(labels), m(keys).int(), m(keep), 0.7, 0.3, True, "paper")),
+        ("tau_hard", lambda: ops.contrastive_loss(m(z), m(labels), m(keys), m(keep), 0.7, 0.0, True, "paper")),
+        ("formulation", lambda: ops.contrastive_loss(m(z), m(labels), m(keys), m(keep), 0.7, 0.3, True, "x")),
+        ("pixstats", lambda: ops.contrastive_loss_backward(m(grad), m(z), m(labels), m(keys), m(keep), m(queries),
+                                                           m(pixstats)[:, :, :5], m(termstats), 0.7, 0.3, True,
+                                                           "paper")),
+        ("queries", lambda: ops.contrastive_loss_backward(m(grad), m(z), m(labels), m(keys), m(keep),
+                                                          m(queries).double(), m(pixstats), m(termstats), 0.7, 0.3,
+                                                          True, "paper")),
+        ("termstats", lambda: ops.contrastive_loss_backward(m(grad), m(z), m(labels), m(keys), m(keep), m(queries),
+                                                            m(pixstats), termstats, 0.7, 0.3, True, "paper")),
+        ("queries", lambda: ops.contrastive_loss_backward(m(grad), m(z), m(labels), m(keys), m(keep), m(queries),
+                                                          m(pixstats), m(termstats), 0.7, 0.3, False, "paper")),
+        ("grad", lambda: ops.contrastive_loss_backward(m(torch.ones(2)), m(z), m(labels), m(keys), m(keep),
+                                                       m(queries), m(pixstats), m(termstats), 0.7, 0.3, True,
+                                                       "paper")),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_fake_cases())))
+def test_fake_kernels_check_like_the_real_ones(index):
+    name, call = _fake_cases()[index]
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value).startswith(name), str(info.value)
+
+
+def test_fake_kernels_give_the_real_shapes():
+    b, labels, keys, keep = _tiny(dtype=torch.float32)
+    real = _opcheck_cases()
+    for name, args in real.items():
+        meta_args = tuple(_meta(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+        got = getattr(ops, name)(*meta_args)
+        want = getattr(ops, name)(*args)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], name
+        assert all(t.device.type == "meta" for t in got), name
+    # the public API runs on meta tensors through the fake kernels (shape inference)
+    z = _meta(b["z"]).requires_grad_(True)
+    loss, stats = cm.query_sharing_contrastive_loss(z, _meta(b["masks"]), _meta(b["cams"]), _meta(b["is_novel"]),
+                                                    seed=0, return_stats=True)
+    assert loss.device.type == "meta" and loss.shape == () and stats.q_pos.shape == (b["z"].shape[1],)
+
+
+# ------------------------------------------------------------------------------------------------
+# LossStats: one computation for both paths, with no data-dependent shape (no host sync on CUDA)
+# ------------------------------------------------------------------------------------------------
+
+def test_stats_compile_fullgraph_without_data_dependent_shapes():
+    # Boolean-mask indexing (keys[keep]) has a data-dependent shape: dynamo cannot capture it in one graph
+    # and on CUDA it waits for the device. The stats must compile in one graph.
+    from contrastmask_ops import common, functional, reference
+
+    assert functional.loss_stats is reference.loss_stats is common.loss_stats
+    b = make_batch(8, 14, 14, 8, seed=3)
+
+    def step(z, masks, cams, is_novel, valid):
+        return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, valid=valid, seed=5, return_stats=True)
+
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[2] = False
+    args = (b["z"], b["masks"], b["cams"], b["is_novel"], valid)
+    torch._dynamo.reset()
+    loss, stats = torch.compile(step, fullgraph=True, backend="eager")(*args)
+    want_loss, want = step(*args)
+    assert torch.equal(loss, want_loss) and torch.equal(stats.kept, want.kept)
+    assert torch.equal(stats.keys_per_set, want.keys_per_set) and torch.equal(stats.q_pos, want.q_pos)

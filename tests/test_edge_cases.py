@@ -1,4 +1,5 @@
 """SPEC edge cases and bad input, for the compiled operators and for the reference alike."""
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,221 @@ def test_bad_input_names_the_argument(impl):
         with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
             call()
         assert name in str(info.value), (name, str(info.value))
+
+
+# ------------------------------------------------------------------------------------------------
+# One validation for both paths (contrastmask_ops.common): same verdict, same argument named
+# ------------------------------------------------------------------------------------------------
+
+BAD_PARAMETERS = [
+    # (keyword arguments, exception, argument named)
+    (dict(seed=3.7), TypeError, "seed"),
+    (dict(seed=float("nan")), TypeError, "seed"),
+    (dict(seed="1"), TypeError, "seed"),
+    (dict(hard_sqdist=2.5), TypeError, "hard_sqdist"),
+    (dict(min_keys=5.0), TypeError, "min_keys"),
+    (dict(share_queries="no"), TypeError, "share_queries"),
+    (dict(share_queries=1), TypeError, "share_queries"),
+    (dict(tau_easy=float("inf")), ValueError, "tau_easy"),
+    (dict(tau_hard=float("nan")), ValueError, "tau_hard"),
+    (dict(tau_hard="0.3"), TypeError, "tau_hard"),
+    (dict(delta=None), TypeError, "delta"),
+    (dict(delta=float("nan")), ValueError, "delta"),
+    (dict(sigma=float("nan")), ValueError, "sigma"),
+    (dict(sigma=1.0000001), ValueError, "sigma"),
+    (dict(formulation=None), ValueError, "formulation"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kwargs,error,name", BAD_PARAMETERS, ids=[str(c[0]) for c in BAD_PARAMETERS])
+def test_bad_parameters_are_rejected_alike(impl, kwargs, error, name):
+    b = make_batch(4, 14, 14, 8, seed=0)
+    with pytest.raises(error) as info:
+        impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], **kwargs)
+    assert str(info.value).startswith(name + " "), str(info.value)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_parameters_of_the_building_blocks(impl):
+    b = make_batch(4, 14, 14, 8, seed=0)
+    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
+    sqdist = ref.boundary_sqdist(b["masks"])
+    keys, keep = ref.sample_keys(labels, sqdist, b["is_novel"], seed=0)
+    calls = [
+        (TypeError, "seed", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], seed=3.7)),
+        (TypeError, "hard_sqdist", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], hard_sqdist=2.5)),
+        (TypeError, "share_queries", lambda: impl.contrastive_loss_from_keys(b["z"], labels, keys, keep,
+                                                                             share_queries="no")),
+        (ValueError, "tau_hard", lambda: impl.contrastive_loss_from_keys(b["z"], labels, keys, keep,
+                                                                         tau_hard=float("inf"))),
+        (TypeError, "delta", lambda: impl.partition(b["masks"], b["cams"], b["is_novel"], delta=None)),
+    ]
+    for error, name, call in calls:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value).startswith(name + " "), str(info.value)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_integer_parameters_are_accepted_and_clamped(impl):
+    # hard_sqdist: any integer; 2**63 (over int64) selects the same sets as INT32_MAX. min_keys: any
+    # integer >= 0; 2**70 drops every ROI.
+    b = make_batch(6, 14, 14, 8, seed=2)
+    args = (b["z"], b["masks"], b["cams"], b["is_novel"])
+    huge = impl.query_sharing_contrastive_loss(*args, hard_sqdist=2**63, seed=4)
+    clamped = impl.query_sharing_contrastive_loss(*args, hard_sqdist=2**31 - 1, seed=4)
+    assert torch.isfinite(huge) and huge.item() == clamped.item()
+    want = ref.query_sharing_contrastive_loss(*args, hard_sqdist=2**63, seed=4)
+    torch.testing.assert_close(huge, want, rtol=1e-5, atol=1e-7)
+    assert impl.query_sharing_contrastive_loss(*args, hard_sqdist=-2**70, seed=4).item() == \
+        impl.query_sharing_contrastive_loss(*args, hard_sqdist=-1, seed=4).item()
+    assert impl.query_sharing_contrastive_loss(*args, min_keys=2**70, seed=4).item() == 0.0
+    # the seed is taken mod 2**64, numpy integers included
+    assert impl.query_sharing_contrastive_loss(*args, seed=2**64 + 5).item() == \
+        impl.query_sharing_contrastive_loss(*args, seed=np.uint64(5)).item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_errors_blame_z_when_z_does_not_match(impl):
+    b = make_batch(4, 14, 14, 8, seed=0)
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    labels = ref.partition(masks, cams, novel)
+    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, seed=0)
+    for bad_z in (b["z"][:3], b["z"][:, :, :13], b["z"][:, :, :, 1:]):
+        with pytest.raises(ValueError) as info:
+            impl.query_sharing_contrastive_loss(bad_z, masks, cams, novel)
+        assert str(info.value).startswith("z "), str(info.value)
+        with pytest.raises(ValueError) as info:
+            impl.contrastive_loss_from_keys(bad_z, labels, keys, keep)
+        assert str(info.value).startswith("z "), str(info.value)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lists_and_arrays_get_a_short_error(impl):
+    b = make_batch(8, 28, 28, 8, seed=0)
+    tensors = dict(z=b["z"], masks=b["masks"], cams=b["cams"], is_novel=b["is_novel"])
+    for name in tensors:
+        for convert in (lambda t: t.tolist(), lambda t: t.numpy()):
+            args = dict(tensors, **{name: convert(tensors[name])})
+            with pytest.raises(TypeError) as info:
+                impl.query_sharing_contrastive_loss(args["z"], args["masks"], args["cams"], args["is_novel"])
+            message = str(info.value)
+            assert message.startswith(name + " ") and len(message) < 200, message
+    for param in ("sigma", "delta", "tau_easy", "seed", "min_keys", "formulation", "share_queries"):
+        for value in (np.arange(10000.0), list(range(10000))):
+            with pytest.raises((TypeError, ValueError)) as info:
+                impl.query_sharing_contrastive_loss(*tensors.values(), **{param: value})
+            message = str(info.value)
+            assert message.startswith(param + " ") and len(message) < 200, message
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_errors_print_numbers_in_full(impl):
+    b = make_batch(4, 14, 14, 8, seed=0)
+    for kwargs, shown in ((dict(sigma=1.0000001), "1.0000001"), (dict(delta=0.5000000001), "0.5000000001"),
+                          (dict(tau_easy=-1e-300), "-1e-300")):
+        with pytest.raises(ValueError) as info:
+            impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], **kwargs)
+        assert shown in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(sigma=2.0), "sigma"), (dict(delta=0.7), "delta"),
+                                         (dict(tau_easy=0.0), "tau_easy"), (dict(tau_hard=float("inf")), "tau_hard"),
+                                         (dict(hard_sqdist=2.5), "hard_sqdist"), (dict(min_keys=-1), "min_keys"),
+                                         (dict(share_queries="no"), "share_queries"),
+                                         (dict(formulation="official"), "formulation")])
+def test_module_validates_its_parameters_at_construction(kwargs, name):
+    with pytest.raises((TypeError, ValueError)) as info:
+        cm.QuerySharingContrastiveLoss(**kwargs)
+    assert str(info.value).startswith(name + " "), str(info.value)
+    cm.QuerySharingContrastiveLoss(hard_sqdist=2**63, min_keys=2**70, share_queries=np.bool_(False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch on the tensors' device (a build without kernels for a device uses the reference)
+# ------------------------------------------------------------------------------------------------
+
+class _NoKernels:
+    def __getattr__(self, name):
+        raise AssertionError(f"torch.ops.contrastmask.{name} was called for a device without kernels")
+
+
+def test_build_without_kernels_for_the_device_uses_the_reference(monkeypatch):
+    # Simulate a build without CPU kernels (as a CPU-only machine sees a build without CUDA kernels):
+    # CPU tensors must go to the reference, with one warning, and backend() must say so too.
+    from contrastmask_ops import _ext, functional
+
+    from model.contrastmask.contrast_loss import backend
+
+    monkeypatch.setattr(_ext, "KERNEL_DEVICE_TYPES", frozenset({"cuda", "meta"}))
+    monkeypatch.setattr(_ext, "_warned", set())
+    monkeypatch.setattr(functional, "_ops", _NoKernels(), raising=False)
+    assert backend("cpu") == "reference" and not cm.build_info()["cpu"]
+    b = make_batch(6, 14, 14, 8, seed=3)
+    args = (b["z"], b["masks"], b["cams"], b["is_novel"])
+    with pytest.warns(RuntimeWarning, match="reference") as record:
+        loss = cm.query_sharing_contrastive_loss(*args, seed=2)
+        labels = cm.partition(b["masks"], b["cams"], b["is_novel"])
+        sqdist = cm.boundary_sqdist(b["masks"])
+        keys, keep = cm.sample_keys(labels, sqdist, b["is_novel"], seed=2)
+        from_keys = cm.contrastive_loss_from_keys(b["z"], labels, keys, keep)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1  # once per device type
+    assert "cpu" in str(record[0].message)
+    assert loss.item() == ref.query_sharing_contrastive_loss(*args, seed=2).item()
+    assert from_keys.item() == ref.contrastive_loss_from_keys(b["z"], labels, keys, keep).item()
+
+
+@pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
+def test_build_with_kernels_for_the_device_uses_them(monkeypatch):
+    from contrastmask_ops import functional
+
+    from model.contrastmask.contrast_loss import backend
+
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(torch.ops.contrastmask, name)
+
+    monkeypatch.setattr(functional, "_ops", Spy())
+    b = make_batch(4, 14, 14, 8, seed=3)
+    cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=1)
+    assert backend("cpu") == "compiled" and calls == ["roi_plan", "contrastive_loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Autocast: the loss computes in float32 and returns float32, as PyTorch's own losses do
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_cpu_bfloat16_computes_in_float32(impl):
+    b = make_batch(6, 14, 14, 16, seed=5)
+    args = (b["masks"], b["cams"], b["is_novel"])
+    want32, g32 = _loss_and_grad(impl, b["z"], *args, seed=3)
+    z16 = b["z"].bfloat16()
+    want16, g16 = _loss_and_grad(impl, z16.float(), *args, seed=3)
+    z32 = b["z"].clone().requires_grad_(True)
+    z16 = z16.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # forward under autocast, backward outside (as advised)
+        got32 = impl.query_sharing_contrastive_loss(z32, *args, seed=3)
+        got16 = impl.query_sharing_contrastive_loss(z16, *args, seed=3)
+        got64 = impl.query_sharing_contrastive_loss(b["z"].double(), *args, seed=3)
+    (gg32,) = torch.autograd.grad(got32, z32)
+    (gg16,) = torch.autograd.grad(got16, z16)
+    assert got32.dtype == got16.dtype == torch.float32 and got64.dtype == torch.float64
+    assert gg32.dtype == torch.float32 and gg16.dtype == torch.bfloat16
+    # the same float32 computation as outside autocast (no matmul dropped to bfloat16)
+    torch.testing.assert_close(got32, want32, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gg32, g32, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got16, want16, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gg16, g16.bfloat16(), rtol=0, atol=0)
+    # the loss from explicit keys too
+    labels = ref.partition(*args)
+    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(b["masks"]), b["is_novel"], seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = impl.contrastive_loss_from_keys(z16, labels, keys, keep, formulation="released")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, impl.contrastive_loss_from_keys(z16.float(), labels, keys, keep,
+                                                                    formulation="released"), rtol=1e-6, atol=0)

@@ -620,3 +620,69 @@ def test_empty_partitions_are_not_errors():
     loss = ref.query_sharing_contrastive_loss(z, masks, None, torch.zeros(2, dtype=torch.bool), seed=0)
     loss.backward()
     assert loss.item() == 0 and (z.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# "released" cosines near the query: the reference is the most exact implementation
+# ------------------------------------------------------------------------------------------------
+
+def exact_released_cos(q, x):
+    """cos(q, x - q) with x - q, the dot product and the squared norms summed exactly (Fractions), then one
+    rounding each: the reference must not lose what q.x - |q|^2 loses to cancellation for x near q."""
+    from fractions import Fraction
+
+    qf = [Fraction(v) for v in q]
+    d = [Fraction(a) - b for a, b in zip(x, qf)]
+    dot = sum(a * b for a, b in zip(qf, d))
+    q_norm = math.sqrt(float(sum(a * a for a in qf)))
+    d_norm = math.sqrt(float(sum(a * a for a in d)))
+    return float(dot) / (max(q_norm, 1e-8) * max(d_norm, 1e-8))
+
+
+def exact_released_loss(z, keys, keep, q_pos, q_neg, *, tau_easy, tau_hard, share_queries):
+    """SPEC step 6, formulation "released", for the given queries, with exact cosines and math.fsum sums."""
+    n, c = z.shape[:2]
+    feats = z.reshape(n, c, -1).transpose(1, 2).tolist()
+    kb = keys.reshape(n, -1).tolist()
+    kept = [i for i in range(n) if keep[i]]
+
+    def term(q, pos, neg, t):
+        if not pos:
+            return 0.0
+        s_pos = [exact_released_cos(q, x) for x in pos]
+        neg_sum = math.fsum(math.exp(exact_released_cos(q, x) / t) for x in neg)
+        return math.fsum(math.log(math.exp(s) + neg_sum) - s / t for s in s_pos) / len(s_pos)
+
+    def four_terms(qs, sets):
+        return math.fsum(term(qs[side], sets[p], sets[g], tau_hard if hard else tau_easy)
+                         for side, p, g, hard in ref.TERMS)
+
+    def sets_of(i):
+        return [[feats[i][j] for j in range(len(kb[i])) if kb[i][j] >> s & 1] for s in range(4)]
+
+    if share_queries:
+        pooled = [sum((sets_of(i)[s] for i in kept), []) for s in range(4)]
+        return four_terms([q_pos.tolist(), q_neg.tolist()], pooled)
+    return math.fsum(four_terms([q_pos[i].tolist(), q_neg[i].tolist()], sets_of(i)) for i in kept) / len(kept)
+
+
+@pytest.mark.parametrize("scale,noise", [(1.0, 0.0), (1e9, 0.0), (1e3, 1e-9), (1.0, 1e-12)])
+@pytest.mark.parametrize("share", [True, False])
+def test_released_cosine_is_exact_for_keys_near_the_query(scale, noise, share):
+    # Constant z (C = 8; every pixel the same vector, so z - q is the rounding of the mean), and z within
+    # noise * scale of a constant: q.(z - q) computed as q.z - |q|^2 cancels, z - q formed first does not.
+    batch = make_batch(5, 9, 10, 8, seed=1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(8, generator=g, dtype=torch.float64) * scale
+    z = v.view(1, 8, 1, 1) + noise * scale * torch.randn(batch["z"].shape, generator=g, dtype=torch.float64)
+    labels, sqdist = plan(batch)
+    keys, keep = ref.sample_keys(labels, sqdist, batch["is_novel"], seed=0, min_keys=1)
+    assert keep.sum() >= 3
+    kw = dict(tau_easy=0.3, tau_hard=0.7, share_queries=share)
+    loss = ref.contrastive_loss_from_keys(z, labels, keys, keep, formulation="released", **kw)
+    # The queries the reference used (the oracle takes them as given: z - q is defined by them).
+    _, queries = ref._loss_and_queries(z, labels, keys, keep, 0.3, 0.7, share, "released")
+    stats = ref.loss_stats(keys, keep, queries, share)
+    want = exact_released_loss(z, keys, keep, stats.q_pos, stats.q_neg, **kw)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - want) <= 1e-13 * abs(want), (loss.item(), want)
