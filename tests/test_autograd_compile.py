@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import contrastmask_ops as cm
+import devices
 from blobs import blob_batch
 
 pytestmark = pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
@@ -186,7 +187,7 @@ def test_fake_kernels_check_like_the_real_ones(index):
 
 def test_fake_kernels_give_the_real_shapes():
     b, labels, keys, keep = _tiny(dtype=torch.float32)
-    real = _opcheck_cases()
+    real = _opcheck_cases(devices.Device("cpu", "cpu"))
     for name, args in real.items():
         meta_args = tuple(_meta(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
         got = getattr(ops, name)(*meta_args)
@@ -212,7 +213,7 @@ def test_stats_compile_fullgraph_without_data_dependent_shapes():
     from contrastmask_ops import common, functional, reference
 
     assert functional.loss_stats is reference.loss_stats is common.loss_stats
-    b = make_batch(8, 14, 14, 8, seed=3)
+    b = blob_batch(8, 14, 14, 8, seed=3)
 
     def step(z, masks, cams, is_novel, valid):
         return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, valid=valid, seed=5, return_stats=True)

@@ -168,7 +168,7 @@ BAD_PARAMETERS = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kwargs,error,name", BAD_PARAMETERS, ids=[str(c[0]) for c in BAD_PARAMETERS])
 def test_bad_parameters_are_rejected_alike(impl, kwargs, error, name):
-    b = make_batch(4, 14, 14, 8, seed=0)
+    b = blob_batch(4, 14, 14, 8, seed=0)
     with pytest.raises(error) as info:
         impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], **kwargs)
     assert str(info.value).startswith(name + " "), str(info.value)
@@ -176,7 +176,7 @@ def test_bad_parameters_are_rejected_alike(impl, kwargs, error, name):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_parameters_of_the_building_blocks(impl):
-    b = make_batch(4, 14, 14, 8, seed=0)
+    b = blob_batch(4, 14, 14, 8, seed=0)
     labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
     sqdist = ref.boundary_sqdist(b["masks"])
     keys, keep = ref.sample_keys(labels, sqdist, b["is_novel"], seed=0)
@@ -199,7 +199,7 @@ def test_bad_parameters_of_the_building_blocks(impl):
 def test_huge_integer_parameters_are_accepted_and_clamped(impl):
     # hard_sqdist: any integer; 2**63 (over int64) selects the same sets as INT32_MAX. min_keys: any
     # integer >= 0; 2**70 drops every ROI.
-    b = make_batch(6, 14, 14, 8, seed=2)
+    b = blob_batch(6, 14, 14, 8, seed=2)
     args = (b["z"], b["masks"], b["cams"], b["is_novel"])
     huge = impl.query_sharing_contrastive_loss(*args, hard_sqdist=2**63, seed=4)
     clamped = impl.query_sharing_contrastive_loss(*args, hard_sqdist=2**31 - 1, seed=4)
@@ -216,7 +216,7 @@ def test_huge_integer_parameters_are_accepted_and_clamped(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_errors_blame_z_when_z_does_not_match(impl):
-    b = make_batch(4, 14, 14, 8, seed=0)
+    b = blob_batch(4, 14, 14, 8, seed=0)
     masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
     labels = ref.partition(masks, cams, novel)
     keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, seed=0)
@@ -231,7 +231,7 @@ def test_errors_blame_z_when_z_does_not_match(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lists_and_arrays_get_a_short_error(impl):
-    b = make_batch(8, 28, 28, 8, seed=0)
+    b = blob_batch(8, 28, 28, 8, seed=0)
     tensors = dict(z=b["z"], masks=b["masks"], cams=b["cams"], is_novel=b["is_novel"])
     for name in tensors:
         for convert in (lambda t: t.tolist(), lambda t: t.numpy()):
@@ -250,7 +250,7 @@ def test_lists_and_arrays_get_a_short_error(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_errors_print_numbers_in_full(impl):
-    b = make_batch(4, 14, 14, 8, seed=0)
+    b = blob_batch(4, 14, 14, 8, seed=0)
     for kwargs, shown in ((dict(sigma=1.0000001), "1.0000001"), (dict(delta=0.5000000001), "0.5000000001"),
                           (dict(tau_easy=-1e-300), "-1e-300")):
         with pytest.raises(ValueError) as info:
@@ -290,7 +290,7 @@ def test_build_without_kernels_for_the_device_uses_the_reference(monkeypatch):
     monkeypatch.setattr(_ext, "_warned", set())
     monkeypatch.setattr(functional, "_ops", _NoKernels(), raising=False)
     assert backend("cpu") == "reference" and not cm.build_info()["cpu"]
-    b = make_batch(6, 14, 14, 8, seed=3)
+    b = blob_batch(6, 14, 14, 8, seed=3)
     args = (b["z"], b["masks"], b["cams"], b["is_novel"])
     with pytest.warns(RuntimeWarning, match="reference") as record:
         loss = cm.query_sharing_contrastive_loss(*args, seed=2)
@@ -318,7 +318,7 @@ def test_build_with_kernels_for_the_device_uses_them(monkeypatch):
             return getattr(torch.ops.contrastmask, name)
 
     monkeypatch.setattr(functional, "_ops", Spy())
-    b = make_batch(4, 14, 14, 8, seed=3)
+    b = blob_batch(4, 14, 14, 8, seed=3)
     cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=1)
     assert backend("cpu") == "compiled" and calls == ["roi_plan", "contrastive_loss"]
 
@@ -329,7 +329,7 @@ def test_build_with_kernels_for_the_device_uses_them(monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_cpu_bfloat16_computes_in_float32(impl):
-    b = make_batch(6, 14, 14, 16, seed=5)
+    b = blob_batch(6, 14, 14, 16, seed=5)
     args = (b["masks"], b["cams"], b["is_novel"])
     want32, g32 = _loss_and_grad(impl, b["z"], *args, seed=3)
     z16 = b["z"].bfloat16()

@@ -88,8 +88,9 @@ def test_training_decreases_the_losses_then_evaluate_reports_novel_and_base(data
     for r in records:
         assert all(math.isfinite(r[n]) for n in names), r
     # loss_box_reg starts near 0 (the first positives are the ground-truth boxes), so it is not
-    # expected to fall; L_con of the log grows with the number of positive ROIs, hence the probe
-    for name in ["loss", "loss_classifier", "loss_mask", "loss_contrast", "loss_objectness"]:
+    # expected to fall; L_con of the log grows with the number of positive ROIs (and its keys change every
+    # iteration), so it is checked by the probe on fixed ROIs and keys below, not by the log
+    for name in ["loss", "loss_classifier", "loss_mask", "loss_objectness"]:
         first = sum(r[name] for r in records[:3]) / 3
         last = sum(r[name] for r in records[-3:]) / 3
         assert last < first, f"{name}: {first:.4f} -> {last:.4f}"

@@ -671,7 +671,7 @@ def exact_released_loss(z, keys, keep, q_pos, q_neg, *, tau_easy, tau_hard, shar
 def test_released_cosine_is_exact_for_keys_near_the_query(scale, noise, share):
     # Constant z (C = 8; every pixel the same vector, so z - q is the rounding of the mean), and z within
     # noise * scale of a constant: q.(z - q) computed as q.z - |q|^2 cancels, z - q formed first does not.
-    batch = make_batch(5, 9, 10, 8, seed=1, dtype=torch.float64)
+    batch = blob_batch(5, 9, 10, 8, seed=1, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(8, generator=g, dtype=torch.float64) * scale
     z = v.view(1, 8, 1, 1) + noise * scale * torch.randn(batch["z"].shape, generator=g, dtype=torch.float64)
