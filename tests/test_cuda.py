@@ -254,3 +254,35 @@ def test_mixed_devices_are_rejected():
     b = make_batch(2, 13, 21, 4, seed=1)
     with pytest.raises(ValueError, match="is_novel"):
         ops.partition(b["masks"].to(CUDA), b["cams"].to(CUDA), b["is_novel"], None, 0.1)
+
+
+def test_stats_take_no_host_sync():
+    # LossStats masks with keep instead of indexing with it (contrastmask_ops.common.loss_stats).
+    z, labels, keys, keep = (t.to(CUDA) for t in _loss_inputs(16, (28, 28), 32, torch.float32, 9))
+    queries = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, False, "paper")[1]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for share_queries in (True, False):
+            stats = cm.common.loss_stats(keys, keep, queries, share_queries)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(stats.kept) == int(keep.sum())
+
+
+@pytest.mark.parametrize("impl", [cm, cm.reference], ids=["kernels", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_computes_in_float32(impl, dtype):
+    b = make_batch(6, 28, 28, 16, seed=5, device=CUDA)
+    args = (b["masks"], b["cams"], b["is_novel"])
+    z_low = b["z"].to(dtype).requires_grad_(True)
+    z32 = b["z"].clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype):
+        got_low = impl.query_sharing_contrastive_loss(z_low, *args, seed=3)
+        got32 = impl.query_sharing_contrastive_loss(z32, *args, seed=3)
+    assert got_low.dtype == got32.dtype == torch.float32
+    (g_low,) = torch.autograd.grad(got_low, z_low)
+    assert g_low.dtype == dtype
+    torch.testing.assert_close(got_low, impl.query_sharing_contrastive_loss(z_low.detach().float(), *args, seed=3),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(got32, impl.query_sharing_contrastive_loss(b["z"], *args, seed=3), rtol=1e-6, atol=0)
