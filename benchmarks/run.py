@@ -3,7 +3,7 @@
     python -m benchmarks.run            # full sweep on the default device (CUDA if present, else CPU)
     python -m benchmarks.run --quick    # N in {32, 128}, C=256, float32, short budgets (about a minute)
 
-Prints a table of times and ratios and the issue's targets, and writes
+Prints a table of times and ratios and the speed targets (targets.py), and writes
 benchmarks/results/<device>-<date>.json plus two PNG plots next to it (see benchmarks/README.md).
 """
 from __future__ import annotations

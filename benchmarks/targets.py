@@ -1,4 +1,5 @@
-"""The speed targets of issue 3, evaluated on a finished sweep (never by a timed test).
+"""The library's speed targets (benchmarks/README.md, "Targets"), evaluated on a finished sweep (never by a
+timed test).
 
 Each target names the shape it is judged at, how its figure is computed from the results, and the bar.
 A target whose device or inputs were not part of the run reads "n/a".

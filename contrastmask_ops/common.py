@@ -51,6 +51,8 @@ def describe(value) -> str:
 def _require(cond, error_type, message) -> None:
     """Raise error_type(message()) unless cond. cond may be a SymBool (fake kernels under dynamic
     shapes): then torch._check_with records it as a runtime assertion instead of specialising."""
+    if cond is True:  # the common case, first: this runs some twenty times per call
+        return
     if isinstance(cond, bool):
         if not cond:
             raise error_type(message())
@@ -184,6 +186,8 @@ def check_cams_present(cams, is_novel: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _as_real(name: str, value) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, (Tensor, np.ndarray)) and value.ndim != 0:
         raise TypeError(f"{name} must be a real number, got {describe(value)}")
     if isinstance(value, (str, bytes)):
@@ -214,18 +218,23 @@ def temperature(name: str, value, *, finite: bool = True) -> float:
 
 def integer(name: str, value, minimum: Optional[int] = None) -> int:
     """value as a Python int (an int, a numpy integer or anything with __index__; not a float)."""
-    if isinstance(value, bool):
+    if type(value) is int:
+        v = value
+    elif isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {describe(value)}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {describe(value)}") from None
+    else:
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, got {describe(value)}") from None
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {describe(value)}")
     return v
 
 
 def flag(name: str, value) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return bool(value)

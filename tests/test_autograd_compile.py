@@ -118,16 +118,6 @@ def test_double_backward_raises_a_clear_error():
             g.sum().backward()
 
 
-def test_reference_has_double_backward():
-    from contrastmask_ops import reference as ref
-
-    b, labels, keys, keep = _tiny()
-    z = b["z"].clone().requires_grad_(True)
-    for formulation in ("paper", "released"):
-        assert torch.autograd.gradgradcheck(
-            lambda x: ref.contrastive_loss_from_keys(x, labels, keys, keep, formulation=formulation), (z,))
-
-
 # ------------------------------------------------------------------------------------------------
 # Fake kernels check devices, shapes and dtypes like the real ones
 # ------------------------------------------------------------------------------------------------
@@ -207,22 +197,22 @@ def test_fake_kernels_give_the_real_shapes():
 # LossStats: one computation for both paths, with no data-dependent shape (no host sync on CUDA)
 # ------------------------------------------------------------------------------------------------
 
-def test_stats_compile_fullgraph_without_data_dependent_shapes():
-    # Boolean-mask indexing (keys[keep]) has a data-dependent shape: dynamo cannot capture it in one graph
-    # and on CUDA it waits for the device. The stats must compile in one graph.
+def test_stats_have_no_data_dependent_shapes():
+    # Boolean-mask indexing (keys[keep]) makes a shape that depends on the data: on CUDA it waits for the
+    # device (a host sync) and fake tensors cannot trace it. The stats must run on fake tensors, and both
+    # paths must use the one loss_stats.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from contrastmask_ops import common, functional, reference
 
     assert functional.loss_stats is reference.loss_stats is common.loss_stats
     b = blob_batch(8, 14, 14, 8, seed=3)
-
-    def step(z, masks, cams, is_novel, valid):
-        return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, valid=valid, seed=5, return_stats=True)
-
     valid = torch.ones(8, dtype=torch.bool)
     valid[2] = False
-    args = (b["z"], b["masks"], b["cams"], b["is_novel"], valid)
-    torch._dynamo.reset()
-    loss, stats = torch.compile(step, fullgraph=True, backend="eager")(*args)
-    want_loss, want = step(*args)
-    assert torch.equal(loss, want_loss) and torch.equal(stats.kept, want.kept)
-    assert torch.equal(stats.keys_per_set, want.keys_per_set) and torch.equal(stats.q_pos, want.q_pos)
+    args = (b["z"], b["masks"], b["cams"], b["is_novel"])
+    want_loss, want = cm.query_sharing_contrastive_loss(*args, valid=valid, seed=5, return_stats=True)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in args + (valid,)]
+        loss, stats = cm.query_sharing_contrastive_loss(*fake[:4], valid=fake[4], seed=5, return_stats=True)
+    assert loss.shape == () and stats.kept.shape == () and stats.keys_per_set.shape == (4,)
+    assert stats.q_pos.shape == want.q_pos.shape == (8,)

@@ -393,8 +393,9 @@ def test_loss_matches_naive_loop(formulation, share, tau_easy, tau_hard):
 @pytest.mark.parametrize("formulation,share", [("paper", True), ("paper", False), ("released", True),
                                                ("released", False)])
 def test_loss_caller_made_keys_and_keep(formulation, share):
-    # DESIGN decisions 4-7: a kept ROI with an empty partition, keys on ignored pixels, keys of dropped
-    # ROIs, pixels in several sets, an empty negative set.
+    # DESIGN's decisions "Queries for kept ROIs with an empty partition", "Keys of dropped ROIs", "A pixel
+    # in several sets" and "Empty sets in the loss": a kept ROI with an empty partition, keys on ignored
+    # pixels, keys of dropped ROIs, pixels in several sets, an empty negative set.
     batch, labels, keys, keep = sampled(6, 8, 8, 5, seed=4)
     labels, keys, keep = labels.clone(), keys.clone(), keep.clone()
     labels[0] = 0  # kept ROI without foreground
@@ -503,6 +504,16 @@ def test_loss_gradcheck(formulation, share):
     assert torch.autograd.gradcheck(
         lambda x: ref.contrastive_loss_from_keys(x, labels, keys, keep, formulation=formulation,
                                                  share_queries=share), (z,))
+
+
+@pytest.mark.parametrize("formulation", ["paper", "released"])
+def test_loss_double_backward(formulation):
+    # The reference has gradients of gradients (the fused loss refuses them; tests/test_autograd_compile.py).
+    batch, labels, keys, keep = sampled(3, 4, 5, 3, seed=13, min_keys=1, sigma=0.6)
+    z = batch["z"].clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda x: ref.contrastive_loss_from_keys(x, labels, keys, keep, formulation=formulation, share_queries=False),
+        (z,))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""CUDA-only checks that need a real GPU (skipped without one): LossStats take no host sync, and
+autocast on CUDA computes the loss in float32."""
+import pytest
+import torch
+
+import contrastmask_ops as cm
+from blobs import blob_batch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not (torch.cuda.is_available() and cm.build_info()["cuda"]),
+                                 reason="needs a GPU and the CUDA kernels")]
+CUDA = torch.device("cuda")
+
+
+def test_stats_take_no_host_sync():
+    # LossStats masks with keep instead of indexing with it (contrastmask_ops.common.loss_stats).
+    b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
+    labels, keys, keep = torch.ops.contrastmask.roi_plan(b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 5, 1)
+    queries = torch.ops.contrastmask.contrastive_loss(b["z"], labels, keys, keep, 0.7, 0.3, False, "paper")[1]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for share_queries in (True, False):
+            stats = cm.common.loss_stats(keys, keep, queries, share_queries)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(stats.kept) == int(keep.sum())
+
+
+@pytest.mark.parametrize("impl", [cm, cm.reference], ids=["kernels", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_computes_in_float32(impl, dtype):
+    b = blob_batch(6, 28, 28, 16, seed=5, device=CUDA)
+    args = (b["masks"], b["cams"], b["is_novel"])
+    z_low = b["z"].to(dtype).requires_grad_(True)
+    z32 = b["z"].clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype):
+        got_low = impl.query_sharing_contrastive_loss(z_low, *args, seed=3)
+        got32 = impl.query_sharing_contrastive_loss(z32, *args, seed=3)
+    assert got_low.dtype == got32.dtype == torch.float32
+    (g_low,) = torch.autograd.grad(got_low, z_low)
+    assert g_low.dtype == dtype
+    torch.testing.assert_close(got_low, impl.query_sharing_contrastive_loss(z_low.detach().float(), *args, seed=3),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(got32, impl.query_sharing_contrastive_loss(b["z"], *args, seed=3), rtol=1e-6, atol=0)
