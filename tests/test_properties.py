@@ -9,8 +9,14 @@ loss rtol 1e-5, gradient max error 1e-4 of max|g_ref|; float64: 1e-10 / 1e-9; fl
 rounding to the dtype may differ by one unit, gradients 2e-2 of max|g_ref|). With C = 1 every cosine is
 +-1, the exact gradient is 0 and both sides hold rounding noise, so only finiteness is compared.
 
-A fixed budget of examples, drawn deterministically (derandomize=True, no example database), keeps the run
-short and CI reproducible.
+A fixed budget of examples, drawn deterministically (derandomize=True, no example database, and none of the
+constants hypothesis would otherwise collect from the source of imported modules), keeps the run short and CI
+reproducible.
+
+Left out: "released" batches where a kept ROI's partition is a single pixel. That pixel is then its own query,
+z - q is exactly 0 and the cosine's gradient is 1e8 (the 1e-8 clamp) times a difference that is exactly 0:
+in float32 both implementations lose the rest of the gradient (tests/test_edge_cases.py holds this as a
+known failure).
 """
 import pytest
 import torch
@@ -21,7 +27,7 @@ from contrastmask_ops import reference as ref
 from blobs import blob_masks
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cm.build_info()["cpu"], reason="CPU kernels not built")
@@ -29,6 +35,32 @@ ops = torch.ops.contrastmask
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_constants_from_local_modules():
+    """Hypothesis (6.13x on) mixes constants found in the source of imported non-library modules into its draws,
+    so the examples would change with every edit of contrastmask_ops and with which modules other tests happen to
+    have imported. Turn that off, so derandomize=True gives the same examples on every run."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+    except ImportError:  # another hypothesis version: nothing to turn off, or no longer reachable this way
+        yield
+        return
+    if not hasattr(providers, "_get_local_constants"):
+        yield
+        return
+    saved = providers._get_local_constants
+    providers._get_local_constants = Constants
+    providers.CONSTANTS_CACHE.cache.clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = saved
+        providers.CONSTANTS_CACHE.cache.clear()
+
 
 MASK_KINDS = ("blob", "noise", "single", "row", "col", "diagonal", "checker", "empty", "full")
 
@@ -147,6 +179,9 @@ def test_loss_matches_reference(b, kw, params, c, dtype):
     n, h, w = masks.shape
     labels = ref.partition(masks, b["cams"], novel, delta=b["delta"], valid=b["valid"])
     keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, **kw)
+    if params["formulation"] == "released":  # see the module's docstring
+        flat = labels.flatten(1)[keep]
+        assume(bool(((flat == 1).sum(1) != 1).all() and ((flat == 0).sum(1) != 1).all()))
     sign = (labels == 1).float() * 2 - 1
     direction = torch.randn(c, generator=b["g"])
     z = (torch.randn(n, c, h, w, generator=b["g"]) + sign[:, None] * direction[None, :, None, None]).to(dtype)
