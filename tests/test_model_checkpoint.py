@@ -23,28 +23,11 @@ from model.engine import checkpoint as ckpt
 from model.engine.checkpoint import CheckpointError
 from model.evaluate import evaluate
 from model.train import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "model", "configs", "tiny.json")
+from tiny_model import REPO, TINY, data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    prepare_data(load_config(TINY, [f"data.root={root}"])["data"])
-    return root
-
-
-def tiny_config(data_root, out_dir, *overrides):
-    return load_config(TINY, [f"data.root={data_root}", f"output_dir={out_dir}", *overrides])
 
 
 class Payload:

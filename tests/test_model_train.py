@@ -18,30 +18,12 @@ from model.engine.checkpoint import load as load_checkpoint
 from model.evaluate import COLUMNS, evaluate
 from model.engine.metrics import read_metrics
 from model.train import train
+from tiny_model import REPO, TINY, data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "model", "configs", "tiny.json")
 EXTENSION_REQUIRED = os.environ.get("CONTRASTMASK_REQUIRE_EXTENSION") == "1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread buys little, and on a shared machine it costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    prepare_data(load_config(TINY, [f"data.root={root}"])["data"])
-    return root
-
-
-def tiny_config(data_root, out_dir, *overrides):
-    return load_config(TINY, [f"data.root={data_root}", f"output_dir={out_dir}", *overrides])
 
 
 def losses_by_iter(out_dir):
