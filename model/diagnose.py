@@ -20,7 +20,7 @@ from .contrastmask import build_model
 from .data.build import build_dataset, prepare_data
 from .data.loader import train_loader
 from .engine.schedule import Schedule, sampler_seed
-from .train import seed_everything, total_loss
+from .train import build_optimizer, seed_everything, total_loss
 
 
 def main(argv=None):
@@ -34,10 +34,7 @@ def main(argv=None):
     dataset = build_dataset(cfg["data"], "train")
     seed_everything(cfg["seed"])
     model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes).train()
-    params = [q for q in model.parameters() if q.requires_grad]
-    lr = tc["base_lr"] * tc["images_per_batch"] / tc["base_batch"]
-    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=tc["weight_decay"]) if tc["optimizer"] == "adamw"
-                 else torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"]))
+    optimizer = build_optimizer([q for q in model.parameters() if q.requires_grad], tc)
     schedule = Schedule(tc, cfg["contrast"], len(dataset) // tc["images_per_batch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
     seed_everything(cfg["seed"] * 1000)

@@ -38,6 +38,16 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def build_optimizer(params, tc):
+    """The optimizer of config["train"] tc, its lr scaled linearly from base_batch to images_per_batch."""
+    lr = tc["base_lr"] * tc["images_per_batch"] / tc["base_batch"]  # linear scaling rule
+    if tc["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    if tc["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=tc["weight_decay"])
+    raise ValueError(f"train.optimizer must be sgd or adamw, got {tc['optimizer']!r}")
+
+
 def total_loss(losses, lam):
     """Eq. 5: L = L_box (RPN + box head) + L_mask + lambda L_con."""
     return sum(lam * v if name == "loss_contrast" else v for name, v in losses.items())
@@ -79,13 +89,7 @@ def train(cfg, resume=None, device=None, progress=True):
     seed_everything(cfg["seed"])  # same initial weights on every rank
     model = build_model(cfg["model"], cfg["contrast"], dataset.num_classes).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = tc["base_lr"] * tc["images_per_batch"] / tc["base_batch"]  # linear scaling rule
-    if tc["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=tc["momentum"], weight_decay=tc["weight_decay"])
-    elif tc["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tc["weight_decay"])
-    else:
-        raise ValueError(f"train.optimizer must be sgd or adamw, got {tc['optimizer']!r}")
+    optimizer = build_optimizer(params, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
     use_amp = bool(tc["amp"]) and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
