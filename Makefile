@@ -40,7 +40,9 @@ test-cuda: build
 	$(PY) -m pytest tests -q -ra -m cuda
 
 # The cuda-emu tests on an AddressSanitizer build of the emulation library (build/cuda-emu-asan/).
-ASAN_ENV = CONTRASTMASK_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so)
+# libstdc++ is preloaded with libasan so that ASan finds the real __cxa_throw (c10 errors are C++ exceptions).
+ASAN_ENV = CONTRASTMASK_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
+  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)"
 test-emu-asan: build
 	$(ASAN_ENV) $(PY) tests/cuda_emu.py --asan
 	$(ASAN_ENV) $(PY) -m pytest tests -q -ra -m cuda_emu

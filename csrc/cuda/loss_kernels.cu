@@ -5,18 +5,18 @@
 //   roi_counts     block per ROI          label-1 / label-0 pixels of kept ROIs
 //   roi_weights    one block              w[n][side] (DESIGN decision 4), kept count, loss scale
 //   partition_sums block per (ROI, 32 ch)  pass 1 over z: w * sum of z over each partition
-//   sum_over_rois  fixed-order tree        queries (G, 2, C)
+//   sum_over_rois  fixed-shape tree        queries (G, 2, C)
 //   query_norms    warp per query         |q+|, |q-| of each group
 //   cosines        block per (ROI, 256 px) pass 2 over z: pixstats, per-block log-sum-exp partials
-//   group_lse      block per group        termstats[.., kLse]
+//   group_lse      warp per group         termstats[.., kLse] (shared queries: after a chunk tree)
 //   positive_sums  block per (ROI, 256 px) per-block sums of (L_p - s_p/t), exp(lse - L_p), |P|
-//   group_terms    block per group        termstats ratio, 1/|P|, value
+//   group_terms    warp per group         termstats ratio, 1/|P|, value (shared queries: after a chunk tree)
 //   write_loss     one block              loss in z's dtype
 // Backward: roi_counts, roi_weights (with the upstream gradient read on the device), query_norms,
 // pixel_coefficients (similarity_grads + cosine_backward per key pixel), weighted_sums (pass 1 over z:
-// sum_i alpha_i z_i per ROI), sum_over_rois (dL/dq per group, ROI order), write_dz (pass 2 over z).
-// No float atomics anywhere: reductions go through fixed trees (reduce.cuh), so two runs give the
-// same bits.
+// sum_i alpha_i z_i per ROI), sum_over_rois (dL/dq per group), write_dz (pass 2 over z).
+// No float atomics anywhere: reductions go through trees of fixed shape (reduce.cuh, chunk kernels),
+// so two runs give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -407,7 +407,8 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   }
 }
 
-// termstats[g][t][kLse] = log-sum-exp of the group's negatives, merging the blocks' partials.
+// termstats[g][t][kLse] = log-sum-exp of the group's negatives, merging the blocks' partials (with
+// shared queries the caller passes the one row the chunk tree left: N = pixel_blocks = 1).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_part, int64_t N, int64_t pixel_blocks,
                                                              bool share_queries, acc_t* termstats) {
@@ -477,7 +478,8 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
   }
 }
 
-// termstats ratio, 1/|P| and value of each group's terms, summing the blocks' partials.
+// termstats ratio, 1/|P| and value of each group's terms, summing the blocks' partials (with shared
+// queries, the one row the chunk tree left).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_part, int64_t N, int64_t pixel_blocks,
                                                                bool share_queries, acc_t* termstats) {
@@ -691,9 +693,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
     // Pass 1 over z and the queries.
     if (s.N > 0) {
       CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
-          partition_sums_kernel<scalar_t, acc_t>)(
-              z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, w.data_ptr<acc_t>(), s.C, s.P,
-              s.channel_blocks, roi_sums.data_ptr<acc_t>());
+                partition_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p,
+                                                        w.data_ptr<acc_t>(), s.C, s.P, s.channel_blocks,
+                                                        roi_sums.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     launch_sum_over_rois<acc_t>(roi_sums.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
@@ -803,9 +805,9 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
-    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(), weighted_sums_kernel<scalar_t, acc_t>)(
-        z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C, s.P, s.channel_blocks,
-        roi_dq.data_ptr<acc_t>());
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(),
+              weighted_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C,
+                                                     s.P, s.channel_blocks, roi_dq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
                                 dq_sums.data_ptr<acc_t>(), acc_opts);

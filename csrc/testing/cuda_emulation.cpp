@@ -260,6 +260,11 @@ char* new_stack() {
 
 void prepare_fiber(Fiber& f) {
   Runtime& r = rt();
+  // AddressSanitizer: a fiber never returns from its outermost frames (it switches away for good), so
+  // their redzones stay poisoned on the stack it leaves; clear the top of the stack for the next one.
+  // (After a failed block, run_launch clears whole stacks: abandoned fibers can be deeper.)
+  constexpr size_t kStackTop = 32 * 1024;
+  CM_EMU_UNPOISON(f.stack + kStackSize - kStackTop, kStackTop);
 #if CM_EMU_ASM_SWITCH
   uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStackSize);  // 16-byte aligned
   top[-1] = 0;                                                         // fiber_start's return address
@@ -708,6 +713,7 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
         run_block(mix64(launch_seed ^ (uint64_t(z) << 48 | uint64_t(y) << 32 | x)));
         if (r.failed) {
           r.config = nullptr;
+          for (int i = 0; i < T; ++i) CM_EMU_UNPOISON(r.stacks[i], kStackSize);
           TORCH_CHECK(false, "CUDA emulation: kernel ", c.name, " (launched at ", where(Site{c.file, c.line}),
                       "), block (", x, ",", y, ",", z, ") of grid ", dim_string(g), ", block ", dim_string(b), ": ",
                       r.error);
