@@ -20,6 +20,7 @@ seed-paired comparison, or if the mean gap exceeds twice the larger of the two a
 deviations across seeds; otherwise it is "not shown".
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -267,6 +268,20 @@ def write_report(runs, arms, results_path, protocol):
     return record
 
 
+def config_digest(cfg):
+    """Short hash of a resolved config less what differs between runs (seed, output folder): a results
+    file recorded under another model, data or schedule is not carried over, even from the same file."""
+    shared = {k: v for k, v in cfg.items() if k not in ("seed", "output_dir")}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def describe_protocol(config_path, sets, probe, arms, seeds):
+    return (f"config {os.path.relpath(config_path)} {' '.join(sets)}; arms {arms}; seeds {seeds}; "
+            f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
+            f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
+            f"validation images: {probe['eval']['max_images'] or 'all'}; config digest {config_digest(probe)}")
+
+
 def recorded_runs(results_path, protocol):
     """{(arm, seed): metrics} of the runs already in the results file, when it holds the same protocol:
     a committed results file carries finished runs over to a fresh checkout (runs/ is not kept)."""
@@ -321,10 +336,7 @@ def main(argv=None):
     args.out_dir = args.out_dir or os.path.join("runs", f"ablation-{data_name}")
     report_arms = [a for a in ARMS if a in set(DEFAULT_ARMS) | set(args.arms)]
     report_seeds = sorted(set(DEFAULT_SEEDS) | set(args.seeds))
-    protocol = (f"config {os.path.relpath(args.config)} {' '.join(args.set)}; arms {report_arms}; seeds {report_seeds}; "
-                f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
-                f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
-                f"validation images: {probe['eval']['max_images'] or 'all'}")
+    protocol = describe_protocol(args.config, args.set, probe, report_arms, report_seeds)
     recorded = recorded_runs(results, protocol)
     if not args.report_only:
         for seed in args.seeds:  # seed-major, in the order given: each arm's first seed before any second

@@ -44,6 +44,7 @@ DEFAULTS = {
         "box_channels": 256,
         "box_shared_convs": 4,           # the released code's box head: 4 shared, 1 cls, 2 reg convs
         "box_cls_convs": 1,
+        "box_cls_kernel": 3,             # kernel size of the cls convs (1: a sharper CAM, each position local)
         "box_reg_convs": 2,
         "box_reg_head": "gap",           # gap (released code) | fc: flatten -> fc -> bbox_pred
         "box_fc_channels": 1024,         # width of that fc

@@ -50,6 +50,18 @@ def test_two_arms_one_seed_then_a_rerun_trains_nothing(tmp_path):
     assert not (tmp_path / "runs" / "cam" / "seed0" / "checkpoint.pt").exists()
 
 
+def test_the_protocol_names_the_resolved_config():
+    # A results file recorded with another model in the same config file must not be carried over.
+    from model.config import load_config
+
+    base = load_config(TINY, [])
+    changed = load_config(TINY, ["model.box_cls_kernel=1"])
+    reseeded = load_config(TINY, ["seed=7", "output_dir=elsewhere"])
+    protocol = lambda cfg: ablate.describe_protocol(TINY, [], cfg, ["cam"], [0])
+    assert protocol(base) != protocol(changed)
+    assert protocol(base) == protocol(reseeded)
+
+
 def test_decision_rule():
     def summary(a_values, b_values):
         from statistics import fmean, stdev

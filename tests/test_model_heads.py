@@ -59,3 +59,23 @@ def test_roi_align_pooler_matches_torchvision_unaligned_and_shifts_when_aligned(
     assert aligned.shape == expected.shape and not torch.allclose(aligned, expected)
     single = OrderedDict([("0", feats["0"])])
     assert torch.equal(RoIAlignPooler(["0"], 5, 2)(single, boxes, shapes), MultiScaleRoIAlign(["0"], 5, 2)(single, boxes, shapes))
+
+
+def test_cls_kernel_one_makes_each_cam_position_local():
+    # box_cls_kernel=1 with no shared convs: the CAM at a position depends on that RoIAlign cell only.
+    import torch
+
+    from model.contrastmask.box_head import CamBoxHead
+
+    torch.manual_seed(0)
+    head = CamBoxHead(8, 16, 4, shared_convs=0, cls_convs=1, reg_convs=1, cls_kernel=1).eval()
+    x = torch.randn(2, 8, 7, 7)
+    _, _, cls_map = head(x)
+    cams = head.cams(cls_map, torch.tensor([1, 2]))
+    y = x.clone()
+    y[:, :, 3, 3] += 5.0  # change one cell
+    cams_y = head.cams(head(y)[2], torch.tensor([1, 2]))
+    changed = (cams_y - cams).abs() > 0
+    assert changed[:, 3, 3].all() and changed.sum() == 2
+    wide = CamBoxHead(8, 16, 4, shared_convs=0, cls_convs=1, reg_convs=1, cls_kernel=3).eval()
+    assert (wide.cams(wide(y)[2], torch.tensor([1, 2])) - wide.cams(wide(x)[2], torch.tensor([1, 2]))).abs().gt(0).sum() > 2

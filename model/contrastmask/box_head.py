@@ -39,11 +39,12 @@ class CamBoxHead(nn.Module):
     """
 
     def __init__(self, in_channels, channels, num_classes, shared_convs=4, cls_convs=1, reg_convs=2, norm=None,
-                 reg_head="gap", roi_size=7, fc_channels=1024):
+                 reg_head="gap", roi_size=7, fc_channels=1024, cls_kernel=3):
         super().__init__()
         self.shared = conv_relu_stack(in_channels, channels, shared_convs, norm=norm)
         trunk_channels = channels if shared_convs else in_channels
-        self.cls_convs = conv_relu_stack(trunk_channels, channels, cls_convs, norm=norm)
+        # cls_kernel 1: each CAM position sees only its own RoIAlign cell (plus the backbone's context)
+        self.cls_convs = conv_relu_stack(trunk_channels, channels, cls_convs, kernel_size=cls_kernel, norm=norm)
         self.reg_convs = conv_relu_stack(trunk_channels, channels, reg_convs, norm=norm)
         cls_channels = channels if cls_convs else trunk_channels
         reg_channels = channels if reg_convs else trunk_channels

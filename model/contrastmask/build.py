@@ -80,7 +80,7 @@ def build_model(m, contrast, num_classes):
                              aligned=m["roi_align_aligned"])
     box_head = CamBoxHead(channels, m["box_channels"], num_classes,
                           m["box_shared_convs"], m["box_cls_convs"], m["box_reg_convs"], m["head_norm"],
-                          m["box_reg_head"], m["box_roi_size"], m["box_fc_channels"])
+                          m["box_reg_head"], m["box_roi_size"], m["box_fc_channels"], m["box_cls_kernel"])
     cl_head = CLHead(channels, m["cl_channels"], m["cl_convs"], m["cl_fcs"], m["head_norm"], m["cl_projector_norm"],
                      m["cl_enhance"]) if m["use_cl"] else None
     mask_head = ClassAgnosticMaskHead(channels, m["mask_channels"], m["mask_convs"],
