@@ -6,11 +6,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/TypeCast.h>
 
-#include <string>
+#include "../contrastmask/sampling.h"
 
 namespace contrastmask {
 
-constexpr int64_t kMaxRoiPixels = 4096;
+// Temperatures below this are refused: 1 / t must stay far from float32's range (the logits s / t
+// reach 1 / t), so that finite inputs give a finite loss and gradient. Python: common.MIN_TEMPERATURE.
+constexpr double kMinTemperature = 1e-4;
 
 // Bits a plan kernel sets in its error word.
 enum PlanError : int32_t { kMaskNotBinary = 1, kMissingCams = 2 };
@@ -27,12 +29,12 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                     ref_name, "), got ", t.device());
 }
 
-// (N, H, W) with H * W <= 4096.
+// (N, H, W) with H * W <= kMaxPixels.
 inline void check_roi_grid(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, ": expected shape (N, H, W), got ", t.sizes());
   TORCH_CHECK_VALUE(t.size(1) >= 1 && t.size(2) >= 1, name, ": expected H >= 1 and W >= 1, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(1) * t.size(2) <= kMaxRoiPixels, name, ": H * W = ", t.size(1) * t.size(2),
-                    " exceeds the limit of ", kMaxRoiPixels, " pixels per ROI");
+  TORCH_CHECK_VALUE(t.size(1) * t.size(2) <= kMaxPixels, name, ": H * W = ", t.size(1) * t.size(2),
+                    " exceeds the limit of ", kMaxPixels, " pixels per ROI");
 }
 
 inline void check_same_grid(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
@@ -82,12 +84,6 @@ inline void check_sample_inputs(const at::Tensor& labels, const at::Tensor& sqdi
   check_sampling_params(sigma, min_keys);
 }
 
-inline bool is_released_formulation(const std::string& formulation) {
-  TORCH_CHECK_VALUE(formulation == "paper" || formulation == "released",
-                    "formulation: expected \"paper\" or \"released\", got \"", formulation, "\"");
-  return formulation == "released";
-}
-
 inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
                               const at::Tensor& keep, double tau_easy, double tau_hard) {
   TORCH_CHECK_VALUE(z.dim() == 4, "z: expected shape (N, C, H, W), got ", z.sizes());
@@ -102,8 +98,10 @@ inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, con
   check_same_grid(keys, "keys", labels, "labels");
   check_dtype_in(keys, "keys", {at::kByte}, "uint8");
   check_per_roi_flags(keep, "keep", labels, "labels");
-  TORCH_CHECK_VALUE(tau_easy > 0.0, "tau_easy: expected a temperature > 0, got ", tau_easy);
-  TORCH_CHECK_VALUE(tau_hard > 0.0, "tau_hard: expected a temperature > 0, got ", tau_hard);
+  TORCH_CHECK_VALUE(tau_easy >= kMinTemperature, "tau_easy: expected a temperature >= ", kMinTemperature, ", got ",
+                    tau_easy);
+  TORCH_CHECK_VALUE(tau_hard >= kMinTemperature, "tau_hard: expected a temperature >= ", kMinTemperature, ", got ",
+                    tau_hard);
 }
 
 inline void raise_plan_errors(int32_t errors) {
