@@ -196,11 +196,22 @@ def test_backward_checks_the_saved_statistics(device, share_queries):
     assert torch.isfinite(dz).all()
 
 
-@pytest.mark.parametrize("tau", [1e-39, 1e-5, -1.0])
+@pytest.mark.parametrize("tau", [1e-39, 9.999999e-05, -1.0])
 def test_raw_ops_refuse_temperatures_below_the_minimum(device, tau):
     z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(3, (8, 8), 4, torch.float32, 1))
-    with pytest.raises(ValueError, match="^tau_easy: expected a temperature >= 0.0001"):
+    with pytest.raises(ValueError, match=r"^tau_easy: expected a temperature >= 1e-04, got " + repr(tau)):
         device.ops.contrastive_loss(z, labels, keys, keep, tau, 0.3, True, "paper")
+
+
+def test_raw_ops_print_numbers_in_full_and_blame_z(device):
+    z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(3, (8, 8), 4, torch.float32, 1))
+    with pytest.raises(ValueError, match=r"^tau_hard: .*got -0\.30000001"):
+        device.ops.contrastive_loss(z, labels, keys, keep, 0.7, -0.30000001, True, "paper")
+    with pytest.raises(ValueError, match="^z: expected N, H, W of the plan"):
+        device.ops.contrastive_loss(z[:, :, :, :7], labels, keys, keep, 0.7, 0.3, True, "paper")
+    masks = device.to(torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^sigma: expected a value in \(0, 1\], got 1\.0000001"):
+        device.ops.roi_plan(masks, None, device.to(torch.zeros(2, dtype=torch.bool)), None, 0.1, 1.0000001, 2, 5, 0)
 
 
 def test_smallest_temperature_gives_a_finite_loss_and_gradient(device):

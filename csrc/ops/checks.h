@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/TypeCast.h>
 
+#include <charconv>
+#include <string>
+
 #include "../contrastmask/sampling.h"
 
 namespace contrastmask {
@@ -13,6 +16,15 @@ namespace contrastmask {
 // Temperatures below this are refused: 1 / t must stay far from float32's range (the logits s / t
 // reach 1 / t), so that finite inputs give a finite loss and gradient. Python: common.MIN_TEMPERATURE.
 constexpr double kMinTemperature = 1e-4;
+
+// A number as the shortest text that reads back to it, as Python's repr writes it ("-1.0", "1e-04"):
+// the stream's default 6 digits would report sigma = 1.0000001 as "got 1".
+inline std::string full(double v) {
+  char buf[32];
+  std::string text(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
+  if (text.find_first_not_of("-0123456789") == std::string::npos) text += ".0";  // an integral value
+  return text;
+}
 
 // Bits a plan kernel sets in its error word.
 enum PlanError : int32_t { kMaskNotBinary = 1, kMissingCams = 2 };
@@ -66,11 +78,11 @@ inline void check_plan_inputs(const at::Tensor& masks, const c10::optional<at::T
   }
   check_per_roi_flags(is_novel, "is_novel", masks, "masks");
   if (valid.has_value()) check_per_roi_flags(*valid, "valid", masks, "masks");
-  TORCH_CHECK_VALUE(delta >= 0.0 && delta <= 0.5, "delta: expected a value in [0, 0.5], got ", delta);
+  TORCH_CHECK_VALUE(delta >= 0.0 && delta <= 0.5, "delta: expected a value in [0, 0.5], got ", full(delta));
 }
 
 inline void check_sampling_params(double sigma, int64_t min_keys) {
-  TORCH_CHECK_VALUE(sigma > 0.0 && sigma <= 1.0, "sigma: expected a value in (0, 1], got ", sigma);
+  TORCH_CHECK_VALUE(sigma > 0.0 && sigma <= 1.0, "sigma: expected a value in (0, 1], got ", full(sigma));
   TORCH_CHECK_VALUE(min_keys >= 0, "min_keys: expected a value >= 0, got ", min_keys);
 }
 
@@ -91,17 +103,17 @@ inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, con
   TORCH_CHECK_VALUE(z.size(1) >= 1, "z: expected at least one channel, got shape ", z.sizes());
   check_roi_grid(labels, "labels");
   check_dtype_in(labels, "labels", {at::kChar}, "int8");
+  // A mismatch blames z: the plan (labels, keys, keep) comes from the masks, z from the caller's network.
   TORCH_CHECK_VALUE(labels.size(0) == z.size(0) && labels.size(1) == z.size(2) && labels.size(2) == z.size(3),
-                    "labels: expected shape (", z.size(0), ", ", z.size(2), ", ", z.size(3),
-                    ") to match z's (N, H, W), got ", labels.sizes());
+                    "z: expected N, H, W of the plan (labels ", labels.sizes(), "), got shape ", z.sizes());
   check_same_device(labels, "labels", z, "z");
   check_same_grid(keys, "keys", labels, "labels");
   check_dtype_in(keys, "keys", {at::kByte}, "uint8");
   check_per_roi_flags(keep, "keep", labels, "labels");
-  TORCH_CHECK_VALUE(tau_easy >= kMinTemperature, "tau_easy: expected a temperature >= ", kMinTemperature, ", got ",
-                    tau_easy);
-  TORCH_CHECK_VALUE(tau_hard >= kMinTemperature, "tau_hard: expected a temperature >= ", kMinTemperature, ", got ",
-                    tau_hard);
+  TORCH_CHECK_VALUE(tau_easy >= kMinTemperature, "tau_easy: expected a temperature >= ", full(kMinTemperature),
+                    ", got ", full(tau_easy));
+  TORCH_CHECK_VALUE(tau_hard >= kMinTemperature, "tau_hard: expected a temperature >= ", full(kMinTemperature),
+                    ", got ", full(tau_hard));
 }
 
 inline void raise_plan_errors(int32_t errors) {
