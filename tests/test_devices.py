@@ -342,7 +342,7 @@ def test_caller_made_keep(device, share_queries):
 def test_nan_pixels(device):
     z, labels, keys, keep = cpu_loss_inputs(6, (28, 28), 8, torch.float32, 1, min_keys=0)
     n = int(keep.nonzero()[0])
-    # A NaN in a pixel that is a key (or enters a query) makes the loss NaN (DESIGN decision 9) ...
+    # A NaN in a pixel that is a key (or enters a query) makes the loss NaN (DESIGN, "NaN") ...
     y, x = [int(v) for v in ((labels[n] == 1) & (keys[n] != 0)).nonzero()[0]]
     z_nan = z.clone()
     z_nan[n, 0, y, x] = float("nan")

@@ -2,7 +2,7 @@
 // Notation as in docs/DESIGN.md: terms A, B, C, D; a pixel's key byte holds its set bits.
 #pragma once
 
-#include "macros.h"
+#include "device_math.h"
 #include "sampling.h"
 
 namespace contrastmask {

@@ -51,7 +51,7 @@ struct LossJob {
 };
 
 // Weight w[n][side] with q_side(group) = sum_n w * (sum of z over ROI n's partition `side`):
-// mean of partition means over kept ROIs whose partition is non-empty (DESIGN decision 4).
+// mean of partition means over kept ROIs whose partition is non-empty (DESIGN, "Queries for kept ROIs with an empty partition").
 template <typename Job, typename acc_t>
 void query_weights(const Job& job, std::vector<acc_t>& w) {
   w.assign(job.N * 2, acc_t(0));
