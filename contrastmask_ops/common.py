@@ -22,6 +22,9 @@ from torch import Tensor
 
 INT32_MAX = 2**31 - 1
 MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
+# Smallest temperature accepted: the logits s / t reach 1 / t, which must stay far inside float32's
+# range for finite inputs to give a finite loss (DESIGN, "Numerics"); kMinTemperature in csrc/ops/checks.h.
+MIN_TEMPERATURE = 1e-4
 FORMULATIONS = ("paper", "released")
 Z_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -209,10 +212,11 @@ def real_in(name: str, value, lo: float, hi: float, *, lo_open: bool, hi_open: b
 
 
 def temperature(name: str, value, *, finite: bool = True) -> float:
-    """A temperature: a number > 0, finite unless finite=False (the raw ops accept inf)."""
+    """A temperature: a number >= MIN_TEMPERATURE, finite unless finite=False (the raw ops accept inf)."""
     v = _as_real(name, value)
-    if not (v > 0 and (v < math.inf or not finite)):
-        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number > 0, got {describe(value)}")
+    if not (v >= MIN_TEMPERATURE and (v < math.inf or not finite)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number >= {MIN_TEMPERATURE!r}, "
+                         f"got {describe(value)}")
     return v
 
 

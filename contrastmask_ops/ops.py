@@ -1,7 +1,8 @@
-"""Python side of the compiled operators: fake kernels (for torch.compile / FakeTensor / meta tensors),
-autograd and autocast for torch.ops.contrastmask.*. Importing this module registers them; it is imported
-by the package only when the extension is built. register() does the same for another namespace holding
-the same schemas (the tests' CUDA emulation build, torch.ops.contrastmask_emu).
+"""Python side of the compiled operators: fake kernels (for torch.compile / FakeTensor / meta tensors) and
+autocast for torch.ops.contrastmask.*. Importing this module registers them; it is imported by the package
+only when the extension is built. register() does the same for another namespace holding the same schemas
+(the tests' CUDA emulation build, torch.ops.contrastmask_emu). Autograd is registered in C++
+(csrc/ops/contrastive_loss_autograd.cpp), so libtorch users get the same backward.
 
 The fake kernels check what the real kernels check without reading data (shapes, dtypes, devices,
 parameters; contrastmask_ops.common, the validation the public API uses too), so a call the real kernel
@@ -37,51 +38,8 @@ def _saved_shapes(z, share_queries):
     return {"queries": (groups, 2, c), "pixstats": (n, 4, h * w), "termstats": (groups, 4, 4)}
 
 
-DOUBLE_BACKWARD_MESSAGE = (
-    "contrastmask_ops: the fused contrastive loss has no double backward (its gradient is not differentiable), "
-    "so this higher-order gradient would silently miss the loss's second-order term. Use "
-    "contrastmask_ops.reference.query_sharing_contrastive_loss / contrastive_loss_from_keys (same semantics, pure "
-    "PyTorch) where you need gradients of gradients.")
-
-
-class _LossBackward(torch.autograd.Function):
-    """dz of the fused loss when the backward itself is recorded (create_graph=True): the same kernel, in
-    a node whose own backward raises. Its tensor inputs are grad and z, so any gradient of dz that reaches z or
-    the upstream gradient passes through it."""
-
-    @staticmethod
-    def forward(ctx, backward_op, grad, z, *rest):
-        return backward_op(grad, z, *rest)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-
-
-def _setup_context(ctx, inputs, output):
-    z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation = inputs
-    _, queries, pixstats, termstats = output
-    ctx.mark_non_differentiable(queries, pixstats, termstats)
-    ctx.save_for_backward(z, labels, keys, keep, queries, pixstats, termstats)
-    ctx.params = (tau_easy, tau_hard, share_queries, formulation)
-
-
-def _backward(ctx, grad_loss, _grad_queries, _grad_pixstats, _grad_termstats, backward_op):
-    z, labels, keys, keep, queries, pixstats, termstats = ctx.saved_tensors
-    dz = None
-    if ctx.needs_input_grad[0]:
-        args = (grad_loss, z, labels, keys, keep, queries, pixstats, termstats, *ctx.params)
-        if torch.is_grad_enabled() and (grad_loss.requires_grad or z.requires_grad):
-            # create_graph=True: record a node that refuses to be differentiated
-            dz = _LossBackward.apply(backward_op, *args)
-        else:
-            dz = backward_op(*args)
-    return dz, None, None, None, None, None, None, None
-
-
 def register(namespace: str = "contrastmask"):
-    """Fake kernels, autograd and autocast for the operators of torch.ops.<namespace>."""
-    ops = getattr(torch.ops, namespace)
+    """Fake kernels and autocast for the operators of torch.ops.<namespace>."""
 
     @torch.library.register_fake(namespace + "::partition")
     def _(masks, cams, is_novel, valid, delta):
@@ -137,11 +95,6 @@ def register(namespace: str = "contrastmask"):
             common.check_dtype(name, t, (acc,), str(acc))
             common.check_same_device(name, t, "z", z)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_op=ops.contrastive_loss_backward)
-
-    torch.library.register_autograd(namespace + "::contrastive_loss", backward, setup_context=_setup_context)
 
     # ---------------------------------------------------------------------------------------------
     # Autocast: like PyTorch's own losses (autocast policy "fp32"), a float16/bfloat16 z is cast to float32,

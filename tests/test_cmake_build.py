@@ -1,8 +1,10 @@
-"""The CMake build (CMakeLists.txt, for libtorch users) gives a library that registers the same ops.
+"""The CMake build (CMakeLists.txt, for libtorch users) gives a library that registers the same ops, and
+a C++ program trains with the loss through the C++ API (csrc/include/contrastmask_ops.h) alone.
 
 The library is built with its C++ kernels only (CUDA is compiled by the pip build) and loaded into a
 fresh interpreter with torch.ops.load_library, without the Python package; its fused plan and loss
-must equal the package's.
+must equal the package's. tests/cpp/train_projector runs a few steps of a 1x1-conv projector with the
+library's C++ autograd; its losses and gradients must equal the package's.
 """
 import importlib.util
 import os
@@ -60,6 +62,7 @@ def test_cmake_library_registers_the_same_ops(tmp_path):
     # No CUDA_HOME: CMakeLists.txt finds the toolkit a CUDA libtorch needs by itself (tools/find_cuda.py).
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
     configured = _run(["cmake", "-S", REPO, "-B", build, "-DCONTRASTMASK_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                       "-DCONTRASTMASK_BUILD_TESTS=ON",
                        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], env=env)
     # The default arch list is setup.py's, read from tools/find_cuda.py.
     assert f"contrastmask_ops: TORCH_CUDA_ARCH_LIST={find_cuda.DEFAULT_CUDA_ARCHS}" in configured.stdout
@@ -79,3 +82,29 @@ def test_cmake_library_registers_the_same_ops(tmp_path):
     assert torch.equal(got["labels"], labels) and torch.equal(got["keys"], keys) and torch.equal(got["keep"], keep)
     expected = cm.contrastive_loss_from_keys(b["z"], labels, keys, keep)
     torch.testing.assert_close(got["loss"], expected, rtol=1e-5, atol=0)
+
+    _check_cpp_training(build / "train_projector", tmp_path)
+
+
+def _check_cpp_training(program, tmp_path, steps=3, lr=0.5):
+    """The C++ program's losses and weight gradients, step by step, against the same steps in Python."""
+    b = blob_batch(6, 14, 21, 4, seed=5, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"features": torch.randn(6, 5, 14, 21, generator=generator, dtype=torch.float64),
+              "weight": torch.randn(8, 5, 1, 1, generator=generator, dtype=torch.float64),
+              "masks": b["masks"], "cams": b["cams"], "is_novel": b["is_novel"], "steps": steps, "lr": lr}
+    torch.save(inputs, tmp_path / "train_inputs.pt")
+    _run([program, tmp_path / "train_inputs.pt", tmp_path / "train_out.pt"])
+    got = torch.load(tmp_path / "train_out.pt", weights_only=False)  # torch::pickle_save of our own program
+
+    weight = inputs["weight"].clone().requires_grad_(True)
+    for step in range(steps):
+        z = torch.nn.functional.conv2d(inputs["features"], weight)
+        loss = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=step)
+        (grad,) = torch.autograd.grad(loss, weight)
+        assert grad.abs().max() > 0  # the projector really learns from the loss
+        torch.testing.assert_close(got["losses"][step], loss.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got["grads"][step], grad, rtol=1e-10, atol=1e-14)
+        with torch.no_grad():
+            weight -= lr * grad
+    torch.testing.assert_close(got["weight"], weight.detach(), rtol=1e-10, atol=1e-14)

@@ -168,6 +168,61 @@ def test_saved_statistics(device, share_queries):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("share_queries", [True, False])
+def test_backward_checks_the_saved_statistics(device, share_queries):
+    # Statistics that do not belong to this z must be refused before any kernel reads them (the CPU
+    # backward once read out of bounds: non-finite dz, and a SIGSEGV at N = 512, 64 x 64).
+    z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(6, (14, 21), 8, torch.float32, 3))
+    args = (0.7, 0.3, share_queries, "paper")
+    _, queries, pixstats, termstats = device.ops.contrastive_loss(z, labels, keys, keep, *args)
+    grad = device.to(torch.ones(()))
+    bad = {
+        "pixstats": (queries, pixstats[:, :, :5], termstats),
+        "queries": (queries[..., :3], pixstats, termstats),
+        "termstats": (queries, pixstats, termstats.double()),
+    }
+    for name, saved in bad.items():
+        with pytest.raises(ValueError) as info:
+            device.ops.contrastive_loss_backward(grad, z, labels, keys, keep, *saved, *args)
+        assert str(info.value).startswith(name), str(info.value)
+    with pytest.raises(ValueError, match="^grad"):
+        device.ops.contrastive_loss_backward(device.to(torch.ones(2)), z, labels, keys, keep, queries, pixstats,
+                                             termstats, *args)
+    # Statistics of a smaller batch than z (the case that crashed): refused, and the good call still works.
+    _, q2, p2, t2 = device.ops.contrastive_loss(z[:2], labels[:2], keys[:2], keep[:2], *args)
+    with pytest.raises(ValueError, match="^(queries|pixstats)"):
+        device.ops.contrastive_loss_backward(grad, z, labels, keys, keep, q2, p2, t2, *args)
+    dz = device.ops.contrastive_loss_backward(grad, z, labels, keys, keep, queries, pixstats, termstats, *args)
+    assert torch.isfinite(dz).all()
+
+
+@pytest.mark.parametrize("tau", [1e-39, 9.999999e-05, -1.0])
+def test_raw_ops_refuse_temperatures_below_the_minimum(device, tau):
+    z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(3, (8, 8), 4, torch.float32, 1))
+    with pytest.raises(ValueError, match=r"^tau_easy: expected a temperature >= 1e-04, got " + repr(tau)):
+        device.ops.contrastive_loss(z, labels, keys, keep, tau, 0.3, True, "paper")
+
+
+def test_raw_ops_print_numbers_in_full_and_blame_z(device):
+    z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(3, (8, 8), 4, torch.float32, 1))
+    with pytest.raises(ValueError, match=r"^tau_hard: .*got -0\.30000001"):
+        device.ops.contrastive_loss(z, labels, keys, keep, 0.7, -0.30000001, True, "paper")
+    with pytest.raises(ValueError, match="^z: expected N, H, W of the plan"):
+        device.ops.contrastive_loss(z[:, :, :, :7], labels, keys, keep, 0.7, 0.3, True, "paper")
+    masks = device.to(torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^sigma: expected a value in \(0, 1\], got 1\.0000001"):
+        device.ops.roi_plan(masks, None, device.to(torch.zeros(2, dtype=torch.bool)), None, 0.1, 1.0000001, 2, 5, 0)
+
+
+def test_smallest_temperature_gives_a_finite_loss_and_gradient(device):
+    # At the bound (1e-4) the logits reach 1e4: large, but the loss and dz stay finite in float32.
+    z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(5, (14, 14), 8, torch.float32, 2))
+    for formulation in ("paper", "released"):
+        loss, g = device_loss_and_grad(device, z, labels, keys, keep, tau_easy=1e-4, tau_hard=1e-4,
+                                       formulation=formulation)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), formulation
+
+
 # (dtype, loss rtol, loss atol, gradient rel): against the CPU kernels (cuda, cuda-emu) and against the
 # reference (cpu).
 OTHER_DTYPES = {
@@ -287,7 +342,7 @@ def test_caller_made_keep(device, share_queries):
 def test_nan_pixels(device):
     z, labels, keys, keep = cpu_loss_inputs(6, (28, 28), 8, torch.float32, 1, min_keys=0)
     n = int(keep.nonzero()[0])
-    # A NaN in a pixel that is a key (or enters a query) makes the loss NaN (DESIGN decision 9) ...
+    # A NaN in a pixel that is a key (or enters a query) makes the loss NaN (DESIGN, "NaN") ...
     y, x = [int(v) for v in ((labels[n] == 1) & (keys[n] != 0)).nonzero()[0]]
     z_nan = z.clone()
     z_nan[n, 0, y, x] = float("nan")

@@ -3,7 +3,7 @@
 // taking the lower envelope of parabolas. O(H*W) per ROI; identical results on every device.
 #pragma once
 
-#include "macros.h"
+#include "device_math.h"
 #include "sampling.h"
 
 namespace contrastmask {

@@ -2,7 +2,7 @@
 // Notation as in docs/DESIGN.md: terms A, B, C, D; a pixel's key byte holds its set bits.
 #pragma once
 
-#include "macros.h"
+#include "device_math.h"
 #include "sampling.h"
 
 namespace contrastmask {
@@ -16,13 +16,22 @@ CM_HD int term_positive_set(int t) { return t == 0 ? kEasyFg : t == 1 ? kHardFg 
 CM_HD int term_negative_set(int t) { return term_positive_set(t) ^ 2; }  // opposite partition, same difficulty
 CM_HD bool term_is_hard(int t) { return (t & 1) != 0; }
 
+// SPEC step 6's formula variants. A new variant is one more enumerator here plus its case in each
+// LossParams property below (and in parse_formulation, csrc/ops/loss_inputs.h).
+enum class Formulation : int {
+  kPaper = 0,     // the paper's text: s = cos(q, z), the positive's own term at temperature t
+  kReleased = 1,  // the authors' code: s = cos(q, z - q), the positive's own term without temperature
+};
+
 template <typename acc_t>
 struct LossParams {
   acc_t tau_easy, tau_hard;
-  bool released;  // formulation "released": keys centred on the query, positive's own term without temperature
+  Formulation formulation;
   CM_HD acc_t tau(int t) const { return term_is_hard(t) ? tau_hard : tau_easy; }
+  // Keys enter the cosine centred on the query (z - q) rather than as z.
+  CM_HD bool centred_keys() const { return formulation == Formulation::kReleased; }
   // Temperature of the positive's own term in the denominator.
-  CM_HD acc_t positive_tau(int t) const { return released ? acc_t(1) : tau(t); }
+  CM_HD acc_t positive_tau(int t) const { return formulation == Formulation::kReleased ? acc_t(1) : tau(t); }
 };
 
 // Per (group, term) statistics, laid out as termstats[..., 4].
@@ -113,16 +122,16 @@ struct CosGrad {
 };
 
 template <typename acc_t>
-CM_HD CosGrad<acc_t> cosine_backward(acc_t gs, acc_t s, acc_t qn, acc_t kn, bool released) {
+CM_HD CosGrad<acc_t> cosine_backward(acc_t gs, acc_t s, acc_t qn, acc_t kn, bool centred_keys) {
   const acc_t eps = acc_t(kNormEps);
   const acc_t Nq = clamped_norm(qn), Nk = clamped_norm(kn);
   const acc_t inv_qk = acc_t(1) / (Nq * Nk);
   const acc_t q_term = qn > eps ? s / (Nq * Nq) : acc_t(0);  // from d|q|/dq, zero where clamped
   const acc_t k_term = kn > eps ? s / (Nk * Nk) : acc_t(0);  // from d|k|/dk
   CosGrad<acc_t> c;
-  c.gamma = gs * (inv_qk + (released ? k_term : acc_t(0)));
+  c.gamma = gs * (inv_qk + (centred_keys ? k_term : acc_t(0)));
   c.b = -gs * k_term;
-  if (!released) {
+  if (!centred_keys) {
     c.alpha = gs * inv_qk;
     c.beta = -gs * q_term;
   } else {

@@ -5,7 +5,7 @@
 // construction: d^2(i) <= h  <=>  some boundary pixel b has (dy)^2 + (dx)^2 <= h.
 #pragma once
 
-#include "macros.h"
+#include "device_math.h"
 
 namespace contrastmask {
 

@@ -1,7 +1,7 @@
 // The deterministic key sampler of SPEC.md step 4: hash, sample sizes, candidate sets, keep rule.
 #pragma once
 
-#include "macros.h"
+#include "device_math.h"
 
 namespace contrastmask {
 

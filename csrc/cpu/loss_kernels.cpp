@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "../contrastmask/loss_math.h"
-#include "../ops/checks.h"
+#include "../ops/loss_inputs.h"
 
 namespace contrastmask {
 namespace {
@@ -51,7 +51,7 @@ struct LossJob {
 };
 
 // Weight w[n][side] with q_side(group) = sum_n w * (sum of z over ROI n's partition `side`):
-// mean of partition means over kept ROIs whose partition is non-empty (DESIGN decision 4).
+// mean of partition means over kept ROIs whose partition is non-empty (DESIGN, "Queries for kept ROIs with an empty partition").
 template <typename Job, typename acc_t>
 void query_weights(const Job& job, std::vector<acc_t>& w) {
   w.assign(job.N * 2, acc_t(0));
@@ -85,13 +85,13 @@ void query_norms(const Job& job, std::vector<acc_t>& norms) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
-  const int64_t N = job.N, C = job.C, P = job.P;
-  std::vector<acc_t> w;
-  query_weights(job, w);
+// The forward's stages, named as in the CUDA file: partition sums (the queries), cosines, the
+// negatives' log-sum-exp per group and term, the positives' sums, and the group terms.
 
-  // Pass 1 over z: weighted partition sums per ROI, then queries summed in ROI order.
+// Pass 1 over z: weighted partition sums per ROI, then the queries summed in ROI order.
+template <typename scalar_t, typename acc_t>
+void partition_sums(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& w) {
+  const int64_t N = job.N, C = job.C, P = job.P;
   std::vector<acc_t> roi_sums(N * 2 * C, acc_t(0));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -99,7 +99,7 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       const int8_t* lab = job.labels + n * P;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
-        // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN 9).
+        // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN, "NaN").
         acc_t fg[kLanes] = {}, bg[kLanes] = {};
         for_each_lane(P, [&](int j, int64_t i) {
           const acc_t v = static_cast<acc_t>(row[i]);
@@ -116,10 +116,14 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
     acc_t* q = job.queries + job.group(n) * 2 * C;
     for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_sums[n * 2 * C + k];
   }
-  std::vector<acc_t> qnorm;
-  query_norms(job, qnorm);
+}
 
-  // Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group.
+// Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group, and the norms of
+// the key vectors (pixstats).
+template <typename scalar_t, typename acc_t>
+void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnorm) {
+  const int64_t N = job.N, C = job.C, P = job.P;
+  const bool centred = job.params.centred_keys();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dot_p(P), dot_m(P), kk_p(P), kk_m(P);
     for (int64_t n = begin; n < end; ++n) {
@@ -134,7 +138,7 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
         const acc_t a = qp[c], b = qm[c];
-        if (job.params.released) {
+        if (centred) {
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
             const acc_t up = v - a, um = v - b;
@@ -155,7 +159,7 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       acc_t* st = job.pixstats + n * 4 * P;
       const acc_t nqp = clamped_norm(qnorm[g * 2]), nqm = clamped_norm(qnorm[g * 2 + 1]);
       for (int64_t i = 0; i < P; ++i) {
-        const acc_t kp = cm_sqrt(kk_p[i]), km = job.params.released ? cm_sqrt(kk_m[i]) : kp;
+        const acc_t kp = cm_sqrt(kk_p[i]), km = centred ? cm_sqrt(kk_m[i]) : kp;
         st[i] = dot_p[i] / (nqp * clamped_norm(kp));
         st[P + i] = dot_m[i] / (nqm * clamped_norm(km));
         st[2 * P + i] = kp;
@@ -163,9 +167,12 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       }
     }
   });
+}
 
-  // Per-term statistics: log-sum-exp of the negatives, then the positives' sums, each as per-ROI
-  // partials merged in ROI order.
+// Log-sum-exp of each term's negatives per group (termstats kLse): per-ROI partials merged in ROI order.
+template <typename scalar_t, typename acc_t>
+void group_lse(const LossJob<scalar_t, acc_t>& job) {
+  const int64_t N = job.N, P = job.P;
   std::vector<LseAcc<acc_t>> roi_lse(N * kNumTerms);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -180,22 +187,28 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       }
     }
   });
-  std::vector<LseAcc<acc_t>> group_lse(job.G * kNumTerms);
+  std::vector<LseAcc<acc_t>> lse(job.G * kNumTerms);
   for (int64_t n = 0; n < N; ++n)
-    for (int t = 0; t < kNumTerms; ++t) group_lse[job.group(n) * kNumTerms + t].merge(roi_lse[n * kNumTerms + t]);
+    for (int t = 0; t < kNumTerms; ++t) lse[job.group(n) * kNumTerms + t].merge(roi_lse[n * kNumTerms + t]);
   for (int64_t g = 0; g < job.G; ++g)
     for (int t = 0; t < kNumTerms; ++t)
-      job.termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = group_lse[g * kNumTerms + t].value();
+      job.termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = lse[g * kNumTerms + t].value();
+}
 
-  // Per ROI and term: sum of (L_p - s_p / t), sum of exp(lse - L_p), number of positives.
-  std::vector<acc_t> roi_pos(N * kNumTerms * 3, acc_t(0));
+constexpr int kPosStats = 3;  // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), number of positives
+
+// Per group and term, the positives' sums (kPosStats values), from per-ROI partials summed in ROI order.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> positive_sums(const LossJob<scalar_t, acc_t>& job) {
+  const int64_t N = job.N, P = job.P;
+  std::vector<acc_t> roi_pos(N * kNumTerms * kPosStats, acc_t(0));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
       const uint8_t* key = job.keys + n * P;
       const acc_t* st = job.pixstats + n * 4 * P;
       const acc_t* ts = job.termstats + job.group(n) * kNumTerms * kNumTermStats;
-      acc_t* out = roi_pos.data() + n * kNumTerms * 3;
+      acc_t* out = roi_pos.data() + n * kNumTerms * kPosStats;
       for (int64_t i = 0; i < P; ++i) {
         if (!key[i]) continue;
         for (int t = 0; t < kNumTerms; ++t) {
@@ -203,23 +216,28 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
           const acc_t s = st[term_side(t) * P + i];
           const acc_t lse = ts[t * kNumTermStats + kLse];
           const acc_t L = positive_log_denominator(s, lse, job.params, t);
-          out[t * 3] += L - s / job.params.tau(t);
-          out[t * 3 + 1] += cm_exp(lse - L);
-          out[t * 3 + 2] += acc_t(1);
+          out[t * kPosStats] += L - s / job.params.tau(t);
+          out[t * kPosStats + 1] += cm_exp(lse - L);
+          out[t * kPosStats + 2] += acc_t(1);
         }
       }
     }
   });
-  std::vector<acc_t> group_pos(job.G * kNumTerms * 3, acc_t(0));
-  int64_t kept = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    kept += job.keep[n];
-    for (int k = 0; k < kNumTerms * 3; ++k) group_pos[job.group(n) * kNumTerms * 3 + k] += roi_pos[n * kNumTerms * 3 + k];
-  }
+  std::vector<acc_t> sums(job.G * kNumTerms * kPosStats, acc_t(0));
+  for (int64_t n = 0; n < N; ++n)
+    for (int k = 0; k < kNumTerms * kPosStats; ++k)
+      sums[job.group(n) * kNumTerms * kPosStats + k] += roi_pos[n * kNumTerms * kPosStats + k];
+  return sums;
+}
+
+// The terms' statistics the backward reads (termstats), and the loss: the sum of the group's four
+// terms, or without sharing their mean over kept ROIs.
+template <typename scalar_t, typename acc_t>
+acc_t group_terms(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& pos_sums) {
   acc_t loss = 0;
   for (int64_t g = 0; g < job.G; ++g)
     for (int t = 0; t < kNumTerms; ++t) {
-      const acc_t* sums = group_pos.data() + (g * kNumTerms + t) * 3;
+      const acc_t* sums = pos_sums.data() + (g * kNumTerms + t) * kPosStats;
       acc_t* ts = job.termstats + (g * kNumTerms + t) * kNumTermStats;
       const acc_t inv = sums[2] > 0 ? acc_t(1) / sums[2] : acc_t(0);
       ts[kRatio] = sums[1] * inv;
@@ -227,8 +245,21 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
       ts[kValue] = sums[0] * inv;
       loss += ts[kValue];
     }
-  if (!job.share_queries) loss = kept > 0 ? loss / acc_t(kept) : acc_t(0);
-  return loss;
+  if (job.share_queries) return loss;
+  int64_t kept = 0;
+  for (int64_t n = 0; n < job.N; ++n) kept += job.keep[n];
+  return kept > 0 ? loss / acc_t(kept) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
+  std::vector<acc_t> w, qnorm;
+  query_weights(job, w);
+  partition_sums(job, w);
+  query_norms(job, qnorm);
+  cosines(job, qnorm);
+  group_lse(job);
+  return group_terms(job, positive_sums(job));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -268,7 +299,7 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, &gs[0], &gs[1]);
         for (int side = 0; side < 2; ++side) {
           const CosGrad<acc_t> cg =
-              cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], st[(2 + side) * P + i], job.params.released);
+              cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], st[(2 + side) * P + i], job.params.centred_keys());
           cf[(kAlphaP + side) * P + i] = cg.alpha;
           cf[(kGammaP + side) * P + i] = cg.gamma;
           cf[kB * P + i] += cg.b;
@@ -323,7 +354,7 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         const scalar_t* row = job.z_row(n, c);
         scalar_t* orow = out + c * P;
         const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c], qpc = qp[c], qmc = qm[c];
-        // Selects, not products, keep a NaN in an ignored non-key pixel out of dz (DESIGN 9); one of
+        // Selects, not products, keep a NaN in an ignored non-key pixel out of dz (DESIGN, "NaN"); one of
         // the two partition selects is 0, so d equals the partition term exactly.
         // Products are taken unconditionally and then selected: a conditional product is a branch the
         // compiler may not turn into vector blends (it could trap where the branch would not).
@@ -339,42 +370,33 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   });
 }
 
-at::ScalarType acc_dtype(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 template <typename scalar_t, typename acc_t>
-LossJob<scalar_t, acc_t> make_job(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
-                                  const at::Tensor& keep, double tau_easy, double tau_hard, bool share_queries,
-                                  bool released) {
+LossJob<scalar_t, acc_t> make_job(const LossInputs& in) {
   LossJob<scalar_t, acc_t> job;
-  job.N = z.size(0);
-  job.C = z.size(1);
-  job.P = z.size(2) * z.size(3);
-  job.G = share_queries ? 1 : job.N;
-  job.share_queries = share_queries;
-  job.params = LossParams<acc_t>{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
-  job.z = z.data_ptr<scalar_t>();
-  job.labels = labels.data_ptr<int8_t>();
-  job.keys = keys.data_ptr<uint8_t>();
-  job.keep = keep.data_ptr<bool>();
+  job.N = in.N;
+  job.C = in.C;
+  job.P = in.P;
+  job.G = in.G;
+  job.share_queries = in.share_queries;
+  job.params = in.params<acc_t>();
+  job.z = in.z.data_ptr<scalar_t>();
+  job.labels = in.labels.data_ptr<int8_t>();
+  job.keys = in.keys.data_ptr<uint8_t>();
+  job.keep = in.keep.data_ptr<bool>();
   return job;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
-  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
-  const bool released = is_released_formulation(std::string(formulation));
-  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
-                   keep_c = keep.contiguous();
-  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), G = share_queries ? 1 : N;
-  const auto acc_opts = z.options().dtype(acc_dtype(z));
-  at::Tensor queries = at::zeros({G, 2, C}, acc_opts);
-  at::Tensor pixstats = at::zeros({N, 4, P}, acc_opts);
-  at::Tensor termstats = at::zeros({G, kNumTerms, kNumTermStats}, acc_opts);
-  at::Tensor loss = at::zeros({}, acc_opts);
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  at::Tensor queries = at::zeros({in.G, 2, in.C}, in.acc_options());
+  at::Tensor pixstats = at::zeros({in.N, 4, in.P}, in.acc_options());
+  at::Tensor termstats = at::zeros({in.G, kNumTerms, kNumTermStats}, in.acc_options());
+  at::Tensor loss = at::zeros({}, in.acc_options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(z_c, labels_c, keys_c, keep_c, tau_easy, tau_hard, share_queries, released);
+    auto job = make_job<scalar_t, acc_t>(in);
     job.queries = queries.data_ptr<acc_t>();
     job.pixstats = pixstats.data_ptr<acc_t>();
     job.termstats = termstats.data_ptr<acc_t>();
@@ -387,17 +409,14 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
                                          const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
                                          double tau_hard, bool share_queries, c10::string_view formulation) {
-  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
-  const bool released = is_released_formulation(std::string(formulation));
-  TORCH_CHECK_VALUE(grad.numel() == 1, "grad: expected the gradient of a scalar loss, got shape ", grad.sizes());
-  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
-                   keep_c = keep.contiguous();
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  check_backward_inputs(in, grad, queries, pixstats, termstats);
   const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
                    termstats_c = termstats.contiguous();
   at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(z_c, labels_c, keys_c, keep_c, tau_easy, tau_hard, share_queries, released);
+    auto job = make_job<scalar_t, acc_t>(in);
     job.queries = const_cast<acc_t*>(queries_c.data_ptr<acc_t>());
     job.pixstats = const_cast<acc_t*>(pixstats_c.data_ptr<acc_t>());
     job.termstats = const_cast<acc_t*>(termstats_c.data_ptr<acc_t>());

@@ -3,7 +3,7 @@
 //
 // Forward, all on the current stream, no host sync (N = 0 included):
 //   roi_counts     block per ROI          label-1 / label-0 pixels of kept ROIs
-//   roi_weights    one block              w[n][side] (DESIGN decision 4), kept count, loss scale
+//   roi_weights    one block              w[n][side] (DESIGN, "Queries for kept ROIs with an empty partition"), kept count, loss scale
 //   partition_sums block per (ROI, 32 ch)  pass 1 over z: w * sum of z over each partition
 //   sum_over_rois  fixed-shape tree        queries (G, 2, C)
 //   query_norms    warp per query         |q+|, |q-| of each group
@@ -25,7 +25,7 @@
 #include <string>
 
 #include "../contrastmask/loss_math.h"
-#include "../ops/checks.h"
+#include "../ops/loss_inputs.h"
 #include "../ops/library.h"
 #include "platform.cuh"
 #include "reduce.cuh"
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   if (i < P) {
     const scalar_t* zi = z + n * C * P + i;
     acc_t dot_p = 0, dot_m = 0, kk_p = 0, kk_m = 0;
-    if (params.released) {
+    if (params.centred_keys()) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(zi[c * P]);
         const acc_t a = qp[c], b = qm[c];
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
         kk_p += v * v;
       }
     }
-    const acc_t kp = cm_sqrt(kk_p), km = params.released ? cm_sqrt(kk_m) : kp;
+    const acc_t kp = cm_sqrt(kk_p), km = params.centred_keys() ? cm_sqrt(kk_m) : kp;
     const acc_t s_pos = dot_p / (clamped_norm(qnorms[g * 2]) * clamped_norm(kp));
     const acc_t s_neg = dot_m / (clamped_norm(qnorms[g * 2 + 1]) * clamped_norm(km));
     acc_t* st = pixstats + n * 4 * P + i;
@@ -552,7 +552,7 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
 #pragma unroll
       for (int side = 0; side < 2; ++side) {
         const CosGrad<acc_t> cg =
-            cosine_backward(gs[side], st[side * P], qnorms[g * 2 + side], st[(2 + side) * P], params.released);
+            cosine_backward(gs[side], st[side * P], qnorms[g * 2 + side], st[(2 + side) * P], params.centred_keys());
         alpha[side] = cg.alpha;
         gamma[side] = cg.gamma;
         b += cg.b;
@@ -614,18 +614,17 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
 
 // ---------------------------------------------------------------- host side
 
-at::ScalarType acc_dtype(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct Shapes {
   int64_t N, C, P, G, pixel_blocks, channel_blocks;
 };
 
-Shapes shapes_of(const at::Tensor& z, bool share_queries) {
+Shapes shapes_of(const LossInputs& in) {
   Shapes s;
-  s.N = z.size(0);
-  s.C = z.size(1);
-  s.P = z.size(2) * z.size(3);
-  s.G = share_queries ? 1 : s.N;
+  s.N = in.N;
+  s.C = in.C;
+  s.P = in.P;
+  s.G = in.G;
   s.pixel_blocks = ceil_div(s.P, kPixelsPerBlock);
   s.channel_blocks = ceil_div(s.C, kChannelsPerBlock);
   check_grid(s.N * std::max(s.pixel_blocks, s.channel_blocks));
@@ -662,13 +661,11 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
-  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
-  const bool released = is_released_formulation(std::string(formulation));
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
-                   keep_c = keep.contiguous();
-  const Shapes s = shapes_of(z, share_queries);
-  const auto acc_opts = z.options().dtype(acc_dtype(z));
+  const at::Tensor &z_c = in.z, &labels_c = in.labels, &keys_c = in.keys, &keep_c = in.keep;
+  const Shapes s = shapes_of(in);
+  const auto acc_opts = in.acc_options();
   const auto int_opts = z.options().dtype(at::kInt);
   at::Tensor queries = at::zeros({s.G, 2, s.C}, acc_opts);
   at::Tensor pixstats = at::zeros({s.N, 4, s.P}, acc_opts);
@@ -686,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossParams<acc_t> params{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
+    const LossParams<acc_t> params = in.params<acc_t>();
     const bool* keep_p = keep_c.data_ptr<bool>();
     launch_weights<acc_t>(s, labels_c, keep_c, share_queries, nullptr, counts, w, kept, at::Tensor());
 
@@ -749,35 +746,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
   return {loss, queries, pixstats, termstats};
 }
 
-// The saved tensors must be what the forward returned for these inputs (shapes and device checked
-// here, so that a wrong call fails cleanly instead of reading out of bounds on the device).
-void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& z,
-                 at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
-  check_same_device(t, name, z, "z");
-}
-
 at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
                                           const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
                                           const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
                                           double tau_hard, bool share_queries, c10::string_view formulation) {
-  check_loss_inputs(z, labels, keys, keep, tau_easy, tau_hard);
-  const bool released = is_released_formulation(std::string(formulation));
-  TORCH_CHECK_VALUE(grad.numel() == 1, "grad: expected the gradient of a scalar loss, got shape ", grad.sizes());
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  check_backward_inputs(in, grad, queries, pixstats, termstats);
   const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(z, share_queries);
-  const at::ScalarType acc = acc_dtype(z);
-  check_saved(queries, "queries", {s.G, 2, s.C}, z, acc);
-  check_saved(pixstats, "pixstats", {s.N, 4, s.P}, z, acc);
-  check_saved(termstats, "termstats", {s.G, kNumTerms, kNumTermStats}, z, acc);
+  const Shapes s = shapes_of(in);
   at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   if (s.N == 0) return dz;
-  const at::Tensor z_c = z.contiguous(), labels_c = labels.contiguous(), keys_c = keys.contiguous(),
-                   keep_c = keep.contiguous();
+  const at::Tensor &z_c = in.z, &labels_c = in.labels, &keys_c = in.keys, &keep_c = in.keep;
   const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
                    termstats_c = termstats.contiguous();
-  const auto acc_opts = z.options().dtype(acc);
+  const auto acc_opts = in.acc_options();
   // The upstream gradient stays on the device (no .item(): no host sync).
   const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
   at::Tensor counts = at::empty({s.N, 2}, z.options().dtype(at::kInt));
@@ -793,7 +775,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossParams<acc_t> params{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), released};
+    const LossParams<acc_t> params = in.params<acc_t>();
     const bool* keep_p = keep_c.data_ptr<bool>();
     launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
     launch_query_norms<acc_t>(s, queries_c, qnorms);

@@ -6,11 +6,25 @@
 #include <ATen/ATen.h>
 #include <c10/util/TypeCast.h>
 
+#include <charconv>
 #include <string>
+
+#include "../contrastmask/sampling.h"
 
 namespace contrastmask {
 
-constexpr int64_t kMaxRoiPixels = 4096;
+// Temperatures below this are refused: 1 / t must stay far from float32's range (the logits s / t
+// reach 1 / t), so that finite inputs give a finite loss and gradient. Python: common.MIN_TEMPERATURE.
+constexpr double kMinTemperature = 1e-4;
+
+// A number as the shortest text that reads back to it, as Python's repr writes it ("-1.0", "1e-04"):
+// the stream's default 6 digits would report sigma = 1.0000001 as "got 1".
+inline std::string full(double v) {
+  char buf[32];
+  std::string text(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
+  if (text.find_first_not_of("-0123456789") == std::string::npos) text += ".0";  // an integral value
+  return text;
+}
 
 // Bits a plan kernel sets in its error word.
 enum PlanError : int32_t { kMaskNotBinary = 1, kMissingCams = 2 };
@@ -27,12 +41,12 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                     ref_name, "), got ", t.device());
 }
 
-// (N, H, W) with H * W <= 4096.
+// (N, H, W) with H * W <= kMaxPixels.
 inline void check_roi_grid(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, ": expected shape (N, H, W), got ", t.sizes());
   TORCH_CHECK_VALUE(t.size(1) >= 1 && t.size(2) >= 1, name, ": expected H >= 1 and W >= 1, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(1) * t.size(2) <= kMaxRoiPixels, name, ": H * W = ", t.size(1) * t.size(2),
-                    " exceeds the limit of ", kMaxRoiPixels, " pixels per ROI");
+  TORCH_CHECK_VALUE(t.size(1) * t.size(2) <= kMaxPixels, name, ": H * W = ", t.size(1) * t.size(2),
+                    " exceeds the limit of ", kMaxPixels, " pixels per ROI");
 }
 
 inline void check_same_grid(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
@@ -64,11 +78,11 @@ inline void check_plan_inputs(const at::Tensor& masks, const c10::optional<at::T
   }
   check_per_roi_flags(is_novel, "is_novel", masks, "masks");
   if (valid.has_value()) check_per_roi_flags(*valid, "valid", masks, "masks");
-  TORCH_CHECK_VALUE(delta >= 0.0 && delta <= 0.5, "delta: expected a value in [0, 0.5], got ", delta);
+  TORCH_CHECK_VALUE(delta >= 0.0 && delta <= 0.5, "delta: expected a value in [0, 0.5], got ", full(delta));
 }
 
 inline void check_sampling_params(double sigma, int64_t min_keys) {
-  TORCH_CHECK_VALUE(sigma > 0.0 && sigma <= 1.0, "sigma: expected a value in (0, 1], got ", sigma);
+  TORCH_CHECK_VALUE(sigma > 0.0 && sigma <= 1.0, "sigma: expected a value in (0, 1], got ", full(sigma));
   TORCH_CHECK_VALUE(min_keys >= 0, "min_keys: expected a value >= 0, got ", min_keys);
 }
 
@@ -82,12 +96,6 @@ inline void check_sample_inputs(const at::Tensor& labels, const at::Tensor& sqdi
   check_sampling_params(sigma, min_keys);
 }
 
-inline bool is_released_formulation(const std::string& formulation) {
-  TORCH_CHECK_VALUE(formulation == "paper" || formulation == "released",
-                    "formulation: expected \"paper\" or \"released\", got \"", formulation, "\"");
-  return formulation == "released";
-}
-
 inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
                               const at::Tensor& keep, double tau_easy, double tau_hard) {
   TORCH_CHECK_VALUE(z.dim() == 4, "z: expected shape (N, C, H, W), got ", z.sizes());
@@ -95,15 +103,17 @@ inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, con
   TORCH_CHECK_VALUE(z.size(1) >= 1, "z: expected at least one channel, got shape ", z.sizes());
   check_roi_grid(labels, "labels");
   check_dtype_in(labels, "labels", {at::kChar}, "int8");
+  // A mismatch blames z: the plan (labels, keys, keep) comes from the masks, z from the caller's network.
   TORCH_CHECK_VALUE(labels.size(0) == z.size(0) && labels.size(1) == z.size(2) && labels.size(2) == z.size(3),
-                    "labels: expected shape (", z.size(0), ", ", z.size(2), ", ", z.size(3),
-                    ") to match z's (N, H, W), got ", labels.sizes());
+                    "z: expected N, H, W of the plan (labels ", labels.sizes(), "), got shape ", z.sizes());
   check_same_device(labels, "labels", z, "z");
   check_same_grid(keys, "keys", labels, "labels");
   check_dtype_in(keys, "keys", {at::kByte}, "uint8");
   check_per_roi_flags(keep, "keep", labels, "labels");
-  TORCH_CHECK_VALUE(tau_easy > 0.0, "tau_easy: expected a temperature > 0, got ", tau_easy);
-  TORCH_CHECK_VALUE(tau_hard > 0.0, "tau_hard: expected a temperature > 0, got ", tau_hard);
+  TORCH_CHECK_VALUE(tau_easy >= kMinTemperature, "tau_easy: expected a temperature >= ", full(kMinTemperature),
+                    ", got ", full(tau_easy));
+  TORCH_CHECK_VALUE(tau_hard >= kMinTemperature, "tau_hard: expected a temperature >= ", full(kMinTemperature),
+                    ", got ", full(tau_hard));
 }
 
 inline void raise_plan_errors(int32_t errors) {

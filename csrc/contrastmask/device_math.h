@@ -1,4 +1,5 @@
-// Portability macros so that the per-ROI math compiles for both the host and CUDA devices.
+// Device math shared by the host and CUDA: the CM_HD qualifier, float/double overloads of exp, log,
+// sqrt, bit counting, -inf and a NaN-propagating max, so that the per-ROI math compiles for both.
 #pragma once
 
 #include <math.h>

@@ -1,0 +1,89 @@
+// C++ API of contrastmask_ops for libtorch users: the operators of torch.ops.contrastmask, called
+// through the dispatcher (so the device kernels, autograd and autocast registered by the library apply),
+// with the Python API's defaults. Link libcontrastmask_ops (CMakeLists.txt) so its operators register.
+//
+//   contrastmask_ops::LossOptions opts;
+//   opts.seed = step;                                   // the key sampler's seed (no default draw in C++)
+//   at::Tensor loss = contrastmask_ops::query_sharing_contrastive_loss(z, masks, cams, is_novel, opts);
+//   loss.backward();
+//
+// Semantics: docs/SPEC.md. Arguments are checked by the kernels (errors name the argument).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
+#include <tuple>
+
+namespace contrastmask_ops {
+
+struct PlanOptions {
+  c10::optional<at::Tensor> valid;  // bool (N,): ROIs that take part in the loss
+  double delta = 0.1;               // CAM thresholds of novel ROIs: >= 1 - delta foreground, <= delta background
+  double sigma = 0.3;               // fraction of each candidate set sampled as keys
+  int64_t hard_sqdist = 2;          // squared distance to the boundary within which a pixel is "hard"
+  int64_t min_keys = 5;             // an ROI with a smaller candidate set is dropped
+  int64_t seed = 0;                 // the sampler's seed (taken mod 2^64)
+};
+
+struct LossOptions : PlanOptions {
+  double tau_easy = 0.7;
+  double tau_hard = 0.3;
+  bool share_queries = true;
+  std::string formulation = "paper";  // "paper" | "released"
+};
+
+namespace detail {
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+}  // namespace detail
+
+// int8 (N, H, W): 1 foreground, 0 background, -1 ignored (SPEC step 1).
+inline at::Tensor partition(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
+                            const c10::optional<at::Tensor>& valid = c10::nullopt, double delta = 0.1) {
+  static auto handle = detail::op<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                             const c10::optional<at::Tensor>&, double)>("contrastmask::partition");
+  return handle.call(masks, cams, is_novel, valid, delta);
+}
+
+// int32 (N, H, W): squared distance to the mask's boundary (SPEC step 2).
+inline at::Tensor boundary_sqdist(const at::Tensor& masks) {
+  static auto handle = detail::op<at::Tensor(const at::Tensor&)>("contrastmask::boundary_sqdist");
+  return handle.call(masks);
+}
+
+// (labels, keys, keep): partition, distance transform and key sampling fused (SPEC steps 1-4).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor& masks,
+                                                               const c10::optional<at::Tensor>& cams,
+                                                               const at::Tensor& is_novel,
+                                                               const PlanOptions& o = PlanOptions()) {
+  static auto handle =
+      detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                               const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                               double, double, int64_t, int64_t, int64_t)>(
+          "contrastmask::roi_plan");
+  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed);
+}
+
+// The loss (0-dim, z's dtype) from explicit key sets (SPEC steps 5-6); differentiable in z.
+inline at::Tensor contrastive_loss_from_keys(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                             const at::Tensor& keep, const LossOptions& o = LossOptions()) {
+  static auto handle =
+      detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool,
+          c10::string_view)>("contrastmask::contrastive_loss");
+  return std::get<0>(handle.call(z, labels, keys, keep, o.tau_easy, o.tau_hard, o.share_queries, o.formulation));
+}
+
+// The whole pipeline: roi_plan, then the loss; what the Python query_sharing_contrastive_loss computes.
+inline at::Tensor query_sharing_contrastive_loss(const at::Tensor& z, const at::Tensor& masks,
+                                                 const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
+                                                 const LossOptions& o = LossOptions()) {
+  auto [labels, keys, keep] = roi_plan(masks, cams, is_novel, o);
+  return contrastive_loss_from_keys(z, labels, keys, keep, o);
+}
+
+}  // namespace contrastmask_ops
