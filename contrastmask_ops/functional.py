@@ -52,15 +52,17 @@ def boundary_sqdist(masks: Tensor) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None):
+                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
     """Deterministic key sample: (keys uint8 (N, H, W) with bit s set for set s in EF, HF, EB, HB;
-    keep bool (N,))."""
+    keep bool (N,)). ROI n is sampled as ROI n + roi_offset of a larger batch, so a batch split into
+    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch."""
     if not _use_kernels(labels):
         return reference.sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist,
-                                     min_keys=min_keys, seed=seed)
-    sigma, hard_sqdist, min_keys, seed = common.sample_keys_args(labels, sqdist, is_novel, sigma=sigma,
-                                                                 hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed))
+                                     min_keys=min_keys, seed=seed, roi_offset=roi_offset)
+    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+        labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
+        roi_offset=roi_offset)
+    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed), roi_offset)
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,

@@ -173,15 +173,17 @@ def sample_counts(counts: Tensor, sigma: float, max_count: int) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None):
-    """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,))."""
-    sigma, hard_sqdist, min_keys, seed = common.sample_keys_args(labels, sqdist, is_novel, sigma=sigma,
-                                                                 hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-    return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed)
+                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
+    """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,)).
+    ROI n hashes as n + roi_offset (its index in a batch split across processes)."""
+    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+        labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
+        roi_offset=roi_offset)
+    return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
 def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
-                 seed: Optional[int]):
+                 seed: Optional[int], roi_offset: int = 0):
     seed = draw_seed() if seed is None else seed
     n, h, w = labels.shape
     p = h * w
@@ -194,7 +196,8 @@ def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float,
     keep = (counts >= int(min_keys)).all(dim=1) & fg_any & bg_any
     k = sample_counts(counts, float(sigma), p) * keep[:, None]  # dropped ROIs sample nothing
 
-    r = key_hash(seed, np.arange(n).reshape(n, 1, 1), np.arange(4).reshape(1, 4, 1), np.arange(p).reshape(1, 1, p))
+    rois = np.arange(roi_offset, roi_offset + n, dtype=np.uint64)
+    r = key_hash(seed, rois.reshape(n, 1, 1), np.arange(4).reshape(1, 4, 1), np.arange(p).reshape(1, 1, p))
     # Candidates first, then by hash; lexsort is stable, so equal hashes stay in pixel-index order.
     order = np.lexsort((r, ~cand.numpy()), axis=-1)
     rank_picked = np.arange(p).reshape(1, 1, p) < k.numpy()[:, :, None]
