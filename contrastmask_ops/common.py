@@ -278,6 +278,19 @@ def formulation_param(formulation) -> str:
     return formulation
 
 
+def process_group_param(process_group):
+    """None, or a torch.distributed ProcessGroup of an initialised torch.distributed."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist  # only here: most calls never need it
+
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got {describe(process_group)}")
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
+    return process_group
+
+
 class PlanParams(NamedTuple):
     delta: float
     sigma: float
