@@ -285,7 +285,8 @@ def process_group_param(process_group):
     import torch.distributed as dist  # only here: most calls never need it
 
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got {describe(process_group)}")
+        raise TypeError("process_group must be None or a torch.distributed ProcessGroup, got "
+                        + describe(process_group))
     if not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
     return process_group
