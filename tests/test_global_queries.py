@@ -117,10 +117,9 @@ def _rank_ddp_projector(rank, loss_group):
     feats, masks, cams, novel = projector_batch()
     rows = rank_rows("uneven", rank)
     projector = DistributedDataParallel(make_projector())
-    z = projector(feats[rows])
-    loss = cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows], seed=SEED,
-                                             process_group=loss_group)
-    (loss * dist.get_world_size(loss_group)).backward()
+    criterion = cm.QuerySharingContrastiveLoss(process_group=loss_group)
+    loss = criterion(projector(feats[rows]), masks[rows], cams[rows], novel[rows], seed=SEED)
+    (loss * dist.get_world_size(loss_group)).backward()  # DDP averages the ranks' gradients
     return {name: p.grad.clone() for name, p in projector.module.named_parameters()}
 
 
