@@ -130,7 +130,7 @@ def join(process_group, z: Tensor, plan, params, draw_seed) -> Membership:
     given = seed is not None
     fingerprint = parameters_fingerprint(plan._replace(seed=None), params)
     mine = [n, c, h, w, int(z.dtype == torch.float64), int(given), seed if given else draw_seed(), fingerprint]
-    rows = [t.tolist() for t in _gather(torch.tensor(mine, dtype=torch.int64, device=z.device), process_group)]
+    rows = torch.stack(_gather(torch.tensor(mine, dtype=torch.int64, device=z.device), process_group)).tolist()
     rank = dist.get_rank(process_group)
     for r, row in enumerate(rows):
         if row[1:5] != rows[0][1:5]:
