@@ -99,6 +99,12 @@ def build_info() -> dict:
     return contrastmask_ops.build_info()
 
 
+def metadata_git() -> dict:
+    """The commit benchmarked and whether tracked files differed from it."""
+    return {"git_commit": _git("rev-parse", "HEAD") or None,
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def metadata(args, device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -108,8 +114,7 @@ def metadata(args, device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **metadata_git(),
         "build_info": build_info(),
         "settings": {"quick": args.quick, "sizes": args.sizes, "channels": args.channels, "dtypes": args.dtypes,
                      "impls": args.impls, "budget_s": args.budget, "H": H, "W": W,

@@ -271,10 +271,29 @@ def seed_param(seed) -> Optional[int]:
     return s - 2**64 if s >= 2**63 else s
 
 
+def roi_offset_param(roi_offset) -> int:
+    """The index of the first ROI in the whole batch (batches split across processes): an integer >= 0."""
+    return integer("roi_offset", roi_offset, minimum=0)
+
+
 def formulation_param(formulation) -> str:
     if not isinstance(formulation, str) or formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {describe(formulation)}")
     return formulation
+
+
+def process_group_param(process_group):
+    """None, or a torch.distributed ProcessGroup of an initialised torch.distributed."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist  # only here: most calls never need it
+
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError("process_group must be None or a torch.distributed ProcessGroup, got "
+                        + describe(process_group))
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
+    return process_group
 
 
 class PlanParams(NamedTuple):
@@ -322,9 +341,11 @@ def partition_args(masks, cams, is_novel, valid, delta) -> float:
     return delta_param(delta)
 
 
-def sample_keys_args(labels, sqdist, is_novel, *, sigma, hard_sqdist, min_keys, seed):
+def sample_keys_args(labels, sqdist, is_novel, *, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
+    """(sigma, hard_sqdist, min_keys, seed, roi_offset) checked and normalised."""
     check_sample_tensors(labels, sqdist, is_novel)
-    return sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
+    return (*sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
+            roi_offset_param(roi_offset))
 
 
 def loss_from_keys_args(z, labels, keys, keep, *, tau_easy, tau_hard, share_queries, formulation) -> LossParams:

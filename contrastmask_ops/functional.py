@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ext, common, reference
+from . import _ext, common, global_batch, reference
 from .common import LossStats, loss_stats  # noqa: F401  (LossStats is part of this module's API)
 
 if _ext.HAS_EXTENSION:
@@ -52,15 +52,17 @@ def boundary_sqdist(masks: Tensor) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None):
+                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
     """Deterministic key sample: (keys uint8 (N, H, W) with bit s set for set s in EF, HF, EB, HB;
-    keep bool (N,))."""
+    keep bool (N,)). ROI n is sampled as ROI n + roi_offset of a larger batch, so a batch split into
+    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch."""
     if not _use_kernels(labels):
         return reference.sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist,
-                                     min_keys=min_keys, seed=seed)
-    sigma, hard_sqdist, min_keys, seed = common.sample_keys_args(labels, sqdist, is_novel, sigma=sigma,
-                                                                 hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed))
+                                     min_keys=min_keys, seed=seed, roi_offset=roi_offset)
+    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+        labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
+        roi_offset=roi_offset)
+    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed), roi_offset)
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
@@ -81,21 +83,37 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: Optional[int] = None, return_stats: bool = False):
+                                   seed: Optional[int] = None, return_stats: bool = False, process_group=None):
     """The whole pipeline: partition + boundary distance + key sampling fused in one per-ROI kernel,
     then the loss. Returns the loss (0-dim, z's dtype; float32 for a float16/bfloat16 z under autocast),
-    or (loss, LossStats) with return_stats."""
+    or (loss, LossStats) with return_stats.
+
+    process_group (a torch.distributed ProcessGroup; every rank of it calls this with its own ROIs and the
+    same parameters and seed): the loss of all ranks' ROIs concatenated in rank order, the same value on
+    every rank, and each rank's gradient for its z is that loss's gradient for its rows. Only O(C)
+    numbers cross processes (DESIGN, "Global query sharing"). Under DistributedDataParallel, which
+    averages gradients over ranks, multiply this loss by the world size to train as one process would on
+    the whole batch. LossStats then hold this rank's kept ROIs and keys and the global queries."""
     if not _use_kernels(z):
         return reference.query_sharing_contrastive_loss(
             z, masks, cams, is_novel, valid=valid, delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
             hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries, formulation=formulation,
-            seed=seed, return_stats=return_stats)
+            seed=seed, return_stats=return_stats, process_group=process_group)
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
                                         share_queries=share_queries, formulation=formulation, seed=seed)
-    labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
-                                       plan.min_keys, seed_to_int64(plan.seed))
-    loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
+    group = common.process_group_param(process_group)
+    if group is None:
+        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
+                                           plan.min_keys, seed_to_int64(plan.seed))
+        loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
+    else:
+        # The plan is per ROI (the kernels, at this rank's ROI offset); the loss pools partial sums over the
+        # ranks, in the reference's PyTorch ops with the group's reducer.
+        reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
+        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
+                                           plan.min_keys, seed_to_int64(seed), roi_offset)
+        loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
     if return_stats:
         return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

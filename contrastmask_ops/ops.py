@@ -18,10 +18,11 @@ def _acc_dtype(z):
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
-def _check_sampling(sigma, min_keys):
+def _check_sampling(sigma, min_keys, roi_offset):
     # hard_sqdist and seed: any int64 (the schema's type), as in the kernels.
     common.sigma_param(sigma)
     common.integer("min_keys", min_keys, minimum=0)
+    common.roi_offset_param(roi_offset)
 
 
 def _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation):
@@ -52,15 +53,15 @@ def register(namespace: str = "contrastmask"):
         return masks.new_empty(masks.shape, dtype=torch.int32)
 
     @torch.library.register_fake(namespace + "::sample_keys")
-    def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed):
+    def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
         common.check_sample_tensors(labels, sqdist, is_novel)
-        _check_sampling(sigma, min_keys)
+        _check_sampling(sigma, min_keys, roi_offset)
         return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
     @torch.library.register_fake(namespace + "::roi_plan")
-    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed):
+    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
         common.partition_args(masks, cams, is_novel, valid, delta)
-        _check_sampling(sigma, min_keys)
+        _check_sampling(sigma, min_keys, roi_offset)
         return (
             masks.new_empty(masks.shape, dtype=torch.int8),
             masks.new_empty(masks.shape, dtype=torch.uint8),

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from . import common
+from . import global_batch
+from .global_batch import LOCAL
 from .common import FORMULATIONS, INT32_MAX, MAX_PIXELS, Z_DTYPES, LossStats, loss_stats  # noqa: F401 (re-exported)
 
 NORM_EPS = 1e-8  # the cosine's clamp of each norm (SPEC step 6)
@@ -173,15 +175,17 @@ def sample_counts(counts: Tensor, sigma: float, max_count: int) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None):
-    """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,))."""
-    sigma, hard_sqdist, min_keys, seed = common.sample_keys_args(labels, sqdist, is_novel, sigma=sigma,
-                                                                 hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed)
-    return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed)
+                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
+    """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,)).
+    ROI n hashes as n + roi_offset (its index in a batch split across processes)."""
+    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+        labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
+        roi_offset=roi_offset)
+    return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
 def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
-                 seed: Optional[int]):
+                 seed: Optional[int], roi_offset: int = 0):
     seed = draw_seed() if seed is None else seed
     n, h, w = labels.shape
     p = h * w
@@ -194,7 +198,8 @@ def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float,
     keep = (counts >= int(min_keys)).all(dim=1) & fg_any & bg_any
     k = sample_counts(counts, float(sigma), p) * keep[:, None]  # dropped ROIs sample nothing
 
-    r = key_hash(seed, np.arange(n).reshape(n, 1, 1), np.arange(4).reshape(1, 4, 1), np.arange(p).reshape(1, 1, p))
+    rois = np.arange(roi_offset, roi_offset + n, dtype=np.uint64)
+    r = key_hash(seed, rois.reshape(n, 1, 1), np.arange(4).reshape(1, 4, 1), np.arange(p).reshape(1, 1, p))
     # Candidates first, then by hash; lexsort is stable, so equal hashes stay in pixel-index order.
     order = np.lexsort((r, ~cand.numpy()), axis=-1)
     rank_picked = np.arange(p).reshape(1, 1, p) < k.numpy()[:, :, None]
@@ -210,21 +215,34 @@ def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float,
 # Steps 5-6: queries and loss
 # ---------------------------------------------------------------------------------------------
 
-def _masked_logsumexp(x: Tensor, mask: Tensor, dim) -> Tensor:
-    """log(sum over mask of exp(x)) along dim (kept), shifted by the exact maximum; -inf where mask is
-    empty. A NaN in a masked-in entry gives NaN; masked-out entries take part in nothing."""
+def _masked_max(x: Tensor, mask: Tensor, dim) -> Tensor:
+    """The exact maximum of x over mask along dim (kept), detached; -inf where mask is empty."""
     xm = torch.where(mask, x, torch.full_like(x, -math.inf))
     if xm.numel() == 0:  # N = 0: amax has nothing to reduce
-        return torch.log(xm.exp().sum(dim=dim, keepdim=True))
-    m = xm.detach().amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = torch.where(mask, torch.exp(xm - m), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
-    return m + torch.log(total)
+        shape = [1 if d in ((dim,) if isinstance(dim, int) else dim) else size for d, size in enumerate(x.shape)]
+        return x.new_full(shape, -math.inf).detach()
+    return xm.detach().amax(dim=dim, keepdim=True)
+
+
+def _masked_exp_sum(x: Tensor, mask: Tensor, m: Tensor, dim) -> Tensor:
+    """sum over mask of exp(x - m) along dim (kept). A NaN in a masked-in entry gives NaN; masked-out
+    entries take part in nothing."""
+    xm = torch.where(mask, x, torch.full_like(x, -math.inf))
+    return torch.where(mask, torch.exp(xm - m), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
+
+
+def _finite_shift(m: Tensor) -> Tensor:
+    """The log-sum-exp's shift: the maximum, or 0 where there is none (empty set) or it is not finite."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau_easy: float, tau_hard: float,
-                      share_queries: bool, formulation: str):
-    """The loss in z's dtype and the queries (G, 2, C) in the accumulation dtype (G = 1 or N)."""
+                      share_queries: bool, formulation: str, reducer=LOCAL):
+    """The loss in z's dtype and the queries (G, 2, C) in the accumulation dtype (G = 1 or N).
+
+    Every quantity that pools ROIs is formed from this process's partial sums through `reducer`
+    (contrastmask_ops.global_batch): LOCAL for a batch held by one process, or a process group's reducer,
+    with which the loss is that of all ranks' ROIs together (DESIGN, "Global query sharing")."""
     n, c, h, w = z.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     keep_ = keep[:, None]
@@ -246,7 +264,8 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
     mu = torch.bmm(parts, zf) / part_count.clamp_min(1)[:, :, None]  # (N, 2, C); 0 for an empty partition
     if share_queries:
         has = (part_count > 0).to(acc)
-        queries = (mu * has[:, :, None]).sum(dim=0, keepdim=True) / has.sum(dim=0).clamp_min(1)[None, :, None]
+        mu_sum, has_count = reducer.sum((mu * has[:, :, None]).sum(dim=0, keepdim=True), has.sum(dim=0))
+        queries = mu_sum / has_count.clamp_min(1)[None, :, None]
         q_per_roi = queries.expand(n, 2, c)
     else:
         queries = mu
@@ -268,23 +287,34 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
         pix_norm = torch.linalg.vector_norm(centred, dim=3)
     sims = dots / (q_norm.clamp_min(NORM_EPS)[:, :, None] * pix_norm.clamp_min(NORM_EPS))
 
-    # Step 6: the four terms. Reduction dims: pooled over kept ROIs, or per ROI.
+    # Step 6: the four terms. Reduction dims: pooled over kept ROIs (and over ranks: `pooled`), or per ROI.
     red = (0, 1) if share_queries else 1
+    pooled = reducer if share_queries else LOCAL  # an ROI's own keys all live in its process
+    temps = [tau_hard if hard else tau_easy for _, _, _, hard in TERMS]
+    sides = [sims[:, side] for side, _, _, _ in TERMS]
+    negs = [in_set[:, neg_set] for _, _, neg_set, _ in TERMS]
+    poss = [in_set[:, pos_set] for _, pos_set, _, _ in TERMS]
+    # Negatives' log-sum-exp, shifted by their exact maximum; over ranks: the maximum, then the sum.
+    # (Each use of s / t below is its own division, as the loss was first written: the gradients then
+    # add up in the same order, which keeps the single-process loss and gradient bit for bit.)
+    neg_logits = [s / t for s, t in zip(sides, temps)]
+    shifts = [_finite_shift(m) for m in pooled.max(*[_masked_max(x, neg, red) for x, neg in zip(neg_logits, negs)])]
+    sums = pooled.sum(*[_masked_exp_sum(x, neg, m, red) for x, neg, m in zip(neg_logits, negs, shifts)],
+                      *[pos.sum(dim=red).to(acc) for pos in poss])
+    exp_sums, n_poss = sums[:len(TERMS)], sums[len(TERMS):]
     total = torch.zeros((), dtype=acc, device=z.device) if share_queries else torch.zeros(n, dtype=acc,
                                                                                           device=z.device)
-    for side, pos_set, neg_set, hard in TERMS:
-        t = tau_hard if hard else tau_easy
-        s = sims[:, side]
-        pos, neg = in_set[:, pos_set], in_set[:, neg_set]
-        lse_neg = _masked_logsumexp(s / t, neg, red)  # (1, 1) or (N, 1)
+    for s, t, pos, m, exp_sum, n_pos in zip(sides, temps, poss, shifts, exp_sums, n_poss):
+        lse_neg = m + torch.log(exp_sum)  # (1, 1) or (N, 1); -inf without negatives
         own = s / t if formulation == "paper" else s
         per_pos = torch.logaddexp(own, lse_neg) - s / t
-        n_pos = pos.sum(dim=red).to(acc)
         term_sum = torch.where(pos, per_pos, torch.zeros_like(per_pos)).sum(dim=red)
         total = total + term_sum / n_pos.clamp_min(1)
     if not share_queries:
-        total = total.sum() / keep.sum().to(acc).clamp_min(1)  # dropped ROIs have no keys: their sum is 0
-    return total.to(z.dtype), queries
+        kept, = reducer.sum(keep.sum().to(acc))
+        total = total.sum() / kept.clamp_min(1)  # dropped ROIs have no keys: their sum is 0
+    # This process's share of the loss; the loss is the sum of the shares of all ranks.
+    return reducer.total(total).to(z.dtype), queries
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
@@ -297,28 +327,33 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
     return _loss(z, labels, keys, keep, params)[0]
 
 
-def _loss(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, params: common.LossParams):
+def _loss(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, params: common.LossParams, reducer=LOCAL):
     """(loss, queries) with the autocast rule of DESIGN, "Autocast": a float16/bfloat16 z is taken as float32
     under autocast, and no op inside drops to a lower precision."""
     z = common.autocast_z(z)
     with common.autocast_disabled(z.device.type):
-        return _loss_and_queries(z, labels, keys, keep, *params)
+        return _loss_and_queries(z, labels, keys, keep, *params, reducer=reducer)
 
 
 def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *,
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: Optional[int] = None, return_stats: bool = False):
-    """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats)."""
+                                   seed: Optional[int] = None, return_stats: bool = False, process_group=None):
+    """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats).
+    With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
                                         share_queries=share_queries, formulation=formulation, seed=seed)
+    group = common.process_group_param(process_group)
     _check_plan_values(masks, cams, is_novel)
+    reducer, roi_offset, seed = LOCAL, 0, plan.seed
+    if group is not None:
+        reducer, roi_offset, seed = global_batch.join(group, z, plan, params, draw_seed)
     labels = _partition(masks, cams, is_novel, plan.delta, valid)
     sqdist = _boundary_sqdist(masks)
-    keys, keep = _sample_keys(labels, sqdist, is_novel, plan.sigma, plan.hard_sqdist, plan.min_keys, plan.seed)
-    loss, queries = _loss(z, labels, keys, keep, params)
+    keys, keep = _sample_keys(labels, sqdist, is_novel, plan.sigma, plan.hard_sqdist, plan.min_keys, seed, roi_offset)
+    loss, queries = _loss(z, labels, keys, keep, params, reducer)
     if return_stats:
         return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

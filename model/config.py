@@ -80,6 +80,10 @@ DEFAULTS = {
         "lambda_end": 1.0,
         "lambda_warmup": 4,              # ... over this many epochs (or iterations, see train.unit)
         "lambda_schedule": "linear",     # linear: every iteration | epoch_step: once per epoch (released)
+        # Queries and key pools over the ROIs of all processes (the loss of the global batch, as one process
+        # would compute it; docs/DESIGN.md, "Global query sharing"), or of each process's own ROIs (the
+        # authors' code). null: global when there are several processes; true / false force it.
+        "global_queries": None,
     },
     "train": {
         "unit": "epoch",                 # unit of epochs/lr_steps/lambda_warmup: "epoch" or "iter"

@@ -8,7 +8,7 @@
 Writes into output_dir: checkpoint.pt (every train.checkpoint_every iterations and at the end,
 atomically; tensors and plain data only, read with weights_only=True), metrics.jsonl (window means
 of every loss, lr, lambda), loss.png, config.json and final.json (iteration, contrastive-loss
-backend, per-rank weight digests).
+backend, contrastive queries global or per process, per-rank weight digests).
 """
 import json
 import math
@@ -27,7 +27,8 @@ from .contrastmask.contrast_loss import backend as contrast_backend
 from .data.build import build_dataset, prepare_data
 from .data.loader import train_loader
 from .engine import checkpoint as ckpt
-from .engine.distributed import (all_gather_object, barrier, cleanup, init_distributed, mean_over_ranks)
+from .engine.distributed import (all_gather_object, barrier, cleanup, contrast_process_group, global_queries_enabled,
+                                 init_distributed, mean_over_ranks)
 from .engine.metrics import MetricsLog, plot_metrics
 from .engine.schedule import Schedule, sampler_seed
 
@@ -48,9 +49,17 @@ def build_optimizer(params, tc):
     raise ValueError(f"train.optimizer must be sgd or adamw, got {tc['optimizer']!r}")
 
 
-def total_loss(losses, lam):
-    """Eq. 5: L = L_box (RPN + box head) + L_mask + lambda L_con."""
-    return sum(lam * v if name == "loss_contrast" else v for name, v in losses.items())
+def total_loss(losses, lam, contrast_factor=1.0):
+    """Eq. 5: L = L_box (RPN + box head) + L_mask + lambda L_con (L_con times contrast_factor: see train)."""
+    return sum(lam * contrast_factor * v if name == "loss_contrast" else v for name, v in losses.items())
+
+
+def contrast_queries_mode(cfg, info):
+    """What final.json and the start-up line report: "global" (queries and keys over every process's ROIs),
+    "per_process", or None without the contrastive loss."""
+    if not cfg["model"]["use_cl"]:
+        return None
+    return "global" if global_queries_enabled(info, cfg["contrast"]["global_queries"]) else "per_process"
 
 
 def to_device(images, targets, device):
@@ -107,6 +116,15 @@ def train(cfg, resume=None, device=None, progress=True):
         ckpt.set_rng_state(state["rng"][info.rank])
         start_iter = state["iteration"]
 
+    # Global queries: the ranks' loss is that of the global batch, each rank's gradient its rows' share of
+    # it, so DDP's mean over ranks would divide L_con's gradient by the world size; contrast_factor undoes it.
+    queries_mode = contrast_queries_mode(cfg, info)
+    model.roi_heads.contrast_process_group = contrast_process_group(info, cfg["contrast"]["global_queries"])
+    contrast_factor = info.world_size if model.roi_heads.contrast_process_group is not None else 1
+    seed_rank = 0 if queries_mode == "global" else info.rank  # global: the ranks sample one batch's keys
+    if info.is_main:
+        print(f"train: {info.world_size} process(es), contrastive queries: {queries_mode}", flush=True)
+
     net = model
     if info.distributed:
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -131,12 +149,13 @@ def train(cfg, resume=None, device=None, progress=True):
     while iteration < schedule.max_iters:
         images, targets = to_device(*next(data), info.device)
         lam = schedule.contrast_weight(iteration)
-        model.roi_heads.sampler_seed = sampler_seed(cfg["seed"], iteration, info.rank)
+        model.roi_heads.sampler_seed = sampler_seed(cfg["seed"], iteration, seed_rank)
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
             losses = net(images, targets)
-            loss = total_loss(losses, lam)
+            loss = total_loss(losses, lam)  # what the log shows
+            objective = total_loss(losses, lam, contrast_factor) if contrast_factor != 1 else loss
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()
         if tc["clip_grad_norm"]:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, tc["clip_grad_norm"])
@@ -167,7 +186,7 @@ def train(cfg, resume=None, device=None, progress=True):
 
     digests = all_gather_object(info, ckpt.weights_digest(model))
     final = {"iteration": iteration, "world_size": info.world_size, "contrast_backend": backend,
-             "rank_weight_digests": digests, "train_seconds": time.time() - t0}
+             "contrast_queries": queries_mode, "rank_weight_digests": digests, "train_seconds": time.time() - t0}
     if info.is_main:
         with open(os.path.join(out_dir, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
@@ -182,7 +201,7 @@ def main(argv=None):
     cfg = config_from_args(args)
     final = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: final[k] for k in ("iteration", "contrast_backend", "train_seconds")}))
+        print(json.dumps({k: final[k] for k in ("iteration", "contrast_backend", "contrast_queries", "train_seconds")}))
 
 
 if __name__ == "__main__":

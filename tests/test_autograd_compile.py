@@ -144,6 +144,8 @@ def _fake_cases():
         ("sqdist", lambda: ops.sample_keys(m(labels), sqdist, m(novel), 0.3, 2, 1, 0)),
         ("sqdist", lambda: ops.sample_keys(m(labels), m(sqdist).long(), m(novel), 0.3, 2, 1, 0)),
         ("min_keys", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, -1, 0)),
+        ("roi_offset", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, 1, 0, -1)),
+        ("roi_offset", lambda: ops.roi_plan(m(masks), m(cams), m(novel), None, 0.1, 0.3, 2, 1, 0, -3)),
         ("z", lambda: ops.contrastive_loss(z, m(labels), m(keys), m(keep), 0.7, 0.3, True, "paper")),
         ("z", lambda: ops.contrastive_loss(m(z), labels, keys, keep, 0.7, 0.3, True, "paper")),
         ("keep", lambda: ops.contrastive_loss(m(z), m(labels), m(keys), keep, 0.7, 0.3, True, "paper")),

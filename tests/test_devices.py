@@ -121,6 +121,30 @@ def test_plan_dtypes(device, mask_dtype, cam_dtype):
     assert torch.equal(cm.boundary_sqdist(device.to(masks)).cpu(), want_sqdist)
 
 
+@pytest.mark.parametrize("hw", [(28, 28), (9, 70)])  # CPU roi_plan: row bitmasks (W <= 64) and generic (W > 64)
+def test_roi_offset_samples_a_slice_as_the_whole_batch_does(device, hw):
+    """Rows [a:b] sampled with roi_offset=a get rows [a:b] of the whole batch's keys and keep (how a batch
+    split across processes samples as one process would), through roi_plan and sample_keys alike."""
+    n, seed = 13, 6
+    b = device.batch(blob_batch(n, hw[0], hw[1], 1, seed=seed))
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    labels, sqdist = cm.partition(masks, cams, novel), cm.boundary_sqdist(masks)
+    whole = device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, seed)
+    whole_keys, whole_keep = cm.sample_keys(labels, sqdist, novel, min_keys=1, seed=seed)
+    assert whole_keep.sum() >= n // 2
+    for a, e in [(0, 5), (5, 5), (5, 13), (12, 13)]:
+        rows = slice(a, e)
+        _, keys, keep = device.ops.roi_plan(masks[rows], cams[rows], novel[rows], None, 0.1, 0.3, 2, 1, seed, a)
+        assert torch.equal(keys, whole[1][rows]) and torch.equal(keep, whole[2][rows]), (a, e)
+        keys, keep = cm.sample_keys(labels[rows], sqdist[rows], novel[rows], min_keys=1, seed=seed, roi_offset=a)
+        assert torch.equal(keys, whole_keys[rows]) and torch.equal(keep, whole_keep[rows]), (a, e)
+    # the offset is what makes them equal: without it, the slice samples other pixels
+    _, keys, _ = device.ops.roi_plan(masks[5:], cams[5:], novel[5:], None, 0.1, 0.3, 2, 1, seed)
+    assert not torch.equal(keys, whole[1][5:])
+    with pytest.raises(ValueError, match="roi_offset"):
+        device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, seed, -1)
+
+
 # ---------------------------------------------------------------- loss
 
 LOSS_CASES = [

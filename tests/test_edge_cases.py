@@ -183,6 +183,10 @@ def test_bad_parameters_of_the_building_blocks(impl):
     calls = [
         (TypeError, "seed", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], seed=3.7)),
         (TypeError, "hard_sqdist", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], hard_sqdist=2.5)),
+        (ValueError, "roi_offset", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], roi_offset=-1)),
+        (TypeError, "roi_offset", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], roi_offset=1.0)),
+        (TypeError, "process_group", lambda: impl.query_sharing_contrastive_loss(
+            b["z"], b["masks"], b["cams"], b["is_novel"], process_group="world")),
         (TypeError, "share_queries", lambda: impl.contrastive_loss_from_keys(b["z"], labels, keys, keep,
                                                                              share_queries="no")),
         (ValueError, "tau_hard", lambda: impl.contrastive_loss_from_keys(b["z"], labels, keys, keep,

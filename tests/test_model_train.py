@@ -180,6 +180,7 @@ def test_resume_continues_exactly(data_root, tmp_path):
 
 
 def test_two_process_ddp_on_cpu_agrees_on_weights(data_root, tmp_path):
+    """Two processes (contrast.global_queries null: global queries over both) train and agree on weights."""
     cfg = tiny_config(data_root, str(tmp_path / "ddp"), "train.length=3")
     cfg_path = tmp_path / "ddp.json"
     cfg_path.write_text(json.dumps(cfg))
@@ -192,6 +193,22 @@ def test_two_process_ddp_on_cpu_agrees_on_weights(data_root, tmp_path):
     assert final["world_size"] == 2 and final["iteration"] == 3
     digests = final["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    assert final["contrast_queries"] == "global"
+    assert "train: 2 process(es), contrastive queries: global" in proc.stdout, proc.stdout[-2000:]
+    losses = [r["loss_contrast"] for r in losses_by_iter(str(tmp_path / "ddp"))]
+    assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+@pytest.mark.parametrize("setting,world_size,mode", [(None, 1, "per_process"), (None, 2, "global"),
+                                                     (True, 1, "global"), (False, 2, "per_process")])
+def test_contrast_global_queries_setting(setting, world_size, mode):
+    from model.engine.distributed import DistInfo
+    from model.train import contrast_queries_mode
+
+    cfg = load_config(TINY, [f"contrast.global_queries={'null' if setting is None else str(setting).lower()}"])
+    assert contrast_queries_mode(cfg, DistInfo(world_size=world_size)) == mode
+    cfg["model"]["use_cl"] = False
+    assert contrast_queries_mode(cfg, DistInfo(world_size=world_size)) is None
 
 
 def test_the_contrastive_loss_trains_only_the_cl_head_and_draws_no_global_random_numbers(data_root, tmp_path):

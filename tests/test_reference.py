@@ -247,6 +247,30 @@ def test_sample_keys_seeds():
     assert torch.equal(f, g) and not torch.equal(f, h)
 
 
+@pytest.mark.parametrize("roi_offset", [0, 3, 2**40])
+def test_sample_keys_roi_offset_hashes_roi_n_as_n_plus_offset(roi_offset):
+    """SPEC step 4 with the ROI index n + roi_offset, checked against Python ints; and a slice [a:b] sampled
+    with roi_offset=a gets the keys of rows [a:b] of the whole batch."""
+    batch = blob_batch(12, 11, 9, 1, seed=8)
+    labels, sqdist = plan(batch)
+    nov, seed = batch["is_novel"], 2**63 + 99
+    keys, keep = ref.sample_keys(labels, sqdist, nov, min_keys=1, seed=seed, roi_offset=roi_offset)
+    cands = candidate_lists(labels, sqdist, nov, 2)
+    keys_flat = keys.flatten(1).tolist()
+    for n, sets in enumerate(cands):
+        if not keep[n]:
+            continue
+        for s, c in enumerate(sets):
+            k = min(len(c), math.ceil(0.3 * len(c)))
+            want = sorted(sorted(c, key=lambda i: (py_key_hash(seed, n + roi_offset, s, i), i))[:k])
+            assert sorted(i for i, v in enumerate(keys_flat[n]) if v >> s & 1) == want
+    assert keep.sum() >= 6
+    whole_keys, whole_keep = ref.sample_keys(labels, sqdist, nov, min_keys=1, seed=seed)
+    for a, e in [(0, 4), (4, 4), (4, 12), (11, 12)]:
+        part_keys, part_keep = ref.sample_keys(labels[a:e], sqdist[a:e], nov[a:e], min_keys=1, seed=seed, roi_offset=a)
+        assert torch.equal(part_keys, whole_keys[a:e]) and torch.equal(part_keep, whole_keep[a:e]), (a, e)
+
+
 def test_sample_keys_uniform_over_seeds():
     # One novel ROI with 12 fg and 24 bg candidates: over many seeds every candidate of a set is
     # picked about equally often.

@@ -19,6 +19,7 @@ struct PlanSteps {
   double sigma = 0.3;
   int64_t hard_sqdist = 2, min_keys = 5;
   uint64_t mixed_seed = 0;              // splitmix64(seed)
+  int64_t roi_offset = 0;               // ROI n hashes as n + roi_offset (global index across processes)
 };
 
 }  // namespace contrastmask

@@ -78,7 +78,7 @@ bool roi_sample(const Job& job, int64_t n, const int8_t* labels, const int32_t* 
   for (int s = 0; s < kNumSets; ++s) {
     sc.ranked.clear();
     for (int i = 0; i < P; ++i)
-      if ((sc.candidates[i] >> s) & 1) sc.ranked.emplace_back(key_hash(job.mixed_seed, n, s, i), i);
+      if ((sc.candidates[i] >> s) & 1) sc.ranked.emplace_back(key_hash(job.mixed_seed, n + job.roi_offset, s, i), i);
     const int k = sample_count(job.sigma, counts[s]);
     auto before = [](const std::pair<uint64_t, int>& a, const std::pair<uint64_t, int>& b) {
       return hash_before(a.first, a.second, b.first, b.second);
@@ -204,8 +204,8 @@ at::Tensor boundary_sqdist_cpu(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> sample_keys_cpu(const at::Tensor& labels, const at::Tensor& sqdist,
                                                    const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                   int64_t min_keys, int64_t seed) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys);
+                                                   int64_t min_keys, int64_t seed, int64_t roi_offset) {
+  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
   const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
   at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
   at::Tensor keep = at::empty({labels.size(0)}, labels.options().dtype(at::kBool));
@@ -222,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor> sample_keys_cpu(const at::Tensor& labels, con
   job.hard_sqdist = hard_sqdist;
   job.min_keys = min_keys;
   job.mixed_seed = splitmix64(seed_bits(seed));
+  job.roi_offset = roi_offset;
   run_plan(job);
   return {keys, keep};
 }
@@ -231,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& ma
                                                             const at::Tensor& is_novel,
                                                             const c10::optional<at::Tensor>& valid, double delta,
                                                             double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                            int64_t seed) {
+                                                            int64_t seed, int64_t roi_offset) {
   check_plan_inputs(masks, cams, is_novel, valid, delta);
-  check_sampling_params(sigma, min_keys);
+  check_sampling_params(sigma, min_keys, roi_offset);
   at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
   at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
   at::Tensor keep = at::empty({masks.size(0)}, masks.options().dtype(at::kBool));
@@ -249,6 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& ma
     job.hard_sqdist = hard_sqdist;
     job.min_keys = min_keys;
     job.mixed_seed = splitmix64(seed_bits(seed));
+    job.roi_offset = roi_offset;
     errors = job.W <= kMaxRowBitsWidth ? run_row_bit_plan(job) : run_plan(job);
   });
   raise_plan_errors(errors);

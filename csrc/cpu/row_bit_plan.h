@@ -55,7 +55,7 @@ void sample_set_rows(const Job& job, int64_t n, int s, const uint64_t* rows, int
   std::fill_n(count, size_t(1) << bits, 0u);
   uint64_t* hashes = sc.hashes.data();
   uint16_t* pixels = sc.pixels.data();
-  const uint64_t stream = key_stream(job.mixed_seed, n, s);
+  const uint64_t stream = key_stream(job.mixed_seed, n + job.roi_offset, s);
   int j = 0;
   for (int y = 0; y < job.H; ++y)
     for (uint64_t r = rows[y]; r; r &= r - 1) {

@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
             for (int i = tid; i < P; i += T)
               if ((cand_s[i] >> s) & 1) keys_s[i] |= bit;
           } else {
-            select_k_smallest(cand_s, s, P, c, k, key_stream(a.mixed_seed, n, s), hash_s, idx_s, list_len, hist, sel,
-                              keys_s);
+            select_k_smallest(cand_s, s, P, c, k, key_stream(a.mixed_seed, n + a.roi_offset, s), hash_s, idx_s, list_len,
+                              hist, sel, keys_s);
           }
           // Before the next set reuses the list and the histogram (zeroed here for it).
           for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
@@ -404,8 +404,8 @@ at::Tensor boundary_sqdist_cuda(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, const at::Tensor& sqdist,
                                                     const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                    int64_t min_keys, int64_t seed) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys);
+                                                    int64_t min_keys, int64_t seed, int64_t roi_offset) {
+  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
   const c10::cuda::CUDAGuard guard(labels.device());
   const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
   at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
@@ -422,6 +422,7 @@ std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, co
   a.hard_sqdist = hard_sqdist;
   a.min_keys = min_keys;
   a.mixed_seed = splitmix64(seed_bits(seed));
+  a.roi_offset = roi_offset;
   // Nothing to check in the values: no error word, no host sync.
   launch_plan(a, labels.size(0), labels.options(), /*read_errors=*/false);
   return {keys, keep};
@@ -432,9 +433,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
                                                              const at::Tensor& is_novel,
                                                              const c10::optional<at::Tensor>& valid, double delta,
                                                              double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                             int64_t seed) {
+                                                             int64_t seed, int64_t roi_offset) {
   check_plan_inputs(masks, cams, is_novel, valid, delta);
-  check_sampling_params(sigma, min_keys);
+  check_sampling_params(sigma, min_keys, roi_offset);
   const c10::cuda::CUDAGuard guard(masks.device());
   at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
   at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
@@ -451,6 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
     a.hard_sqdist = hard_sqdist;
     a.min_keys = min_keys;
     a.mixed_seed = splitmix64(seed_bits(seed));
+    a.roi_offset = roi_offset;
     errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
   });
   raise_plan_errors(errors);

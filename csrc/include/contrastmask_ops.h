@@ -25,6 +25,7 @@ struct PlanOptions {
   int64_t hard_sqdist = 2;          // squared distance to the boundary within which a pixel is "hard"
   int64_t min_keys = 5;             // an ROI with a smaller candidate set is dropped
   int64_t seed = 0;                 // the sampler's seed (taken mod 2^64)
+  int64_t roi_offset = 0;           // ROI n is sampled as ROI n + roi_offset of a larger batch
 };
 
 struct LossOptions : PlanOptions {
@@ -63,9 +64,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor&
   static auto handle =
       detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
                                                                const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                               double, double, int64_t, int64_t, int64_t)>(
+                                                               double, double, int64_t, int64_t, int64_t, int64_t)>(
           "contrastmask::roi_plan");
-  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed);
+  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed,
+                     o.roi_offset);
 }
 
 // The loss (0-dim, z's dtype) from explicit key sets (SPEC steps 5-6); differentiable in z.

@@ -81,19 +81,20 @@ inline void check_plan_inputs(const at::Tensor& masks, const c10::optional<at::T
   TORCH_CHECK_VALUE(delta >= 0.0 && delta <= 0.5, "delta: expected a value in [0, 0.5], got ", full(delta));
 }
 
-inline void check_sampling_params(double sigma, int64_t min_keys) {
+inline void check_sampling_params(double sigma, int64_t min_keys, int64_t roi_offset) {
   TORCH_CHECK_VALUE(sigma > 0.0 && sigma <= 1.0, "sigma: expected a value in (0, 1], got ", full(sigma));
   TORCH_CHECK_VALUE(min_keys >= 0, "min_keys: expected a value >= 0, got ", min_keys);
+  TORCH_CHECK_VALUE(roi_offset >= 0, "roi_offset: expected a value >= 0, got ", roi_offset);
 }
 
 inline void check_sample_inputs(const at::Tensor& labels, const at::Tensor& sqdist, const at::Tensor& is_novel,
-                                double sigma, int64_t min_keys) {
+                                double sigma, int64_t min_keys, int64_t roi_offset) {
   check_roi_grid(labels, "labels");
   check_dtype_in(labels, "labels", {at::kChar}, "int8");
   check_same_grid(sqdist, "sqdist", labels, "labels");
   check_dtype_in(sqdist, "sqdist", {at::kInt}, "int32");
   check_per_roi_flags(is_novel, "is_novel", labels, "labels");
-  check_sampling_params(sigma, min_keys);
+  check_sampling_params(sigma, min_keys, roi_offset);
 }
 
 inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,

@@ -14,6 +14,8 @@ Test: the same on the detected boxes, with the CAM of the predicted class.
 The key sampler's seed is data: the training loop sets `sampler_seed` every iteration (from the run's
 seed, the iteration and the rank), so the loss never draws from torch's global generator and adding the
 contrastive loss leaves every other random draw of the run (proposal and ROI sampling) unchanged.
+With global queries the training loop sets `contrast_process_group` too, and the seed no longer depends
+on the rank (the ranks sample the keys of the global batch together).
 """
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,8 @@ class ContrastMaskRoIHeads(RoIHeads):
             raise ValueError(f"mask_loss_rois must be one of {MASK_LOSS_ROIS}, got {mask_loss_rois!r}")
         self.mask_loss_rois = mask_loss_rois
         self.sampler_seed = None  # set per iteration by the training loop; None: torch's generator
+        # Set by the training loop: the loss pools queries and keys over this group's ROIs (None: this process's)
+        self.contrast_process_group = None
 
     def has_mask(self):
         return True
@@ -110,7 +114,7 @@ class ContrastMaskRoIHeads(RoIHeads):
         valid = {"all": None, "base": has_mask, "novel": is_novel}[self.supervision]
         cam_maps = resize_cams(cams.detach().float(), size)
         loss = query_sharing_contrastive_loss(z, masks, cam_maps, is_novel, valid=valid, seed=self.sampler_seed,
-                                              **self.contrast)
+                                              process_group=self.contrast_process_group, **self.contrast)
         return loss * self.contrast_scale if self.contrast_scale != 1.0 else loss
 
     # ------------------------------------------------------------------ forward

@@ -62,6 +62,21 @@ def mean_over_ranks(info, values):
     return dict(zip(names, stacked.tolist()))
 
 
+def global_queries_enabled(info, global_queries):
+    """config contrast.global_queries resolved: None means "when there are several processes"."""
+    return info.distributed if global_queries is None else bool(global_queries)
+
+
+def contrast_process_group(info, global_queries):
+    """The process group the contrastive loss pools its queries and keys over, or None (this process's
+    ROIs only, or a single process, whose batch is already the global one). Every rank must call this.
+    A group of its own: the loss's collectives run inside forward and backward, while DDP's gradient
+    all-reduces run asynchronously on the default group, and the two must not interleave on one group."""
+    if not (info.distributed and global_queries_enabled(info, global_queries)):
+        return None
+    return dist.new_group(ranks=list(range(info.world_size)))
+
+
 def cleanup(info):
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,249 @@
+"""Query sharing across processes (process_group=...): two gloo processes on the CPU, float64, against one
+process holding the whole batch (all ranks' ROIs concatenated in rank order).
+
+One spawn runs every case on both ranks (a spawn costs about a torch import), saving what each rank got;
+the tests below compare that with the single-process loss computed here.
+"""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import contrastmask_ops as cm
+from blobs import blob_batch
+from contrastmask_ops import functional
+from contrastmask_ops import reference as ref
+
+WORLD = 2
+N, C, H, W = 11, 6, 12, 12
+SEED = 2**63 + 17  # any 64-bit seed; the same on every rank
+# rows of rank 0 (rank 1 holds the rest) and the rows left out with valid=False (a rank whose ROIs are all
+# dropped: keep is all false there)
+SPLITS = {
+    "uneven": (4, ()),
+    "rank0_empty": (0, ()),
+    "rank1_empty": (N, ()),
+    "rank1_all_dropped": (7, range(7, N)),
+}
+IMPLS = ["reference"] + (["kernels"] if cm.build_info()["cpu"] else [])
+FORMULATIONS = ["paper", "released"]
+CASES = [(split, impl, formulation, share_queries) for split in SPLITS for impl in IMPLS
+         for formulation in FORMULATIONS for share_queries in (True, False)]
+
+
+def whole_batch():
+    b = blob_batch(N, H, W, C, seed=4, dtype=torch.float64)
+    return b["z"], b["masks"], b["cams"], b["is_novel"]
+
+
+def valid_rows(split):
+    valid = torch.ones(N, dtype=torch.bool)
+    valid[list(SPLITS[split][1])] = False
+    return valid
+
+
+def rank_rows(split, rank):
+    cut = SPLITS[split][0]
+    return slice(0, cut) if rank == 0 else slice(cut, N)
+
+
+def loss_kwargs(formulation, share_queries):
+    temps = dict(tau_easy=0.3, tau_hard=0.7) if formulation == "released" else {}
+    return dict(formulation=formulation, share_queries=share_queries, min_keys=2, **temps)
+
+
+def single_process(impl, split, formulation, share_queries):
+    """(loss, dz, keys, keep) of the whole batch in one process."""
+    z, masks, cams, novel = whole_batch()
+    valid = valid_rows(split)
+    z = z.clone().requires_grad_(True)
+    api = ref if impl == "reference" else cm
+    loss = api.query_sharing_contrastive_loss(z, masks, cams, novel, valid=valid, seed=SEED,
+                                              **loss_kwargs(formulation, share_queries))
+    (dz,) = torch.autograd.grad(loss, z)
+    labels = ref.partition(masks, cams, novel, valid=valid)
+    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, min_keys=2, seed=SEED)
+    return loss.detach(), dz, keys, keep
+
+
+# ---------------------------------------------------------------- what each rank runs
+
+class _RecordingOps:
+    """torch.ops.contrastmask, keeping what roi_plan returned: the keys the global loss used."""
+
+    def __init__(self, ops):
+        self.ops, self.plans = ops, []
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def roi_plan(self, *args):
+        out = self.ops.roi_plan(*args)
+        self.plans.append(out)
+        return out
+
+
+def _record_reference_keys():
+    """Makes the reference pipeline keep the (keys, keep) it sampled; returns the list they go to."""
+    plans, sample = [], ref._sample_keys
+
+    def recording(*args):
+        out = sample(*args)
+        plans.append(out)
+        return out
+
+    ref._sample_keys = recording
+    return plans
+
+
+def _rank_case(rank, split, impl, formulation, share_queries):
+    z, masks, cams, novel = whole_batch()
+    rows = rank_rows(split, rank)
+    z = z[rows].clone().requires_grad_(True)
+    api = ref if impl == "reference" else cm
+    loss = api.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows], valid=valid_rows(split)[rows],
+                                              seed=SEED, process_group=dist.group.WORLD,
+                                              **loss_kwargs(formulation, share_queries))
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def _rank_ddp_projector(rank, loss_group):
+    """Parameter gradients of a 1x1-conv projector under DDP with the global loss times the world size."""
+    feats, masks, cams, novel = projector_batch()
+    rows = rank_rows("uneven", rank)
+    projector = DistributedDataParallel(make_projector())
+    criterion = cm.QuerySharingContrastiveLoss(process_group=loss_group)
+    loss = criterion(projector(feats[rows]), masks[rows], cams[rows], novel[rows], seed=SEED)
+    (loss * dist.get_world_size(loss_group)).backward()  # DDP averages the ranks' gradients
+    return {name: p.grad.clone() for name, p in projector.module.named_parameters()}
+
+
+def _rank_errors(rank):
+    """The error each rank raises when the ranks disagree (every rank raises, none waits forever)."""
+    z, masks, cams, novel = whole_batch()
+    rows = rank_rows("uneven", rank)
+
+    def call(z, **kw):
+        return cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows],
+                                                 process_group=dist.group.WORLD, **kw)
+
+    calls = {
+        "seed": lambda: call(z[rows], seed=rank),
+        "channels": lambda: call(z[rows, :C - rank], seed=SEED),
+        "share_queries": lambda: call(z[rows], seed=SEED, share_queries=rank == 0),
+    }
+    errors = {}
+    for name, run in calls.items():
+        try:
+            run()
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        if "kernels" in IMPLS:
+            functional._ops = _RecordingOps(functional._ops)
+        ref_plans = _record_reference_keys()
+        out = {}
+        for split, impl, formulation, share_queries in CASES:
+            plans = ref_plans if impl == "reference" else functional._ops.plans
+            loss, dz = _rank_case(rank, split, impl, formulation, share_queries)
+            keys, keep = plans[-1][-2:]
+            out[(split, impl, formulation, share_queries)] = dict(loss=loss, dz=dz, keys=keys, keep=keep)
+        out["ddp"] = _rank_ddp_projector(rank, dist.new_group())  # the loss's own group, beside DDP's
+        torch.manual_seed(100 + rank)  # seed=None: every rank draws, the first rank's draw is used
+        z, masks, cams, novel = whole_batch()
+        rows = rank_rows("uneven", rank)
+        out["seed_none"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
+                                                             process_group=dist.group.WORLD)
+        out["errors"] = _rank_errors(rank)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def projector_batch():
+    _, masks, cams, novel = whole_batch()
+    feats = torch.randn(N, 5, H, W, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return feats, masks, cams, novel
+
+
+def make_projector():
+    torch.manual_seed(3)
+    return torch.nn.Conv2d(5, C, 1).double()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("global_queries")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+# ---------------------------------------------------------------- tests
+
+def _assert_close(got, want, rel, scale):
+    """max |got - want| <= rel * scale (scale: the largest entry of the whole gradient)."""
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= rel * scale, (err, scale)
+
+
+@pytest.mark.parametrize("split,impl,formulation,share_queries", CASES)
+def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, impl, formulation, share_queries):
+    loss, dz, keys, keep = single_process(impl, split, formulation, share_queries)
+    assert keep.any()
+    for rank, results in enumerate(ranks):
+        got = results[(split, impl, formulation, share_queries)]
+        rows = rank_rows(split, rank)
+        assert torch.equal(got["keys"], keys[rows]) and torch.equal(got["keep"], keep[rows])
+        assert abs(got["loss"].item() - loss.item()) <= 1e-12 * abs(loss.item()), (got["loss"].item(), loss.item())
+        assert got["dz"].shape == dz[rows].shape
+        _assert_close(got["dz"], dz[rows], 1e-10, dz.abs().max().item())
+    # the same bits on every rank
+    assert torch.equal(ranks[0][(split, impl, formulation, share_queries)]["loss"],
+                       ranks[1][(split, impl, formulation, share_queries)]["loss"])
+    if split == "rank1_all_dropped":
+        assert not ranks[1][(split, impl, formulation, share_queries)]["keep"].any()
+
+
+def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
+    feats, masks, cams, novel = projector_batch()
+    projector = make_projector()
+    loss = cm.query_sharing_contrastive_loss(projector(feats), masks, cams, novel, seed=SEED)
+    loss.backward()
+    for results in ranks:
+        for name, p in projector.named_parameters():
+            _assert_close(results["ddp"][name], p.grad, 1e-10, p.grad.abs().max().item())
+
+
+def test_seed_none_uses_the_first_ranks_draw(ranks):
+    torch.manual_seed(100)
+    seed = ref.draw_seed()
+    z, masks, cams, novel = whole_batch()
+    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=seed)
+    for results in ranks:
+        assert abs(results["seed_none"].item() - want.item()) <= 1e-12 * want.item()
+
+
+def test_ranks_that_disagree_all_raise(ranks):
+    for results in ranks:
+        errors = results["errors"]
+        assert errors["seed"].startswith("seed: every rank"), errors["seed"]
+        assert errors["channels"].startswith("process_group: rank 1 has z of shape (N, 5"), errors["channels"]
+        assert errors["share_queries"].startswith("process_group: rank 1 passed other"), errors["share_queries"]
+
+
+def test_process_group_needs_torch_distributed():
+    with pytest.raises(TypeError, match="^process_group must be"):
+        cm.QuerySharingContrastiveLoss(process_group=object())
