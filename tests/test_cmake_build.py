@@ -6,7 +6,6 @@ fresh interpreter with torch.ops.load_library, without the Python package; its f
 must equal the package's. tests/cpp/train_projector runs a few steps of a 1x1-conv projector with the
 library's C++ autograd; its losses and gradients must equal the package's.
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,20 +16,12 @@ import pytest
 import torch
 
 import contrastmask_ops as cm
+import find_cuda  # tools/find_cuda.py (pytest pythonpath)
 from blobs import blob_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _find_cuda():
-    spec = importlib.util.spec_from_file_location("find_cuda", REPO / "tools" / "find_cuda.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["find_cuda"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-find_cuda = _find_cuda()
 pytestmark = [
     pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed"),
     # A CUDA build of libtorch needs a toolkit to configure; CMakeLists.txt finds it with tools/find_cuda.py.

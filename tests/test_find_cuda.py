@@ -1,9 +1,7 @@
 """The CUDA toolkit search of tools/find_cuda.py (used by setup.py and CMakeLists.txt), on fake toolkit
 layouts in temporary folders: fake nvcc scripts answer --version and --dryrun, no compiler runs."""
-import importlib.util
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("find_cuda", REPO / "tools" / "find_cuda.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["find_cuda"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fc = _load()
+import find_cuda as fc  # tools/find_cuda.py (pytest pythonpath)
 
 
 def _script(path: Path, text: str) -> Path:

@@ -85,14 +85,6 @@ def have(module):
     return importlib.util.find_spec(module) is not None
 
 
-def load_find_cuda():
-    spec = importlib.util.spec_from_file_location("find_cuda", REPO / "tools" / "find_cuda.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["find_cuda"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def junit_counts(path):
     """(passed, failed, errors, skipped, collection errors as file names) from a pytest junit XML."""
     root = ET.parse(path).getroot()
@@ -186,7 +178,7 @@ def main(argv=None) -> int:
         steps.add("environment", "FAIL", env_detail + "; this torch is a CPU-only build")
         print(steps.summary())
         return 2
-    find_cuda = load_find_cuda()
+    import find_cuda  # beside this script (sys.path[0] when run as tools/gpu_check.py)
     search = find_cuda.find_toolkit(torch.version.cuda)
     toolkit_home = search.toolkit.home if search.toolkit else None
     steps.add("environment", "PASS", env_detail + f"; toolkit: {search.reason}")
