@@ -26,11 +26,17 @@ def _use_kernels(x) -> bool:
     return False
 
 
-def seed_to_int64(seed) -> int:
-    """The seed's 64 bits as a signed int64 (SPEC: seed taken mod 2^64); None draws one from torch's
-    default generator, so torch.manual_seed makes the sampler reproducible."""
-    seed = common.seed_param(seed)
+def _plan_seed(seed: common.Seed):
+    """The seed as the plan ops take it (after common.seed_param): a 0-dim int64 tensor as it is, else an int;
+    None draws one from torch's default generator, so torch.manual_seed makes the sampler reproducible."""
     return reference.draw_seed() if seed is None else seed
+
+
+def _seeded(op, seed):
+    """The op's overload for this seed: the default one takes a tensor (read on its device), .int_seed an int.
+    Chosen here, not by the dispatcher's overload resolution, which would turn a tensor into an int (a host
+    read) for an int parameter."""
+    return op.default if isinstance(seed, Tensor) else op.int_seed
 
 
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
@@ -52,17 +58,20 @@ def boundary_sqdist(masks: Tensor) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
+                min_keys: int = 5, seed: common.Seed = None, roi_offset: int = 0):
     """Deterministic key sample: (keys uint8 (N, H, W) with bit s set for set s in EF, HF, EB, HB;
     keep bool (N,)). ROI n is sampled as ROI n + roi_offset of a larger batch, so a batch split into
-    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch."""
+    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch. seed: an integer, a 0-dim
+    int64 tensor on the CPU or the tensors' device (the same keys as the integer; read on the device, and a
+    compiled graph takes a new one each call without recompiling), or None (drawn; not under torch.compile)."""
     if not _use_kernels(labels):
         return reference.sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist,
                                      min_keys=min_keys, seed=seed, roi_offset=roi_offset)
     sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
         labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
         roi_offset=roi_offset)
-    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed), roi_offset)
+    seed = _plan_seed(seed)
+    return _seeded(_ops.sample_keys, seed)(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
@@ -83,10 +92,11 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: Optional[int] = None, return_stats: bool = False, process_group=None):
+                                   seed: common.Seed = None, return_stats: bool = False, process_group=None):
     """The whole pipeline: partition + boundary distance + key sampling fused in one per-ROI kernel,
     then the loss. Returns the loss (0-dim, z's dtype; float32 for a float16/bfloat16 z under autocast),
-    or (loss, LossStats) with return_stats.
+    or (loss, LossStats) with return_stats. seed: as for sample_keys (under torch.compile pass a 0-dim int64
+    tensor to change it every step without recompiling).
 
     process_group (a torch.distributed ProcessGroup; every rank of it calls this with its own ROIs and the
     same parameters and seed): the loss of all ranks' ROIs concatenated in rank order, the same value on
@@ -104,15 +114,16 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                         share_queries=share_queries, formulation=formulation, seed=seed)
     group = common.process_group_param(process_group)
     if group is None:
-        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
-                                           plan.min_keys, seed_to_int64(plan.seed))
+        seed = _plan_seed(plan.seed)
+        labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                          plan.hard_sqdist, plan.min_keys, seed, 0)
         loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
     else:
         # The plan is per ROI (the kernels, at this rank's ROI offset); the loss pools partial sums over the
         # ranks, in the reference's PyTorch ops with the group's reducer.
         reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
-        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
-                                           plan.min_keys, seed_to_int64(seed), roi_offset)
+        labels, keys, keep = _ops.roi_plan.int_seed(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                    plan.hard_sqdist, plan.min_keys, seed, roi_offset)
         loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
     if return_stats:
         return loss, loss_stats(keys, keep, queries, params.share_queries)

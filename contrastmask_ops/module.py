@@ -11,7 +11,8 @@ class QuerySharingContrastiveLoss(nn.Module):
     """ContrastMask's query-sharing pixel-level contrastive loss (CVPR 2022, Eqs. 1-4).
 
     forward(z, masks, cams, is_novel, valid=None, seed=None) -> 0-dim loss, see
-    contrastmask_ops.query_sharing_contrastive_loss for the arguments. process_group: the loss over the ROIs
+    contrastmask_ops.query_sharing_contrastive_loss for the arguments (seed: an integer, a 0-dim int64 tensor, which
+    a compiled step can change every call without recompiling, or None). process_group: the loss over the ROIs
     of all its ranks (under DistributedDataParallel, multiply it by the world size; see there).
     """
 
@@ -29,7 +30,7 @@ class QuerySharingContrastiveLoss(nn.Module):
         self.share_queries, self.formulation = share_queries, formulation
 
     def forward(self, z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor,
-                valid: Optional[Tensor] = None, seed: Optional[int] = None, return_stats: bool = False):
+                valid: Optional[Tensor] = None, seed: common.Seed = None, return_stats: bool = False):
         return query_sharing_contrastive_loss(
             z, masks, cams, is_novel, valid=valid, delta=self.delta, sigma=self.sigma, tau_easy=self.tau_easy,
             tau_hard=self.tau_hard, hard_sqdist=self.hard_sqdist, min_keys=self.min_keys,

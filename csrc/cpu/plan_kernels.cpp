@@ -204,8 +204,8 @@ at::Tensor boundary_sqdist_cpu(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> sample_keys_cpu(const at::Tensor& labels, const at::Tensor& sqdist,
                                                    const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                   int64_t min_keys, int64_t seed, int64_t roi_offset) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
+                                                   int64_t min_keys, const at::Tensor& seed, int64_t roi_offset) {
+  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, seed, roi_offset);
   const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
   at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
   at::Tensor keep = at::empty({labels.size(0)}, labels.options().dtype(at::kBool));
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> sample_keys_cpu(const at::Tensor& labels, con
   job.sigma = sigma;
   job.hard_sqdist = hard_sqdist;
   job.min_keys = min_keys;
-  job.mixed_seed = splitmix64(seed_bits(seed));
+  job.mixed_seed = mixed_host_seed(seed);
   job.roi_offset = roi_offset;
   run_plan(job);
   return {keys, keep};
@@ -232,9 +232,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& ma
                                                             const at::Tensor& is_novel,
                                                             const c10::optional<at::Tensor>& valid, double delta,
                                                             double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                            int64_t seed, int64_t roi_offset) {
+                                                            const at::Tensor& seed, int64_t roi_offset) {
   check_plan_inputs(masks, cams, is_novel, valid, delta);
   check_sampling_params(sigma, min_keys, roi_offset);
+  check_seed(seed, masks, "masks");
   at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
   at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
   at::Tensor keep = at::empty({masks.size(0)}, masks.options().dtype(at::kBool));
@@ -249,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& ma
     job.sigma = sigma;
     job.hard_sqdist = hard_sqdist;
     job.min_keys = min_keys;
-    job.mixed_seed = splitmix64(seed_bits(seed));
+    job.mixed_seed = mixed_host_seed(seed);
     job.roi_offset = roi_offset;
     errors = job.W <= kMaxRowBitsWidth ? run_row_bit_plan(job) : run_plan(job);
   });

@@ -37,7 +37,16 @@ struct PlanArgs : PlanSteps {
   float thr_fg_f = 0.f, thr_bg_f = 0.f;
   double thr_fg_d = 0.0, thr_bg_d = 0.0;  // CAM thresholds, already rounded to the CAM's dtype
   int32_t* errors = nullptr;        // device error word (PlanError bits), may be null when none can occur
+  // The seed tensor when it lives on the device: read and mixed in the kernel (no host sync; a CUDA graph
+  // replays with whatever value it holds then). Null: the host mixed a CPU seed into mixed_seed.
+  const int64_t* seed_on_device = nullptr;
 };
+
+// splitmix64(seed) for the kernel: from the device's seed tensor, or as the host mixed it.
+template <typename mask_t>
+__device__ __forceinline__ uint64_t kernel_mixed_seed(const PlanArgs<mask_t>& a) {
+  return a.seed_on_device ? splitmix64(static_cast<uint64_t>(*a.seed_on_device)) : a.mixed_seed;
+}
 
 // Dynamic shared memory of one ROI, in bytes, with Pa = P rounded up to 8:
 //   [0, 11 Pa)  phase 1 (EDT): sqdist int32 | g int16 | s int16 | t int16 | boundary uint8
@@ -262,6 +271,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
       __syncthreads();
       kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
       if (kept) {
+        const uint64_t mixed_seed = kernel_mixed_seed(a);
         for (int s = 0; s < kNumSets; ++s) {
           const int c = counts[s];
           const int k = sample_count(a.sigma, c);
@@ -270,8 +280,8 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
             for (int i = tid; i < P; i += T)
               if ((cand_s[i] >> s) & 1) keys_s[i] |= bit;
           } else {
-            select_k_smallest(cand_s, s, P, c, k, key_stream(a.mixed_seed, n + a.roi_offset, s), hash_s, idx_s, list_len,
-                              hist, sel, keys_s);
+            select_k_smallest(cand_s, s, P, c, k, key_stream(mixed_seed, n + a.roi_offset, s), hash_s, idx_s,
+                              list_len, hist, sel, keys_s);
           }
           // Before the next set reuses the list and the histogram (zeroed here for it).
           for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
@@ -367,6 +377,16 @@ void with_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& 
   });
 }
 
+// A seed on the tensors' device is read by the kernel; a CPU one is mixed here (no copy to the device).
+template <typename mask_t>
+void set_seed(PlanArgs<mask_t>& a, const at::Tensor& seed, const at::Tensor& ref) {
+  if (seed.device() == ref.device()) {
+    a.seed_on_device = seed.data_ptr<int64_t>();
+  } else {
+    a.mixed_seed = mixed_host_seed(seed);
+  }
+}
+
 at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
@@ -404,8 +424,8 @@ at::Tensor boundary_sqdist_cuda(const at::Tensor& masks) {
 
 std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, const at::Tensor& sqdist,
                                                     const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                    int64_t min_keys, int64_t seed, int64_t roi_offset) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
+                                                    int64_t min_keys, const at::Tensor& seed, int64_t roi_offset) {
+  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, seed, roi_offset);
   const c10::cuda::CUDAGuard guard(labels.device());
   const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
   at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
@@ -421,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, co
   a.sigma = sigma;
   a.hard_sqdist = hard_sqdist;
   a.min_keys = min_keys;
-  a.mixed_seed = splitmix64(seed_bits(seed));
+  set_seed(a, seed, labels);
   a.roi_offset = roi_offset;
   // Nothing to check in the values: no error word, no host sync.
   launch_plan(a, labels.size(0), labels.options(), /*read_errors=*/false);
@@ -433,9 +453,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
                                                              const at::Tensor& is_novel,
                                                              const c10::optional<at::Tensor>& valid, double delta,
                                                              double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                             int64_t seed, int64_t roi_offset) {
+                                                             const at::Tensor& seed, int64_t roi_offset) {
   check_plan_inputs(masks, cams, is_novel, valid, delta);
   check_sampling_params(sigma, min_keys, roi_offset);
+  check_seed(seed, masks, "masks");
   const c10::cuda::CUDAGuard guard(masks.device());
   at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
   at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
@@ -451,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& m
     a.sigma = sigma;
     a.hard_sqdist = hard_sqdist;
     a.min_keys = min_keys;
-    a.mixed_seed = splitmix64(seed_bits(seed));
+    set_seed(a, seed, masks);
     a.roi_offset = roi_offset;
     errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
   });

@@ -24,7 +24,9 @@ struct PlanOptions {
   double sigma = 0.3;               // fraction of each candidate set sampled as keys
   int64_t hard_sqdist = 2;          // squared distance to the boundary within which a pixel is "hard"
   int64_t min_keys = 5;             // an ROI with a smaller candidate set is dropped
-  int64_t seed = 0;                 // the sampler's seed (taken mod 2^64)
+  int64_t seed = 0;                 // the sampler's seed (taken mod 2^64) ...
+  at::Tensor seed_tensor;           // ... or, when defined, a 0-dim int64 seed on the CPU or the masks' device,
+                                    // read there (no host sync; a captured CUDA graph replays with its value)
   int64_t roi_offset = 0;           // ROI n is sampled as ROI n + roi_offset of a larger batch
 };
 
@@ -37,8 +39,8 @@ struct LossOptions : PlanOptions {
 
 namespace detail {
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+c10::TypedOperatorHandle<Signature> op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
 }
 }  // namespace detail
 
@@ -61,11 +63,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor&
                                                                const c10::optional<at::Tensor>& cams,
                                                                const at::Tensor& is_novel,
                                                                const PlanOptions& o = PlanOptions()) {
-  static auto handle =
-      detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                               const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                               double, double, int64_t, int64_t, int64_t, int64_t)>(
-          "contrastmask::roi_plan");
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  if (o.seed_tensor.defined()) {
+    static auto handle =
+        detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, const at::Tensor&,
+                           int64_t)>("contrastmask::roi_plan");
+    return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed_tensor,
+                       o.roi_offset);
+  }
+  static auto handle = detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t,
+                                          int64_t)>("contrastmask::roi_plan", "int_seed");
   return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed,
                      o.roi_offset);
 }
