@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/TypeCast.h>
 
 #include <charconv>
 #include <string>
@@ -129,26 +128,6 @@ inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, con
 inline void raise_plan_errors(int32_t errors) {
   TORCH_CHECK_VALUE(!(errors & kMaskNotBinary), "masks: expected values 0 or 1 only");
   TORCH_CHECK_VALUE(!(errors & kMissingCams), "cams: required when some ROI is novel (is_novel has a True entry)");
-}
-
-// Thresholds of SPEC step 1 rounded to the CAM's dtype, like `cams >= 1 - delta` in PyTorch.
-// c10::convert is the conversion torch's own dtype casts use; no tensor is made (this runs every call).
-inline double round_to_dtype(double v, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble: return v;
-    case at::kFloat: return static_cast<double>(c10::convert<float>(v));
-    case at::kHalf: return static_cast<double>(static_cast<float>(c10::convert<c10::Half>(v)));
-    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::convert<c10::BFloat16>(v)));
-    default: return at::scalar_tensor(v, at::kDouble).to(dtype).to(at::kDouble).item<double>();
-  }
-}
-
-// The seed's 64 bits arrive as int64; SPEC mixes it once.
-inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
-
-// splitmix64(seed) of a seed tensor the host can read (on the CPU; check_seed has run).
-inline uint64_t mixed_host_seed(const at::Tensor& seed) {
-  return splitmix64(seed_bits(*seed.data_ptr<int64_t>()));
 }
 
 }  // namespace contrastmask
