@@ -49,13 +49,15 @@ def register(namespace: str = "contrastmask"):
     """Fake kernels and autocast for the operators of torch.ops.<namespace>."""
 
     @torch.library.register_fake(namespace + "::partition")
-    def _(masks, cams, is_novel, valid, delta):
+    def _(masks, cams, is_novel, valid, delta, check_inputs=True):
         common.partition_args(masks, cams, is_novel, valid, delta)
+        common.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int8)
 
     @torch.library.register_fake(namespace + "::boundary_sqdist")
-    def _(masks):
+    def _(masks, check_inputs=True):
         common.check_masks(masks)
+        common.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int32)
 
     @torch.library.register_fake(namespace + "::sample_keys")
@@ -66,8 +68,9 @@ def register(namespace: str = "contrastmask"):
         return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
     @torch.library.register_fake(namespace + "::roi_plan")
-    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
+    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0, check_inputs=True):
         common.partition_args(masks, cams, is_novel, valid, delta)
+        common.flag("check_inputs", check_inputs)
         _check_sampling(sigma, min_keys, roi_offset)
         _check_seed(seed, "masks", masks)
         return (

@@ -47,8 +47,8 @@ def _opcheck_cases(device):
     loss, queries, pixstats, termstats = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, True, "paper")
     grad = device.to(torch.ones((), dtype=z.dtype))
     return {
-        "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1),
-        "boundary_sqdist": (b["masks"],),
+        "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1, False),
+        "boundary_sqdist": (b["masks"], False),
         "sample_keys": (labels, sqdist, b["is_novel"], 0.3, 2, 1, device.to(torch.tensor(5))),
         "roi_plan": (b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 1, torch.tensor(5)),
         "contrastive_loss": (z, labels, keys, keep, 0.7, 0.3, True, "paper"),

@@ -490,7 +490,78 @@ def test_bad_values_raise_and_the_device_stays_usable(device):
         torch.cuda.synchronize()
 
 
+def test_check_inputs_false_skips_the_value_checks(device):
+    """check_inputs=False (CUDA-graph capture: no read-back of the error word) gives the same results for valid
+    input, and a bad mask or missing CAMs no longer raise (their results are unspecified)."""
+    b = device.batch(blob_batch(6, 13, 21, 4, seed=1))
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    checked = (cm.partition(masks, cams, novel), cm.boundary_sqdist(masks),
+               device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(5)),
+               cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, seed=5, return_stats=True))
+    unchecked = (cm.partition(masks, cams, novel, check_inputs=False), cm.boundary_sqdist(masks, check_inputs=False),
+                 device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(5), 0, False),
+                 cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, seed=5, return_stats=True,
+                                                   check_inputs=False))
+    def flat(results):  # the tensors of nested tuples (LossStats included), in order
+        return [t for r in results for t in (flat(r) if isinstance(r, tuple) else (r,))]
+
+    assert len(flat(checked)) == 10  # labels, sqdist, the plan (3), the loss and its LossStats (5)
+    assert all(torch.equal(got, want) for got, want in zip(flat(unchecked), flat(checked)))
+    bad_masks = masks.to(torch.float32)
+    bad_masks[2, 3, 4] = 0.5
+    all_novel = device.to(torch.ones(6, dtype=torch.bool))
+    bad_calls = [
+        lambda check: cm.boundary_sqdist(bad_masks, check_inputs=check),
+        lambda check: cm.partition(bad_masks, cams, novel, check_inputs=check),
+        lambda check: cm.partition(masks, None, all_novel, check_inputs=check),
+        lambda check: cm.query_sharing_contrastive_loss(b["z"], bad_masks, cams, novel, seed=5, check_inputs=check),
+        lambda check: cm.query_sharing_contrastive_loss(b["z"], masks, None, all_novel, seed=5, check_inputs=check),
+    ]
+    if device.kind == "cpu":  # the reference skips its value checks too
+        bad_calls += [
+            lambda check: ref.partition(bad_masks, cams, novel, check_inputs=check),
+            lambda check: ref.boundary_sqdist(bad_masks, check_inputs=check),
+            lambda check: ref.query_sharing_contrastive_loss(b["z"], masks, None, all_novel, seed=5,
+                                                             check_inputs=check),
+        ]
+    for call in bad_calls:
+        with pytest.raises(ValueError, match="^(masks|cams)"):
+            call(True)
+        call(False)
+    with pytest.raises(TypeError, match="^check_inputs"):
+        cm.partition(masks, cams, novel, check_inputs="no")
+    if device.kind == "cuda":
+        torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------- GPU only
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+def test_cuda_graph_replays_the_pipeline_with_a_device_seed():
+    """With check_inputs=False and a seed tensor on the GPU the pipeline has no host sync, so it can be captured
+    in a CUDA graph; each replay samples with the seed the tensor then holds."""
+    b = {k: v.cuda() for k, v in blob_batch(16, 28, 28, 32, seed=2).items()}
+    seed = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def step():
+        return cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=seed,
+                                                 check_inputs=False)
+
+    side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for value in (3, 11, 2**40):
+        seed.fill_(value)
+        graph.replay()
+        want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=value)
+        assert torch.equal(loss, want), value
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")

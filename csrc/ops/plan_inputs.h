@@ -135,27 +135,28 @@ inline void set_plan_steps(PlanSteps& job, const PlanInputs& in, bool kernel_rea
 
 // The plan operators, written once for every device. Device::Guard is constructed from the call's device
 // (the CUDA device guard; nothing on the CPU); Device::run(in, read_errors) runs the per-ROI kernel and
-// returns the PlanError bits, which it need not read back when read_errors is false (a call without values
-// to check: sample_keys).
+// returns the PlanError bits, which it need not read back when read_errors is false (sample_keys, which has
+// no values to check, and check_inputs=false, which skips CUDA's host sync for graph capture).
 template <typename Device>
 struct PlanOps {
   static at::Tensor partition(const at::Tensor& masks, const c10::optional<at::Tensor>& cams,
-                              const at::Tensor& is_novel, const c10::optional<at::Tensor>& valid, double delta) {
+                              const at::Tensor& is_novel, const c10::optional<at::Tensor>& valid, double delta,
+                              bool check_inputs) {
     check_plan_inputs(masks, cams, is_novel, valid, delta);
     const typename Device::Guard guard(masks.device());
     PlanInputs in = mask_inputs(masks, cams, is_novel, valid, delta);
     in.labels_out = in.new_grid(at::kChar);
-    raise_plan_errors(Device::run(in, /*read_errors=*/true));
+    run_checked(in, check_inputs);
     return in.labels_out;
   }
 
-  static at::Tensor boundary_sqdist(const at::Tensor& masks) {
+  static at::Tensor boundary_sqdist(const at::Tensor& masks, bool check_inputs) {
     check_masks(masks);
     const typename Device::Guard guard(masks.device());
     PlanInputs in = mask_inputs(masks);
     in.sqdist_all_rois = true;
     in.sqdist_out = in.new_grid(at::kInt);
-    raise_plan_errors(Device::run(in, /*read_errors=*/true));
+    run_checked(in, check_inputs);
     return in.sqdist_out;
   }
 
@@ -176,7 +177,7 @@ struct PlanOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(
       const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
       const c10::optional<at::Tensor>& valid, double delta, double sigma, int64_t hard_sqdist, int64_t min_keys,
-      const at::Tensor& seed, int64_t roi_offset) {
+      const at::Tensor& seed, int64_t roi_offset, bool check_inputs) {
     check_plan_inputs(masks, cams, is_novel, valid, delta);
     check_sampling_params(sigma, min_keys, roi_offset);
     check_seed(seed, masks, "masks");
@@ -184,8 +185,16 @@ struct PlanOps {
     PlanInputs in = mask_inputs(masks, cams, is_novel, valid, delta);
     in.labels_out = in.new_grid(at::kChar);
     add_sampling(in, sigma, hard_sqdist, min_keys, seed, roi_offset);
-    raise_plan_errors(Device::run(in, /*read_errors=*/true));
+    run_checked(in, check_inputs);
     return {in.labels_out, in.keys_out, in.keep_out};
+  }
+
+ private:
+  // Runs the kernel; raises on bad values unless check_inputs is false (then they give unspecified results:
+  // an ROI with a bad mask, or a novel one without CAMs, is dropped by the sampler).
+  static void run_checked(const PlanInputs& in, bool check_inputs) {
+    const int32_t errors = Device::run(in, /*read_errors=*/check_inputs);
+    if (check_inputs) raise_plan_errors(errors);
   }
 };
 
