@@ -14,13 +14,14 @@ full precision.
 import contextlib
 import math
 import operator
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 INT32_MAX = 2**31 - 1
+Seed = Union[int, Tensor, None]  # the public functions' seed: an integer, a 0-dim int64 tensor, or None (drawn)
 MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
 # Smallest temperature accepted: the logits s / t reach 1 / t, which must stay far inside float32's
 # range for finite inputs to give a finite loss (DESIGN, "Numerics"); kMinTemperature in csrc/ops/checks.h.
@@ -263,12 +264,28 @@ def min_keys_param(min_keys) -> int:
     return min(integer("min_keys", min_keys, minimum=0), INT32_MAX)
 
 
-def seed_param(seed) -> Optional[int]:
-    """None, or the seed's 64 bits as a signed int64 (SPEC: the seed is taken mod 2^64)."""
+def seed_param(seed):
+    """None; a 0-dim int64 tensor, returned as it is (its 64 bits are the seed, read where the tensor lives:
+    a compiled graph takes a new seed each call without recompiling, and a CUDA seed costs no host sync);
+    or any integer, returned as its 64 bits in a signed int64 (SPEC: the seed is taken mod 2^64)."""
     if seed is None:
         return None
+    if isinstance(seed, Tensor):
+        _require(seed.dim() == 0, ValueError,
+                 lambda: f"seed must be an integer or a 0-dim int64 tensor, got {describe(seed)}")
+        _require(seed.dtype == torch.int64, ValueError,
+                 lambda: f"seed must be an integer or a 0-dim int64 tensor, got {describe(seed)}")
+        return seed
     s = integer("seed", seed) % 2**64
     return s - 2**64 if s >= 2**63 else s
+
+
+def check_seed_device(seed, ref_name: str, ref: Tensor) -> None:
+    """A tensor seed lives on the CPU or on ref's device (the kernels read it there)."""
+    if isinstance(seed, Tensor):
+        _require(seed.device.type == "cpu" or seed.device == ref.device, ValueError,
+                 lambda: f"seed is on {seed.device} but {ref_name} is on {ref.device}; a tensor seed must be on "
+                         f"the CPU or on the device of {ref_name}")
 
 
 def roi_offset_param(roi_offset) -> int:
@@ -301,7 +318,7 @@ class PlanParams(NamedTuple):
     sigma: float
     hard_sqdist: int
     min_keys: int
-    seed: Optional[int]
+    seed: Seed  # seed_param's result
 
 
 class LossParams(NamedTuple):
@@ -344,8 +361,10 @@ def partition_args(masks, cams, is_novel, valid, delta) -> float:
 def sample_keys_args(labels, sqdist, is_novel, *, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
     """(sigma, hard_sqdist, min_keys, seed, roi_offset) checked and normalised."""
     check_sample_tensors(labels, sqdist, is_novel)
-    return (*sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
-            roi_offset_param(roi_offset))
+    params = (*sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
+              roi_offset_param(roi_offset))
+    check_seed_device(seed, "labels", labels)
+    return params
 
 
 def loss_from_keys_args(z, labels, keys, keep, *, tau_easy, tau_hard, share_queries, formulation) -> LossParams:
@@ -358,8 +377,10 @@ def pipeline_args(z, masks, cams, is_novel, valid, *, delta, sigma, tau_easy, ta
     """(PlanParams, LossParams) of query_sharing_contrastive_loss. z is checked against masks."""
     check_plan_tensors(masks, cams, is_novel, valid)
     check_z(z, masks.shape[0], masks.shape[1], masks.shape[2], "masks", masks)
-    return (plan_params(delta=delta, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
-            loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation))
+    params = (plan_params(delta=delta, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
+              loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation))
+    check_seed_device(seed, "masks", masks)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,43 +26,54 @@ def _use_kernels(x) -> bool:
     return False
 
 
-def seed_to_int64(seed) -> int:
-    """The seed's 64 bits as a signed int64 (SPEC: seed taken mod 2^64); None draws one from torch's
-    default generator, so torch.manual_seed makes the sampler reproducible."""
-    seed = common.seed_param(seed)
+def _plan_seed(seed: common.Seed):
+    """The seed as the plan ops take it (after common.seed_param): a 0-dim int64 tensor as it is, else an int;
+    None draws one from torch's default generator, so torch.manual_seed makes the sampler reproducible."""
     return reference.draw_seed() if seed is None else seed
 
 
+def _seeded(op, seed):
+    """The op's overload for this seed: the default one takes a tensor (read on its device), .int_seed an int.
+    Chosen here, not by the dispatcher's overload resolution, which would turn a tensor into an int (a host
+    read) for an int parameter."""
+    return op.default if isinstance(seed, Tensor) else op.int_seed
+
+
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
-              valid: Optional[Tensor] = None) -> Tensor:
-    """Label per pixel: 1 foreground, 0 background, -1 ignored (int8, (N, H, W))."""
+              valid: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
+    """Label per pixel: 1 foreground, 0 background, -1 ignored (int8, (N, H, W)). check_inputs=False skips the
+    checks of the masks' 0/1 values and of CAMs for novel ROIs (on CUDA a host sync; off, the call can be
+    captured in a CUDA graph): bad values then give unspecified labels instead of an error."""
     if not _use_kernels(masks):
-        return reference.partition(masks, cams, is_novel, delta=delta, valid=valid)
+        return reference.partition(masks, cams, is_novel, delta=delta, valid=valid, check_inputs=check_inputs)
     delta = common.partition_args(masks, cams, is_novel, valid, delta)
-    return _ops.partition(masks, cams, is_novel, valid, delta)
+    return _ops.partition(masks, cams, is_novel, valid, delta, common.flag("check_inputs", check_inputs))
 
 
-def boundary_sqdist(masks: Tensor) -> Tensor:
+def boundary_sqdist(masks: Tensor, *, check_inputs: bool = True) -> Tensor:
     """Exact squared Euclidean distance of every pixel to its mask's boundary (int32, (N, H, W));
-    INT32_MAX where a mask has no boundary."""
+    INT32_MAX where a mask has no boundary. check_inputs: as for partition."""
     if not _use_kernels(masks):
-        return reference.boundary_sqdist(masks)
+        return reference.boundary_sqdist(masks, check_inputs=check_inputs)
     common.check_masks(masks)
-    return _ops.boundary_sqdist(masks)
+    return _ops.boundary_sqdist(masks, common.flag("check_inputs", check_inputs))
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
+                min_keys: int = 5, seed: common.Seed = None, roi_offset: int = 0):
     """Deterministic key sample: (keys uint8 (N, H, W) with bit s set for set s in EF, HF, EB, HB;
     keep bool (N,)). ROI n is sampled as ROI n + roi_offset of a larger batch, so a batch split into
-    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch."""
+    slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch. seed: an integer, a 0-dim
+    int64 tensor on the CPU or the tensors' device (the same keys as the integer; read on the device, and a
+    compiled graph takes a new one each call without recompiling), or None (drawn; not under torch.compile)."""
     if not _use_kernels(labels):
         return reference.sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist,
                                      min_keys=min_keys, seed=seed, roi_offset=roi_offset)
     sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
         labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
         roi_offset=roi_offset)
-    return _ops.sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_to_int64(seed), roi_offset)
+    seed = _plan_seed(seed)
+    return _seeded(_ops.sample_keys, seed)(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
@@ -83,10 +94,13 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: Optional[int] = None, return_stats: bool = False, process_group=None):
+                                   seed: common.Seed = None, return_stats: bool = False, process_group=None,
+                                   check_inputs: bool = True):
     """The whole pipeline: partition + boundary distance + key sampling fused in one per-ROI kernel,
     then the loss. Returns the loss (0-dim, z's dtype; float32 for a float16/bfloat16 z under autocast),
-    or (loss, LossStats) with return_stats.
+    or (loss, LossStats) with return_stats. seed: as for sample_keys (under torch.compile pass a 0-dim int64
+    tensor to change it every step without recompiling). check_inputs: as for partition; with
+    check_inputs=False and a seed tensor on the device, the CUDA pipeline has no host sync (CUDA graphs).
 
     process_group (a torch.distributed ProcessGroup; every rank of it calls this with its own ROIs and the
     same parameters and seed): the loss of all ranks' ROIs concatenated in rank order, the same value on
@@ -98,21 +112,24 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
         return reference.query_sharing_contrastive_loss(
             z, masks, cams, is_novel, valid=valid, delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
             hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries, formulation=formulation,
-            seed=seed, return_stats=return_stats, process_group=process_group)
+            seed=seed, return_stats=return_stats, process_group=process_group, check_inputs=check_inputs)
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
                                         share_queries=share_queries, formulation=formulation, seed=seed)
     group = common.process_group_param(process_group)
+    check_inputs = common.flag("check_inputs", check_inputs)
     if group is None:
-        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
-                                           plan.min_keys, seed_to_int64(plan.seed))
+        seed = _plan_seed(plan.seed)
+        labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                          plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
         loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
     else:
         # The plan is per ROI (the kernels, at this rank's ROI offset); the loss pools partial sums over the
         # ranks, in the reference's PyTorch ops with the group's reducer.
         reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
-        labels, keys, keep = _ops.roi_plan(masks, cams, is_novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
-                                           plan.min_keys, seed_to_int64(seed), roi_offset)
+        labels, keys, keep = _ops.roi_plan.int_seed(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                    plan.hard_sqdist, plan.min_keys, seed, roi_offset,
+                                                    check_inputs)
         loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
     if return_stats:
         return loss, loss_stats(keys, keep, queries, params.share_queries)

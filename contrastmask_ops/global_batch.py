@@ -110,7 +110,7 @@ class ProcessGroupReducer:
 class Membership(NamedTuple):
     reducer: ProcessGroupReducer
     roi_offset: int  # this rank's first ROI in the whole batch
-    seed: int        # the key sampler's seed, the same on every rank
+    seed: int        # the key sampler's seed, the same on every rank (a tensor seed is read by the join)
 
 
 def parameters_fingerprint(*params) -> int:
@@ -129,8 +129,13 @@ def join(process_group, z: Tensor, plan, params, draw_seed) -> Membership:
     seed = plan.seed
     given = seed is not None
     fingerprint = parameters_fingerprint(plan._replace(seed=None), params)
-    mine = [n, c, h, w, int(z.dtype == torch.float64), int(given), seed if given else draw_seed(), fingerprint]
-    rows = torch.stack(_gather(torch.tensor(mine, dtype=torch.int64, device=z.device), process_group)).tolist()
+    seed_is_tensor = isinstance(seed, Tensor)
+    mine = [n, c, h, w, int(z.dtype == torch.float64), int(given),
+            0 if seed_is_tensor else seed if given else draw_seed(), fingerprint]
+    row = torch.tensor(mine, dtype=torch.int64, device=z.device)
+    if seed_is_tensor:
+        row[6] = seed  # a copy on the device; the one host read below brings it back with the rest
+    rows = torch.stack(_gather(row, process_group)).tolist()
     rank = dist.get_rank(process_group)
     for r, row in enumerate(rows):
         if row[1:5] != rows[0][1:5]:

@@ -11,32 +11,36 @@ class QuerySharingContrastiveLoss(nn.Module):
     """ContrastMask's query-sharing pixel-level contrastive loss (CVPR 2022, Eqs. 1-4).
 
     forward(z, masks, cams, is_novel, valid=None, seed=None) -> 0-dim loss, see
-    contrastmask_ops.query_sharing_contrastive_loss for the arguments. process_group: the loss over the ROIs
-    of all its ranks (under DistributedDataParallel, multiply it by the world size; see there).
+    contrastmask_ops.query_sharing_contrastive_loss for the arguments (seed: an integer, a 0-dim int64 tensor, which
+    a compiled step can change every call without recompiling, or None). process_group: the loss over the ROIs
+    of all its ranks (under DistributedDataParallel, multiply it by the world size; see there). check_inputs=False:
+    no value checks of masks and CAMs, and no host sync on CUDA (CUDA graphs); bad values give unspecified keys.
     """
 
     def __init__(self, *, delta: float = 0.1, sigma: float = 0.3, tau_easy: float = 0.7, tau_hard: float = 0.3,
                  hard_sqdist: int = 2, min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                 process_group=None):
+                 process_group=None, check_inputs: bool = True):
         super().__init__()
         common.loss_module_params(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
                                   hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries,
                                   formulation=formulation)  # bad parameters fail here, not at the first forward
         self.process_group = common.process_group_param(process_group)
+        self.check_inputs = common.flag("check_inputs", check_inputs)
         self.delta, self.sigma = delta, sigma
         self.tau_easy, self.tau_hard = tau_easy, tau_hard
         self.hard_sqdist, self.min_keys = hard_sqdist, min_keys
         self.share_queries, self.formulation = share_queries, formulation
 
     def forward(self, z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor,
-                valid: Optional[Tensor] = None, seed: Optional[int] = None, return_stats: bool = False):
+                valid: Optional[Tensor] = None, seed: common.Seed = None, return_stats: bool = False):
         return query_sharing_contrastive_loss(
             z, masks, cams, is_novel, valid=valid, delta=self.delta, sigma=self.sigma, tau_easy=self.tau_easy,
             tau_hard=self.tau_hard, hard_sqdist=self.hard_sqdist, min_keys=self.min_keys,
             share_queries=self.share_queries, formulation=self.formulation, seed=seed, return_stats=return_stats,
-            process_group=self.process_group)
+            process_group=self.process_group, check_inputs=self.check_inputs)
 
     def extra_repr(self) -> str:
         return (f"delta={self.delta}, sigma={self.sigma}, tau_easy={self.tau_easy}, tau_hard={self.tau_hard}, "
                 f"hard_sqdist={self.hard_sqdist}, min_keys={self.min_keys}, share_queries={self.share_queries}, "
-                f"formulation={self.formulation!r}" + (", process_group=set" if self.process_group is not None else ""))
+                f"formulation={self.formulation!r}" + (", process_group=set" if self.process_group is not None else "")
+                + ("" if self.check_inputs else ", check_inputs=False"))

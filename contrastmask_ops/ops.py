@@ -25,6 +25,12 @@ def _check_sampling(sigma, min_keys, roi_offset):
     common.roi_offset_param(roi_offset)
 
 
+def _check_seed(seed, ref_name, ref):
+    # The tensor seed of the default overloads (the .int_seed ones decompose into them).
+    common.seed_param(seed)
+    common.check_seed_device(seed, ref_name, ref)
+
+
 def _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation):
     common.check_loss_tensors(z, labels, keys, keep)
     # The raw op accepts tau = inf (1/tau = 0); the public API asks for finite temperatures.
@@ -43,25 +49,30 @@ def register(namespace: str = "contrastmask"):
     """Fake kernels and autocast for the operators of torch.ops.<namespace>."""
 
     @torch.library.register_fake(namespace + "::partition")
-    def _(masks, cams, is_novel, valid, delta):
+    def _(masks, cams, is_novel, valid, delta, check_inputs=True):
         common.partition_args(masks, cams, is_novel, valid, delta)
+        common.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int8)
 
     @torch.library.register_fake(namespace + "::boundary_sqdist")
-    def _(masks):
+    def _(masks, check_inputs=True):
         common.check_masks(masks)
+        common.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int32)
 
     @torch.library.register_fake(namespace + "::sample_keys")
     def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
         common.check_sample_tensors(labels, sqdist, is_novel)
         _check_sampling(sigma, min_keys, roi_offset)
+        _check_seed(seed, "labels", labels)
         return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
     @torch.library.register_fake(namespace + "::roi_plan")
-    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
+    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0, check_inputs=True):
         common.partition_args(masks, cams, is_novel, valid, delta)
+        common.flag("check_inputs", check_inputs)
         _check_sampling(sigma, min_keys, roi_offset)
+        _check_seed(seed, "masks", masks)
         return (
             masks.new_empty(masks.shape, dtype=torch.int8),
             masks.new_empty(masks.shape, dtype=torch.uint8),

@@ -38,10 +38,12 @@ def _check_plan_values(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor) 
 
 
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
-              valid: Optional[Tensor] = None) -> Tensor:
-    """Label per pixel: 1 foreground, 0 background, -1 ignored. int8 (N, H, W)."""
+              valid: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
+    """Label per pixel: 1 foreground, 0 background, -1 ignored. int8 (N, H, W). check_inputs=False skips the
+    checks that read values (bad values give unspecified labels)."""
     delta = common.partition_args(masks, cams, is_novel, valid, delta)
-    _check_plan_values(masks, cams, is_novel)
+    if common.flag("check_inputs", check_inputs):
+        _check_plan_values(masks, cams, is_novel)
     return _partition(masks, cams, is_novel, delta, valid)
 
 
@@ -103,11 +105,12 @@ def _sqdist_to_set(b: Tensor) -> Tensor:
     return out
 
 
-def boundary_sqdist(masks: Tensor) -> Tensor:
+def boundary_sqdist(masks: Tensor, *, check_inputs: bool = True) -> Tensor:
     """Exact squared Euclidean distance of every pixel to its mask's boundary set. int32 (N, H, W);
     INT32_MAX where the mask has no boundary (all 0 or all 1)."""
     common.check_masks(masks)
-    common.check_mask_values(masks)
+    if common.flag("check_inputs", check_inputs):
+        common.check_mask_values(masks)
     return _boundary_sqdist(masks)
 
 
@@ -151,7 +154,12 @@ def key_hash(seed: int, n, s, i) -> np.ndarray:
 
 
 def draw_seed() -> int:
-    """DESIGN, "Seed": seed=None draws from torch's default CPU generator."""
+    """DESIGN, "Seed": seed=None draws from torch's default CPU generator. Not under torch.compile: the draw
+    is a host read, which would break the graph (or fail with fullgraph=True inside dynamo)."""
+    if torch.compiler.is_compiling():
+        from ._compile_checks import refuse_drawing_a_seed
+
+        refuse_drawing_a_seed()
     return int(torch.randint(0, 2**63 - 1, ()).item())
 
 
@@ -175,7 +183,7 @@ def sample_counts(counts: Tensor, sigma: float, max_count: int) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: Optional[int] = None, roi_offset: int = 0):
+                min_keys: int = 5, seed: common.Seed = None, roi_offset: int = 0):
     """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,)).
     ROI n hashes as n + roi_offset (its index in a batch split across processes)."""
     sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
@@ -185,8 +193,8 @@ def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: floa
 
 
 def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
-                 seed: Optional[int], roi_offset: int = 0):
-    seed = draw_seed() if seed is None else seed
+                 seed: common.Seed, roi_offset: int = 0):
+    seed = draw_seed() if seed is None else int(seed)  # a tensor seed is read here: the hash runs in numpy
     n, h, w = labels.shape
     p = h * w
     device = labels.device
@@ -339,14 +347,16 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: Optional[int] = None, return_stats: bool = False, process_group=None):
+                                   seed: common.Seed = None, return_stats: bool = False, process_group=None,
+                                   check_inputs: bool = True):
     """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats).
     With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
                                         share_queries=share_queries, formulation=formulation, seed=seed)
     group = common.process_group_param(process_group)
-    _check_plan_values(masks, cams, is_novel)
+    if common.flag("check_inputs", check_inputs):
+        _check_plan_values(masks, cams, is_novel)
     reducer, roi_offset, seed = LOCAL, 0, plan.seed
     if group is not None:
         reducer, roi_offset, seed = global_batch.join(group, z, plan, params, draw_seed)

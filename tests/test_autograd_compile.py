@@ -47,10 +47,10 @@ def _opcheck_cases(device):
     loss, queries, pixstats, termstats = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, True, "paper")
     grad = device.to(torch.ones((), dtype=z.dtype))
     return {
-        "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1),
-        "boundary_sqdist": (b["masks"],),
-        "sample_keys": (labels, sqdist, b["is_novel"], 0.3, 2, 1, 5),
-        "roi_plan": (b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 1, 5),
+        "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1, False),
+        "boundary_sqdist": (b["masks"], False),
+        "sample_keys": (labels, sqdist, b["is_novel"], 0.3, 2, 1, device.to(torch.tensor(5))),
+        "roi_plan": (b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 1, torch.tensor(5)),
         "contrastive_loss": (z, labels, keys, keep, 0.7, 0.3, True, "paper"),
         "contrastive_loss_backward": (grad, z.detach(), labels, keys, keep, queries.detach(), pixstats.detach(),
                                       termstats.detach(), 0.7, 0.3, True, "paper"),
@@ -79,6 +79,52 @@ def test_torch_compile_fullgraph_matches_eager(device):
     eager.backward()
     got.backward()
     assert torch.equal(z1.grad, z2.grad)
+
+
+def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
+    """A seed that changes every step is data, not a constant of the graph: 20 seeds, one compilation
+    (fullgraph), each call equal to eager. An integer seed would recompile at every new value."""
+    b = device.batch(blob_batch(6, 14, 14, 8, seed=3))
+
+    def step(z, masks, cams, is_novel, seed):
+        return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, min_keys=1, seed=seed, return_stats=True)
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    # aot_eager: dynamo and AOTAutograd with the fake kernels, without inductor's code generation (minutes here).
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    losses = set()
+    for i in range(20):
+        seed = device.to(torch.tensor(1000 + 7919 * i))
+        z1 = b["z"].clone().requires_grad_(True)
+        z2 = b["z"].clone().requires_grad_(True)
+        want, want_stats = step(z1, b["masks"], b["cams"], b["is_novel"], seed)
+        got, got_stats = compiled(z2, b["masks"], b["cams"], b["is_novel"], seed)
+        assert torch.equal(got, want) and torch.equal(got_stats.q_pos, want_stats.q_pos), i
+        want.backward()
+        got.backward()
+        assert torch.equal(z2.grad, z1.grad), i
+        losses.add(want.item())
+    assert counter.frame_count == 1
+    assert len(losses) == 20  # each seed samples other keys
+
+
+def test_seed_none_under_compile_asks_for_a_seed():
+    """seed=None would draw on the host: under torch.compile the user gets one line that says to pass a seed
+    (dynamo adds where in their code), not dynamo's report of a graph break."""
+    b = blob_batch(3, 9, 11, 4, seed=1)
+
+    def step(z, masks, cams, is_novel):
+        return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel)
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError) as info:
+        torch.compile(step, backend="eager", fullgraph=True)(b["z"], b["masks"], b["cams"], b["is_novel"])
+    first_line = str(info.value).splitlines()[0]
+    assert first_line.startswith("seed: pass a seed under torch.compile"), first_line
+    step(b["z"], b["masks"], b["cams"], b["is_novel"])  # eager still draws one
 
 
 def test_stats_are_detached():
@@ -146,6 +192,8 @@ def _fake_cases():
         ("min_keys", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, -1, 0)),
         ("roi_offset", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, 1, 0, -1)),
         ("roi_offset", lambda: ops.roi_plan(m(masks), m(cams), m(novel), None, 0.1, 0.3, 2, 1, 0, -3)),
+        ("seed", lambda: ops.roi_plan(m(masks), m(cams), m(novel), None, 0.1, 0.3, 2, 1, m(torch.tensor([1])))),
+        ("seed", lambda: ops.sample_keys(m(labels), m(sqdist), m(novel), 0.3, 2, 1, torch.tensor(1.0))),
         ("z", lambda: ops.contrastive_loss(z, m(labels), m(keys), m(keep), 0.7, 0.3, True, "paper")),
         ("z", lambda: ops.contrastive_loss(m(z), labels, keys, keep, 0.7, 0.3, True, "paper")),
         ("keep", lambda: ops.contrastive_loss(m(z), m(labels), m(keys), keep, 0.7, 0.3, True, "paper")),

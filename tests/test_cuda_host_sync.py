@@ -1,5 +1,5 @@
-"""CUDA-only checks that need a real GPU (skipped without one): LossStats take no host sync, and
-autocast on CUDA computes the loss in float32."""
+"""CUDA-only checks that need a real GPU (skipped without one): LossStats take no host sync, neither does
+the pipeline with check_inputs=False and a device seed, and autocast on CUDA computes the loss in float32."""
 import pytest
 import torch
 
@@ -25,6 +25,21 @@ def test_stats_take_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(stats.kept) == int(keep.sum())
+
+
+def test_pipeline_without_value_checks_takes_no_host_sync():
+    b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
+    seed = torch.tensor(7, device=CUDA)
+    z = b["z"].clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=seed, check_inputs=False)
+        torch.autograd.grad(loss, z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=7)
+    assert torch.equal(loss.detach(), want)
 
 
 @pytest.mark.parametrize("impl", [cm, cm.reference], ids=["kernels", "reference"])

@@ -145,6 +145,58 @@ def test_roi_offset_samples_a_slice_as_the_whole_batch_does(device, hw):
         device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, seed, -1)
 
 
+# (an integer seed, the int64 tensor with its 64 bits): SPEC takes the seed mod 2^64.
+SEED_FORMS = [(0, 0), (6, 6), (2**63 - 1, 2**63 - 1), (2**63 + 17, 2**63 + 17 - 2**64), (-1, -1)]
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (9, 70)])  # CPU roi_plan: row bitmasks (W <= 64) and generic (W > 64)
+@pytest.mark.parametrize("seed,bits", SEED_FORMS)
+def test_tensor_seed_samples_the_keys_of_the_integer_seed(device, hw, seed, bits):
+    """A 0-dim int64 seed tensor, on the CPU or on the tensors' device, samples what the integer does: through
+    roi_plan, sample_keys and the whole pipeline, and the reference's sampler too."""
+    n = 13
+    b = device.batch(blob_batch(n, hw[0], hw[1], 4, seed=4))
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    labels, sqdist = cm.partition(masks, cams, novel), cm.boundary_sqdist(masks)
+    want_plan = device.ops.roi_plan.int_seed(masks, cams, novel, None, 0.1, 0.3, 2, 1, bits, 3)  # raw ops: int64
+    want_keys = cm.sample_keys(labels, sqdist, novel, min_keys=1, seed=seed)
+    assert want_plan[2].sum() >= n // 2
+    want_loss, want_stats = cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, min_keys=1, seed=seed,
+                                                              return_stats=True)
+    for seed_tensor in (torch.tensor(bits), device.to(torch.tensor(bits))):
+        plan = device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, seed_tensor, 3)
+        assert all(torch.equal(got, want) for got, want in zip(plan, want_plan))
+        keys = cm.sample_keys(labels, sqdist, novel, min_keys=1, seed=seed_tensor)
+        assert all(torch.equal(got, want) for got, want in zip(keys, want_keys))
+        loss, stats = cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, min_keys=1, seed=seed_tensor,
+                                                        return_stats=True)
+        assert torch.equal(loss, want_loss) and torch.equal(stats.keys_per_set, want_stats.keys_per_set)
+    if device.kind == "cpu":  # the reference takes both forms too, and samples the kernels' keys
+        got = ref.sample_keys(labels, sqdist, novel, min_keys=1, seed=torch.tensor(bits))
+        assert all(torch.equal(g, w) for g, w in zip(got, want_keys))
+    # the seed matters: another one samples other keys
+    other = device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(bits ^ 1), 3)
+    assert not torch.equal(other[1], want_plan[1])
+
+
+def test_bad_seed_tensors_are_refused_naming_seed(device):
+    b = device.batch(blob_batch(3, 9, 11, 4, seed=1))
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    labels, sqdist = cm.partition(masks, cams, novel), cm.boundary_sqdist(masks)
+    wrong_shape_or_dtype = [device.to(torch.tensor([5])), device.to(torch.tensor(5, dtype=torch.int32)),
+                            device.to(torch.tensor(5.0))]
+    for bad in wrong_shape_or_dtype + [torch.tensor(5, device="meta")]:  # meta: neither the CPU nor the device
+        with pytest.raises(ValueError, match="^seed"):
+            cm.sample_keys(labels, sqdist, novel, seed=bad)
+        with pytest.raises(ValueError, match="^seed"):
+            cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, seed=bad)
+    for bad in wrong_shape_or_dtype:  # the kernels' own checks
+        with pytest.raises(ValueError, match="^seed"):
+            device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, bad)
+        with pytest.raises(ValueError, match="^seed"):
+            device.ops.sample_keys(labels, sqdist, novel, 0.3, 2, 1, bad)
+
+
 # ---------------------------------------------------------------- loss
 
 LOSS_CASES = [
@@ -438,7 +490,78 @@ def test_bad_values_raise_and_the_device_stays_usable(device):
         torch.cuda.synchronize()
 
 
+def test_check_inputs_false_skips_the_value_checks(device):
+    """check_inputs=False (CUDA-graph capture: no read-back of the error word) gives the same results for valid
+    input, and a bad mask or missing CAMs no longer raise (their results are unspecified)."""
+    b = device.batch(blob_batch(6, 13, 21, 4, seed=1))
+    masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
+    checked = (cm.partition(masks, cams, novel), cm.boundary_sqdist(masks),
+               device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(5)),
+               cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, seed=5, return_stats=True))
+    unchecked = (cm.partition(masks, cams, novel, check_inputs=False), cm.boundary_sqdist(masks, check_inputs=False),
+                 device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(5), 0, False),
+                 cm.query_sharing_contrastive_loss(b["z"], masks, cams, novel, seed=5, return_stats=True,
+                                                   check_inputs=False))
+    def flat(results):  # the tensors of nested tuples (LossStats included), in order
+        return [t for r in results for t in (flat(r) if isinstance(r, tuple) else (r,))]
+
+    assert len(flat(checked)) == 10  # labels, sqdist, the plan (3), the loss and its LossStats (5)
+    assert all(torch.equal(got, want) for got, want in zip(flat(unchecked), flat(checked)))
+    bad_masks = masks.to(torch.float32)
+    bad_masks[2, 3, 4] = 0.5
+    all_novel = device.to(torch.ones(6, dtype=torch.bool))
+    bad_calls = [
+        lambda check: cm.boundary_sqdist(bad_masks, check_inputs=check),
+        lambda check: cm.partition(bad_masks, cams, novel, check_inputs=check),
+        lambda check: cm.partition(masks, None, all_novel, check_inputs=check),
+        lambda check: cm.query_sharing_contrastive_loss(b["z"], bad_masks, cams, novel, seed=5, check_inputs=check),
+        lambda check: cm.query_sharing_contrastive_loss(b["z"], masks, None, all_novel, seed=5, check_inputs=check),
+    ]
+    if device.kind == "cpu":  # the reference skips its value checks too
+        bad_calls += [
+            lambda check: ref.partition(bad_masks, cams, novel, check_inputs=check),
+            lambda check: ref.boundary_sqdist(bad_masks, check_inputs=check),
+            lambda check: ref.query_sharing_contrastive_loss(b["z"], masks, None, all_novel, seed=5,
+                                                             check_inputs=check),
+        ]
+    for call in bad_calls:
+        with pytest.raises(ValueError, match="^(masks|cams)"):
+            call(True)
+        call(False)
+    with pytest.raises(TypeError, match="^check_inputs"):
+        cm.partition(masks, cams, novel, check_inputs="no")
+    if device.kind == "cuda":
+        torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------- GPU only
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+def test_cuda_graph_replays_the_pipeline_with_a_device_seed():
+    """With check_inputs=False and a seed tensor on the GPU the pipeline has no host sync, so it can be captured
+    in a CUDA graph; each replay samples with the seed the tensor then holds."""
+    b = {k: v.cuda() for k, v in blob_batch(16, 28, 28, 32, seed=2).items()}
+    seed = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def step():
+        return cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=seed,
+                                                 check_inputs=False)
+
+    side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for value in (3, 11, 2**40):
+        seed.fill_(value)
+        graph.replay()
+        want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=value)
+        assert torch.equal(loss, want), value
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")

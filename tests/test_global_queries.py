@@ -81,10 +81,26 @@ class _RecordingOps:
     def __getattr__(self, name):
         return getattr(self.ops, name)
 
-    def roi_plan(self, *args):
-        out = self.ops.roi_plan(*args)
-        self.plans.append(out)
-        return out
+    @property
+    def roi_plan(self):
+        return _RecordingOverloads(self.ops.roi_plan, self.plans)
+
+
+class _RecordingOverloads:
+    """An op's overloads (functional calls roi_plan.int_seed or .default), each appending what it returns."""
+
+    def __init__(self, packet, plans):
+        self.packet, self.plans = packet, plans
+
+    def __getattr__(self, overload):
+        op = getattr(self.packet, overload)
+
+        def recording(*args):
+            out = op(*args)
+            self.plans.append(out)
+            return out
+
+        return recording
 
 
 def _record_reference_keys():
@@ -167,6 +183,9 @@ def _worker(rank, init_file, out_dir):
         rows = rank_rows("uneven", rank)
         out["seed_none"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
                                                              process_group=dist.group.WORLD)
+        out["seed_tensor"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
+                                                               seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
+                                                               process_group=dist.group.WORLD)
         out["errors"] = _rank_errors(rank)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -234,6 +253,13 @@ def test_seed_none_uses_the_first_ranks_draw(ranks):
     want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=seed)
     for results in ranks:
         assert abs(results["seed_none"].item() - want.item()) <= 1e-12 * want.item()
+
+
+def test_a_tensor_seed_is_joined_like_the_integer(ranks):
+    z, masks, cams, novel = whole_batch()
+    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
+    for results in ranks:
+        assert abs(results["seed_tensor"].item() - want.item()) <= 1e-12 * want.item()
 
 
 def test_ranks_that_disagree_all_raise(ranks):

@@ -9,8 +9,6 @@ namespace contrastmask {
 
 template <typename mask_t, typename cam_t>
 struct PlanJob : PlanSteps {
-  int64_t N = 0;
-  int H = 0, W = 0;
   const mask_t* masks = nullptr;   // (N, H, W) 0/1
   const cam_t* cams = nullptr;     // (N, H, W), may be null when no ROI is novel
   cam_t thr_fg = 0, thr_bg = 0;    // CAM thresholds, already in the CAM's dtype

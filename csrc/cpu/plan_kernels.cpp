@@ -12,7 +12,7 @@
 
 #include "../contrastmask/edt.h"
 #include "../contrastmask/sampling.h"
-#include "../ops/checks.h"
+#include "../ops/plan_inputs.h"
 #include "plan_job.h"
 #include "row_bit_plan.h"
 
@@ -135,135 +135,39 @@ int32_t run_plan(const Job& job) {
   return errors.load();
 }
 
-// Fills the mask/CAM part of a job from tensors, dispatching over their dtypes.
-template <typename Fn>
-void with_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, double delta, Fn&& fn) {
-  at::Tensor cams_c;
-  bool double_cams = false;
-  double thr_fg = 0, thr_bg = 0;
-  if (cams.has_value()) {
-    double_cams = cams->scalar_type() == at::kDouble;
-    thr_fg = round_to_dtype(1.0 - delta, cams->scalar_type());
-    thr_bg = round_to_dtype(delta, cams->scalar_type());
-    // float16/bfloat16 CAMs widen exactly to float32, and so do their rounded thresholds.
-    cams_c = double_cams ? cams->contiguous() : cams->to(at::kFloat).contiguous();
+// The CPU side of PlanOps (ops/plan_inputs.h): a PlanJob for the mask and CAM dtypes, run by the per-ROI
+// loop, or by the row-bitmask path for the fused plan on grids up to 64 pixels wide.
+struct CpuPlan {
+  struct Guard {  // the CPU needs no device guard
+    explicit Guard(const c10::Device&) {}
+  };
+
+  static int32_t run(const PlanInputs& in, bool /*read_errors: the host has them at no cost*/) {
+    int32_t errors = 0;
+    dispatch_mask_dtype(in.mask_dtype(), [&](auto mask_zero) {
+      using mask_t = decltype(mask_zero);
+      auto run_job = [&](auto cam_zero) {
+        using cam_t = decltype(cam_zero);
+        PlanJob<mask_t, cam_t> job;
+        set_plan_steps(job, in, /*kernel_reads_seed=*/false);
+        job.masks = data_or_null<mask_t>(in.masks);
+        job.cams = data_or_null<cam_t>(in.cams);
+        job.thr_fg = static_cast<cam_t>(in.thr_fg);
+        job.thr_bg = static_cast<cam_t>(in.thr_bg);
+        errors = in.fused() && job.W <= kMaxRowBitsWidth ? run_row_bit_plan(job) : run_plan(job);
+      };
+      if (in.double_cams()) {
+        run_job(double(0));
+      } else {
+        run_job(float(0));
+      }
+    });
+    return errors;
   }
-  const at::Tensor masks_c = masks.contiguous();
-  // The dtypes check_masks() admits.
-  AT_DISPATCH_FLOATING_TYPES_AND4(at::kBool, at::kByte, at::kHalf, at::kBFloat16, masks_c.scalar_type(),
-                                  "contrastmask_plan", [&] {
-    using mask_t = scalar_t;
-    auto run = [&](auto cam_zero) {
-      using cam_t = decltype(cam_zero);
-      PlanJob<mask_t, cam_t> job;
-      job.N = masks_c.size(0);
-      job.H = static_cast<int>(masks_c.size(1));
-      job.W = static_cast<int>(masks_c.size(2));
-      job.masks = masks_c.data_ptr<mask_t>();
-      job.cams = cams_c.defined() ? cams_c.data_ptr<cam_t>() : nullptr;
-      job.thr_fg = static_cast<cam_t>(thr_fg);
-      job.thr_bg = static_cast<cam_t>(thr_bg);
-      fn(job);
-    };
-    if (double_cams) run(double(0)); else run(float(0));
-  });
-}
-
-at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-at::Tensor partition_cpu(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
-                         const c10::optional<at::Tensor>& valid, double delta) {
-  check_plan_inputs(masks, cams, is_novel, valid, delta);
-  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
-  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
-  int32_t errors = 0;
-  with_plan_inputs(masks, cams, delta, [&](auto& job) {
-    job.is_novel = novel_c.data_ptr<bool>();
-    job.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-    job.labels_out = labels.data_ptr<int8_t>();
-    errors = run_plan(job);
-  });
-  raise_plan_errors(errors);
-  return labels;
-}
-
-at::Tensor boundary_sqdist_cpu(const at::Tensor& masks) {
-  check_masks(masks);
-  at::Tensor sqdist = at::empty(masks.sizes(), masks.options().dtype(at::kInt));
-  int32_t errors = 0;
-  with_plan_inputs(masks, c10::nullopt, 0.0, [&](auto& job) {
-    job.sqdist_all_rois = true;
-    job.sqdist_out = sqdist.data_ptr<int32_t>();
-    errors = run_plan(job);
-  });
-  raise_plan_errors(errors);
-  return sqdist;
-}
-
-std::tuple<at::Tensor, at::Tensor> sample_keys_cpu(const at::Tensor& labels, const at::Tensor& sqdist,
-                                                   const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                   int64_t min_keys, int64_t seed, int64_t roi_offset) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
-  const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
-  at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
-  at::Tensor keep = at::empty({labels.size(0)}, labels.options().dtype(at::kBool));
-  PlanJob<uint8_t, float> job;
-  job.N = labels.size(0);
-  job.H = static_cast<int>(labels.size(1));
-  job.W = static_cast<int>(labels.size(2));
-  job.is_novel = novel_c.data_ptr<bool>();
-  job.labels_in = labels_c.data_ptr<int8_t>();
-  job.sqdist_in = sqdist_c.data_ptr<int32_t>();
-  job.keys_out = keys.data_ptr<uint8_t>();
-  job.keep_out = keep.data_ptr<bool>();
-  job.sigma = sigma;
-  job.hard_sqdist = hard_sqdist;
-  job.min_keys = min_keys;
-  job.mixed_seed = splitmix64(seed_bits(seed));
-  job.roi_offset = roi_offset;
-  run_plan(job);
-  return {keys, keep};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cpu(const at::Tensor& masks,
-                                                            const c10::optional<at::Tensor>& cams,
-                                                            const at::Tensor& is_novel,
-                                                            const c10::optional<at::Tensor>& valid, double delta,
-                                                            double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                            int64_t seed, int64_t roi_offset) {
-  check_plan_inputs(masks, cams, is_novel, valid, delta);
-  check_sampling_params(sigma, min_keys, roi_offset);
-  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
-  at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
-  at::Tensor keep = at::empty({masks.size(0)}, masks.options().dtype(at::kBool));
-  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
-  int32_t errors = 0;
-  with_plan_inputs(masks, cams, delta, [&](auto& job) {
-    job.is_novel = novel_c.data_ptr<bool>();
-    job.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-    job.labels_out = labels.data_ptr<int8_t>();
-    job.keys_out = keys.data_ptr<uint8_t>();
-    job.keep_out = keep.data_ptr<bool>();
-    job.sigma = sigma;
-    job.hard_sqdist = hard_sqdist;
-    job.min_keys = min_keys;
-    job.mixed_seed = splitmix64(seed_bits(seed));
-    job.roi_offset = roi_offset;
-    errors = job.W <= kMaxRowBitsWidth ? run_row_bit_plan(job) : run_plan(job);
-  });
-  raise_plan_errors(errors);
-  return {labels, keys, keep};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CPU, m) {
-  m.impl("partition", &partition_cpu);
-  m.impl("boundary_sqdist", &boundary_sqdist_cpu);
-  m.impl("sample_keys", &sample_keys_cpu);
-  m.impl("roi_plan", &roi_plan_cpu);
-}
+TORCH_LIBRARY_IMPL(contrastmask, CPU, m) { register_plan_ops<CpuPlan>(m); }
 
 }  // namespace contrastmask

@@ -14,7 +14,7 @@
 #include "../contrastmask/edt.h"
 #include "../contrastmask/plan_steps.h"
 #include "../contrastmask/sampling.h"
-#include "../ops/checks.h"
+#include "../ops/plan_inputs.h"
 #include "../ops/library.h"
 #include "platform.cuh"
 #include "reduce.cuh"
@@ -30,7 +30,6 @@ constexpr int kDefaultSharedLimit = 48 * 1024;
 // What one call asks of the per-ROI kernel (the steps, as on the CPU, plus where the inputs live).
 template <typename mask_t>
 struct PlanArgs : PlanSteps {
-  int H = 0, W = 0;
   const mask_t* masks = nullptr;    // (N, H, W) 0/1
   const float* cams_f = nullptr;    // (N, H, W) float32 CAMs (float16/bfloat16 widened on the host) ...
   const double* cams_d = nullptr;   // ... or float64 CAMs; both null when no ROI is novel
@@ -38,6 +37,12 @@ struct PlanArgs : PlanSteps {
   double thr_fg_d = 0.0, thr_bg_d = 0.0;  // CAM thresholds, already rounded to the CAM's dtype
   int32_t* errors = nullptr;        // device error word (PlanError bits), may be null when none can occur
 };
+
+// splitmix64(seed) for the kernel: read from the seed tensor on the device (no host sync; a CUDA graph
+// replays with whatever value it holds then), or as the host mixed a CPU seed.
+__device__ __forceinline__ uint64_t kernel_mixed_seed(const PlanSteps& a) {
+  return a.seed_on_device ? splitmix64(static_cast<uint64_t>(*a.seed_on_device)) : a.mixed_seed;
+}
 
 // Dynamic shared memory of one ROI, in bytes, with Pa = P rounded up to 8:
 //   [0, 11 Pa)  phase 1 (EDT): sqdist int32 | g int16 | s int16 | t int16 | boundary uint8
@@ -262,6 +267,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
       __syncthreads();
       kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
       if (kept) {
+        const uint64_t mixed_seed = kernel_mixed_seed(a);
         for (int s = 0; s < kNumSets; ++s) {
           const int c = counts[s];
           const int k = sample_count(a.sigma, c);
@@ -270,8 +276,8 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
             for (int i = tid; i < P; i += T)
               if ((cand_s[i] >> s) & 1) keys_s[i] |= bit;
           } else {
-            select_k_smallest(cand_s, s, P, c, k, key_stream(a.mixed_seed, n + a.roi_offset, s), hash_s, idx_s, list_len,
-                              hist, sel, keys_s);
+            select_k_smallest(cand_s, s, P, c, k, key_stream(mixed_seed, n + a.roi_offset, s), hash_s, idx_s,
+                              list_len, hist, sel, keys_s);
           }
           // Before the next set reuses the list and the histogram (zeroed here for it).
           for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
@@ -316,7 +322,8 @@ void allow_plan_shared_memory() {
 // Launches the per-ROI kernel for N ROIs; returns the error bits (one device-to-host copy) when
 // `read_errors`, else 0 without any host sync.
 template <typename mask_t>
-int32_t launch_plan(PlanArgs<mask_t> a, int64_t N, const at::TensorOptions& opts, bool read_errors) {
+int32_t launch_plan(PlanArgs<mask_t> a, const at::TensorOptions& opts, bool read_errors) {
+  const int64_t N = a.N;
   if (N == 0) return 0;
   at::Tensor errors;
   if (read_errors) {
@@ -333,139 +340,36 @@ int32_t launch_plan(PlanArgs<mask_t> a, int64_t N, const at::TensorOptions& opts
   return read_errors ? errors.item<int32_t>() : 0;
 }
 
-// Fills the mask/CAM part of the arguments from tensors, dispatching over the mask dtype; CAMs are
-// float32 (float16/bfloat16 widened exactly, as on the CPU) or float64.
-template <typename Fn>
-void with_plan_inputs(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, double delta, Fn&& fn) {
-  at::Tensor cams_c;
-  bool double_cams = false;
-  double thr_fg = 0, thr_bg = 0;
-  if (cams.has_value()) {
-    double_cams = cams->scalar_type() == at::kDouble;
-    thr_fg = round_to_dtype(1.0 - delta, cams->scalar_type());
-    thr_bg = round_to_dtype(delta, cams->scalar_type());
-    cams_c = double_cams ? cams->contiguous() : cams->to(at::kFloat).contiguous();
-  }
-  const at::Tensor masks_c = masks.contiguous();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, masks_c.scalar_type(), "contrastmask_plan_cuda", [&] {
-    PlanArgs<scalar_t> a;
-    a.H = static_cast<int>(masks_c.size(1));
-    a.W = static_cast<int>(masks_c.size(2));
-    a.masks = masks_c.data_ptr<scalar_t>();
-    if (cams_c.defined()) {
-      if (double_cams) {
-        a.cams_d = cams_c.data_ptr<double>();
+// The CUDA side of PlanOps (ops/plan_inputs.h): the kernel's arguments for the mask dtype, and one launch.
+// CAMs are float32 (float16/bfloat16 widened exactly, as on the CPU) or float64.
+struct CudaPlan {
+  using Guard = c10::cuda::CUDAGuard;
+
+  static int32_t run(const PlanInputs& in, bool read_errors) {
+    int32_t errors = 0;
+    dispatch_mask_dtype(in.mask_dtype(), [&](auto mask_zero) {
+      using mask_t = decltype(mask_zero);
+      PlanArgs<mask_t> a;
+      // A seed on the call's device is read by the kernel; a CPU one is mixed on the host (no copy to the device).
+      set_plan_steps(a, in, /*kernel_reads_seed=*/in.seed.defined() && in.seed.device() == in.options.device());
+      a.masks = data_or_null<mask_t>(in.masks);
+      if (in.double_cams()) {
+        a.cams_d = in.cams.data_ptr<double>();
       } else {
-        a.cams_f = cams_c.data_ptr<float>();
+        a.cams_f = data_or_null<float>(in.cams);
       }
-    }
-    a.thr_fg_f = static_cast<float>(thr_fg);
-    a.thr_bg_f = static_cast<float>(thr_bg);
-    a.thr_fg_d = thr_fg;
-    a.thr_bg_d = thr_bg;
-    fn(a);
-  });
-}
-
-at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-at::Tensor partition_cuda(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
-                          const c10::optional<at::Tensor>& valid, double delta) {
-  check_plan_inputs(masks, cams, is_novel, valid, delta);
-  const c10::cuda::CUDAGuard guard(masks.device());
-  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
-  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
-  int32_t errors = 0;
-  with_plan_inputs(masks, cams, delta, [&](auto& a) {
-    a.is_novel = novel_c.data_ptr<bool>();
-    a.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-    a.labels_out = labels.data_ptr<int8_t>();
-    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
-  });
-  raise_plan_errors(errors);
-  return labels;
-}
-
-at::Tensor boundary_sqdist_cuda(const at::Tensor& masks) {
-  check_masks(masks);
-  const c10::cuda::CUDAGuard guard(masks.device());
-  at::Tensor sqdist = at::empty(masks.sizes(), masks.options().dtype(at::kInt));
-  int32_t errors = 0;
-  with_plan_inputs(masks, c10::nullopt, 0.0, [&](auto& a) {
-    a.sqdist_all_rois = true;
-    a.sqdist_out = sqdist.data_ptr<int32_t>();
-    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
-  });
-  raise_plan_errors(errors);
-  return sqdist;
-}
-
-std::tuple<at::Tensor, at::Tensor> sample_keys_cuda(const at::Tensor& labels, const at::Tensor& sqdist,
-                                                    const at::Tensor& is_novel, double sigma, int64_t hard_sqdist,
-                                                    int64_t min_keys, int64_t seed, int64_t roi_offset) {
-  check_sample_inputs(labels, sqdist, is_novel, sigma, min_keys, roi_offset);
-  const c10::cuda::CUDAGuard guard(labels.device());
-  const at::Tensor labels_c = labels.contiguous(), sqdist_c = sqdist.contiguous(), novel_c = is_novel.contiguous();
-  at::Tensor keys = at::empty(labels.sizes(), labels.options().dtype(at::kByte));
-  at::Tensor keep = at::empty({labels.size(0)}, labels.options().dtype(at::kBool));
-  PlanArgs<uint8_t> a;
-  a.H = static_cast<int>(labels.size(1));
-  a.W = static_cast<int>(labels.size(2));
-  a.is_novel = novel_c.data_ptr<bool>();
-  a.labels_in = labels_c.data_ptr<int8_t>();
-  a.sqdist_in = sqdist_c.data_ptr<int32_t>();
-  a.keys_out = keys.data_ptr<uint8_t>();
-  a.keep_out = keep.data_ptr<bool>();
-  a.sigma = sigma;
-  a.hard_sqdist = hard_sqdist;
-  a.min_keys = min_keys;
-  a.mixed_seed = splitmix64(seed_bits(seed));
-  a.roi_offset = roi_offset;
-  // Nothing to check in the values: no error word, no host sync.
-  launch_plan(a, labels.size(0), labels.options(), /*read_errors=*/false);
-  return {keys, keep};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_cuda(const at::Tensor& masks,
-                                                             const c10::optional<at::Tensor>& cams,
-                                                             const at::Tensor& is_novel,
-                                                             const c10::optional<at::Tensor>& valid, double delta,
-                                                             double sigma, int64_t hard_sqdist, int64_t min_keys,
-                                                             int64_t seed, int64_t roi_offset) {
-  check_plan_inputs(masks, cams, is_novel, valid, delta);
-  check_sampling_params(sigma, min_keys, roi_offset);
-  const c10::cuda::CUDAGuard guard(masks.device());
-  at::Tensor labels = at::empty(masks.sizes(), masks.options().dtype(at::kChar));
-  at::Tensor keys = at::empty(masks.sizes(), masks.options().dtype(at::kByte));
-  at::Tensor keep = at::empty({masks.size(0)}, masks.options().dtype(at::kBool));
-  const at::Tensor novel_c = is_novel.contiguous(), valid_c = optional_contiguous(valid);
-  int32_t errors = 0;
-  with_plan_inputs(masks, cams, delta, [&](auto& a) {
-    a.is_novel = novel_c.data_ptr<bool>();
-    a.valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
-    a.labels_out = labels.data_ptr<int8_t>();
-    a.keys_out = keys.data_ptr<uint8_t>();
-    a.keep_out = keep.data_ptr<bool>();
-    a.sigma = sigma;
-    a.hard_sqdist = hard_sqdist;
-    a.min_keys = min_keys;
-    a.mixed_seed = splitmix64(seed_bits(seed));
-    a.roi_offset = roi_offset;
-    errors = launch_plan(a, masks.size(0), masks.options(), /*read_errors=*/true);
-  });
-  raise_plan_errors(errors);
-  return {labels, keys, keep};
-}
+      a.thr_fg_f = static_cast<float>(in.thr_fg);
+      a.thr_bg_f = static_cast<float>(in.thr_bg);
+      a.thr_fg_d = in.thr_fg;
+      a.thr_bg_d = in.thr_bg;
+      errors = launch_plan(a, in.options, read_errors);
+    });
+    return errors;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
-  m.impl("partition", &partition_cuda);
-  m.impl("boundary_sqdist", &boundary_sqdist_cuda);
-  m.impl("sample_keys", &sample_keys_cuda);
-  m.impl("roi_plan", &roi_plan_cuda);
-}
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) { register_plan_ops<CudaPlan>(m); }
 
 }  // namespace contrastmask

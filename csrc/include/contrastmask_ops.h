@@ -24,8 +24,12 @@ struct PlanOptions {
   double sigma = 0.3;               // fraction of each candidate set sampled as keys
   int64_t hard_sqdist = 2;          // squared distance to the boundary within which a pixel is "hard"
   int64_t min_keys = 5;             // an ROI with a smaller candidate set is dropped
-  int64_t seed = 0;                 // the sampler's seed (taken mod 2^64)
+  int64_t seed = 0;                 // the sampler's seed (taken mod 2^64) ...
+  at::Tensor seed_tensor;           // ... or, when defined, a 0-dim int64 seed on the CPU or the masks' device,
+                                    // read there (no host sync; a captured CUDA graph replays with its value)
   int64_t roi_offset = 0;           // ROI n is sampled as ROI n + roi_offset of a larger batch
+  bool check_inputs = true;         // false: masks' 0/1 values and CAMs of novel ROIs unchecked, no host sync
+                                    // (CUDA-graph capture); bad values then give unspecified keys
 };
 
 struct LossOptions : PlanOptions {
@@ -37,23 +41,24 @@ struct LossOptions : PlanOptions {
 
 namespace detail {
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+c10::TypedOperatorHandle<Signature> op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
 }
 }  // namespace detail
 
 // int8 (N, H, W): 1 foreground, 0 background, -1 ignored (SPEC step 1).
 inline at::Tensor partition(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
-                            const c10::optional<at::Tensor>& valid = c10::nullopt, double delta = 0.1) {
+                            const c10::optional<at::Tensor>& valid = c10::nullopt, double delta = 0.1,
+                            bool check_inputs = true) {
   static auto handle = detail::op<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                                             const c10::optional<at::Tensor>&, double)>("contrastmask::partition");
-  return handle.call(masks, cams, is_novel, valid, delta);
+                                             const c10::optional<at::Tensor>&, double, bool)>("contrastmask::partition");
+  return handle.call(masks, cams, is_novel, valid, delta, check_inputs);
 }
 
 // int32 (N, H, W): squared distance to the mask's boundary (SPEC step 2).
-inline at::Tensor boundary_sqdist(const at::Tensor& masks) {
-  static auto handle = detail::op<at::Tensor(const at::Tensor&)>("contrastmask::boundary_sqdist");
-  return handle.call(masks);
+inline at::Tensor boundary_sqdist(const at::Tensor& masks, bool check_inputs = true) {
+  static auto handle = detail::op<at::Tensor(const at::Tensor&, bool)>("contrastmask::boundary_sqdist");
+  return handle.call(masks, check_inputs);
 }
 
 // (labels, keys, keep): partition, distance transform and key sampling fused (SPEC steps 1-4).
@@ -61,13 +66,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor&
                                                                const c10::optional<at::Tensor>& cams,
                                                                const at::Tensor& is_novel,
                                                                const PlanOptions& o = PlanOptions()) {
-  static auto handle =
-      detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                               const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                               double, double, int64_t, int64_t, int64_t, int64_t)>(
-          "contrastmask::roi_plan");
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  if (o.seed_tensor.defined()) {
+    static auto handle =
+        detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, const at::Tensor&,
+                           int64_t, bool)>("contrastmask::roi_plan");
+    return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed_tensor,
+                       o.roi_offset, o.check_inputs);
+  }
+  static auto handle = detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t,
+                                          int64_t, bool)>("contrastmask::roi_plan", "int_seed");
   return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed,
-                     o.roi_offset);
+                     o.roi_offset, o.check_inputs);
 }
 
 // The loss (0-dim, z's dtype) from explicit key sets (SPEC steps 5-6); differentiable in z.

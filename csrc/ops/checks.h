@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/TypeCast.h>
 
 #include <charconv>
 #include <string>
@@ -87,14 +86,23 @@ inline void check_sampling_params(double sigma, int64_t min_keys, int64_t roi_of
   TORCH_CHECK_VALUE(roi_offset >= 0, "roi_offset: expected a value >= 0, got ", roi_offset);
 }
 
+// The sampler's seed: a 0-dim int64 tensor on the CPU or on the device of ref (where the kernel reads it).
+inline void check_seed(const at::Tensor& seed, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(seed.dim() == 0, "seed: expected a 0-dim int64 tensor, got shape ", seed.sizes());
+  check_dtype_in(seed, "seed", {at::kLong}, "int64");
+  TORCH_CHECK_VALUE(seed.device().is_cpu() || seed.device() == ref.device(), "seed: expected the CPU or ",
+                    ref.device(), " (the device of ", ref_name, "), got ", seed.device());
+}
+
 inline void check_sample_inputs(const at::Tensor& labels, const at::Tensor& sqdist, const at::Tensor& is_novel,
-                                double sigma, int64_t min_keys, int64_t roi_offset) {
+                                double sigma, int64_t min_keys, const at::Tensor& seed, int64_t roi_offset) {
   check_roi_grid(labels, "labels");
   check_dtype_in(labels, "labels", {at::kChar}, "int8");
   check_same_grid(sqdist, "sqdist", labels, "labels");
   check_dtype_in(sqdist, "sqdist", {at::kInt}, "int32");
   check_per_roi_flags(is_novel, "is_novel", labels, "labels");
   check_sampling_params(sigma, min_keys, roi_offset);
+  check_seed(seed, labels, "labels");
 }
 
 inline void check_loss_inputs(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
@@ -121,20 +129,5 @@ inline void raise_plan_errors(int32_t errors) {
   TORCH_CHECK_VALUE(!(errors & kMaskNotBinary), "masks: expected values 0 or 1 only");
   TORCH_CHECK_VALUE(!(errors & kMissingCams), "cams: required when some ROI is novel (is_novel has a True entry)");
 }
-
-// Thresholds of SPEC step 1 rounded to the CAM's dtype, like `cams >= 1 - delta` in PyTorch.
-// c10::convert is the conversion torch's own dtype casts use; no tensor is made (this runs every call).
-inline double round_to_dtype(double v, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble: return v;
-    case at::kFloat: return static_cast<double>(c10::convert<float>(v));
-    case at::kHalf: return static_cast<double>(static_cast<float>(c10::convert<c10::Half>(v)));
-    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::convert<c10::BFloat16>(v)));
-    default: return at::scalar_tensor(v, at::kDouble).to(dtype).to(at::kDouble).item<double>();
-  }
-}
-
-// The seed's 64 bits arrive as int64; SPEC mixes it once.
-inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
 
 }  // namespace contrastmask

@@ -8,9 +8,6 @@
 
 #include "library.h"
 
-#define CM_STR2(x) #x
-#define CM_STR(x) CM_STR2(x)
-
 namespace contrastmask {
 namespace {
 
@@ -28,7 +25,7 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 LossOutputs call_loss(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
                       double tau_easy, double tau_hard, bool share_queries, c10::string_view formulation) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(CM_STR(CONTRASTMASK_LIBRARY) "::contrastive_loss", "")
+                       .findSchemaOrThrow(CONTRASTMASK_OP("contrastive_loss"), "")
                        .typed<LossOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           double, double, bool, c10::string_view)>();
   return op.call(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
@@ -39,7 +36,7 @@ at::Tensor call_loss_backward(const at::Tensor& grad, const at::Tensor& z, const
                               const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
                               double tau_hard, bool share_queries, c10::string_view formulation) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(CM_STR(CONTRASTMASK_LIBRARY) "::contrastive_loss_backward", "")
+                       .findSchemaOrThrow(CONTRASTMASK_OP("contrastive_loss_backward"), "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          double, double, bool, c10::string_view)>();

@@ -7,3 +7,8 @@
 #ifndef CONTRASTMASK_LIBRARY
 #define CONTRASTMASK_LIBRARY contrastmask
 #endif
+
+#define CONTRASTMASK_STR2(x) #x
+#define CONTRASTMASK_STR(x) CONTRASTMASK_STR2(x)
+// "<namespace>::<name>", for looking an operator up in the dispatcher.
+#define CONTRASTMASK_OP(name) CONTRASTMASK_STR(CONTRASTMASK_LIBRARY) "::" name

@@ -1,9 +1,43 @@
 // roi_plan: partition + distance transform + sampling fused in one per-ROI kernel; the distances
 // never leave it. Same results as partition -> boundary_sqdist -> sample_keys (roi_offset as there).
+// The seed is a 0-dim int64 tensor on the CPU or the masks' device, read where it lives (no host sync,
+// and a compiled graph or a CUDA graph replays with whatever value it holds); roi_plan.int_seed takes
+// an integer and wraps it in a CPU tensor. check_inputs: as for partition.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "library.h"
+
+namespace contrastmask {
+namespace {
+
+using PlanOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+PlanOutputs roi_plan_int_seed(const at::Tensor& masks, const c10::optional<at::Tensor>& cams,
+                              const at::Tensor& is_novel, const c10::optional<at::Tensor>& valid, double delta,
+                              double sigma, int64_t hard_sqdist, int64_t min_keys, int64_t seed, int64_t roi_offset,
+                              bool check_inputs) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(CONTRASTMASK_OP("roi_plan"), "")
+                       .typed<PlanOutputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t,
+                                          const at::Tensor&, int64_t, bool)>();
+  return op.call(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, at::scalar_tensor(seed, at::kLong),
+                 roi_offset, check_inputs);
+}
+
+}  // namespace
+}  // namespace contrastmask
 
 TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   m.def(
       "roi_plan(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, float sigma, "
-      "int hard_sqdist, int min_keys, int seed, int roi_offset=0) -> (Tensor labels, Tensor keys, Tensor keep)");
+      "int hard_sqdist, int min_keys, Tensor seed, int roi_offset=0, bool check_inputs=True) "
+      "-> (Tensor labels, Tensor keys, Tensor keep)");
+  // A composite kernel: it decomposes into roi_plan on every backend, fake tensors included.
+  m.def(
+      "roi_plan.int_seed(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, float sigma, "
+      "int hard_sqdist, int min_keys, int seed, int roi_offset=0, bool check_inputs=True) "
+      "-> (Tensor labels, Tensor keys, Tensor keep)",
+      &contrastmask::roi_plan_int_seed);
 }

@@ -31,7 +31,12 @@ int main(int argc, char** argv) {
   for (int64_t step = 0; step < steps; ++step) {
     const at::Tensor z = at::conv2d(features, weight);
     contrastmask_ops::LossOptions options;
-    options.seed = step;
+    // Both forms of the seed, which must sample the same keys: an integer, and a 0-dim int64 tensor.
+    if (step % 2 == 0) {
+      options.seed = step;
+    } else {
+      options.seed_tensor = at::scalar_tensor(step, at::kLong);
+    }
     const at::Tensor loss = contrastmask_ops::query_sharing_contrastive_loss(z, masks, cams, is_novel, options);
     loss.backward();
     losses.push_back(loss.detach().clone());
