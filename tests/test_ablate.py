@@ -75,3 +75,25 @@ def test_decision_rule():
     assert ablate.decide(summary([5, 1, 3], [3, 2, 4]), "a", "b", "x")["verdict"] == "not shown"
     assert ablate.decide(summary([30, 31, 10], [1, 2, 3]), "a", "b", "x")["verdict"] == "holds"  # by every pair
     assert ablate.decide(summary([3], [1]), "a", "b", "x")["verdict"] == "too few seeds"
+
+
+def test_committed_results_match_their_report_and_the_readme():
+    # The README's ablation table is what `python -m model.ablate --report-only` prints from the
+    # committed results file, and the committed .md is that report: neither may drift from the data.
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    stem = os.path.join(root, "model", "results", "ablation-shapes-category-v2")
+    with open(stem + ".json") as f:
+        record = json.load(f)
+    arms = list(record["arms"])
+    summary = ablate.summarize(record["runs"], arms)
+    decisions = [{"better": b, "than": t, "metric": label, **ablate.decide(summary, b, t, label)}
+                 for b, t in ablate.COMPARISONS for label, _ in ablate.METRICS if ablate.decide(summary, b, t, label)]
+    report = ablate.format_report(summary, decisions, arms, record["protocol"])
+    with open(stem + ".md") as f:
+        assert f.read() == report
+    table = [line for line in report.splitlines() if line.startswith("| ") and " ± " in line]
+    assert len(table) == len(arms)
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    for line in table:
+        assert line in readme, f"README's ablation table is out of date: {line}"
