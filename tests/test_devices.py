@@ -539,14 +539,17 @@ def test_check_inputs_false_skips_the_value_checks(device):
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 def test_cuda_graph_replays_the_pipeline_with_a_device_seed():
-    """With check_inputs=False and a seed tensor on the GPU the pipeline has no host sync, so it can be captured
-    in a CUDA graph; each replay samples with the seed the tensor then holds."""
+    """With check_inputs=False and a seed tensor on the GPU the pipeline has no host sync, so a training step's
+    loss and backward can be captured in a CUDA graph; each replay samples with the seed the tensor then holds."""
     b = {k: v.cuda() for k, v in blob_batch(16, 28, 28, 32, seed=2).items()}
+    z = b["z"].clone().requires_grad_(True)
     seed = torch.zeros((), dtype=torch.int64, device="cuda")
 
     def step():
-        return cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=seed,
+        loss = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=seed,
                                                  check_inputs=False)
+        (dz,) = torch.autograd.grad(loss, z)
+        return loss, dz
 
     side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graphs asks
     side.wait_stream(torch.cuda.current_stream())
@@ -555,12 +558,14 @@ def test_cuda_graph_replays_the_pipeline_with_a_device_seed():
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss = step()
+        loss, dz = step()
     for value in (3, 11, 2**40):
         seed.fill_(value)
         graph.replay()
-        want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=value)
+        want = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=value)
+        (want_dz,) = torch.autograd.grad(want, z)
         assert torch.equal(loss, want), value
+        assert torch.equal(dz, want_dz), value  # no float atomics: the same bits
 
 
 @pytest.mark.cuda
