@@ -101,13 +101,27 @@ def claim(out):
     return False
 
 
+def folder_holds(out, cfg):
+    """Whether the run folder out holds this run: its config.json (written when training starts) has the
+    same seed and config digest. A folder without one has nothing to reuse."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        saved = json.load(f)
+    return saved.get("seed") == cfg["seed"] and config_digest(saved) == config_digest(cfg)
+
+
 def run_one(cfg, device=None, progress=False):
     """Trains (or resumes) and evaluates one run; writes and returns its result.json record, or None
-    when another process is running it."""
+    when another process is running it. A folder left by another config is an error, never reused."""
     from .evaluate import evaluate
     from .train import train
 
     out = cfg["output_dir"]
+    if not folder_holds(out, cfg):
+        raise RuntimeError(f"{out} holds a run of another config or seed (its config.json differs from this "
+                           f"run's, digest {config_digest(cfg)}): move it away, or pass --out-dir")
     result_path = os.path.join(out, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
@@ -268,11 +282,19 @@ def write_report(runs, arms, results_path, protocol):
     return record
 
 
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def config_digest(cfg):
     """Short hash of a resolved config less what differs between runs (seed, output folder): a results
-    file recorded under another model, data or schedule is not carried over, even from the same file."""
+    file recorded under another model, data or schedule is not carried over, even from the same file.
+    Keys set to null are left out: a new config key's null default means "as before it existed" (the
+    rule of model/config.py), so adding one does not orphan results recorded before it."""
     shared = {k: v for k, v in cfg.items() if k not in ("seed", "output_dir")}
-    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(_without_nulls(shared), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def describe_protocol(config_path, sets, probe, arms, seeds):
@@ -296,12 +318,14 @@ def recorded_runs(results_path, protocol):
 
 
 def collect(base_config, arms, seeds, out_root, extra=(), recorded=None):
-    """The finished runs: each run folder's result.json, else the results file's record of that run."""
+    """The finished runs: each run folder's result.json (when the folder holds this run), else the results
+    file's record of that run."""
     runs = []
     for seed in seeds:
         for arm in arms:
-            path = os.path.join(run_config(base_config, arm, seed, out_root, extra)["output_dir"], "result.json")
-            if os.path.exists(path):
+            cfg = run_config(base_config, arm, seed, out_root, extra)
+            path = os.path.join(cfg["output_dir"], "result.json")
+            if os.path.exists(path) and folder_holds(cfg["output_dir"], cfg):
                 with open(path) as f:
                     runs.append({"arm": arm, "seed": seed, "metrics": json.load(f)})
             elif recorded and (arm, seed) in recorded:

@@ -2,6 +2,8 @@
 
 Every key a config may set is listed in DEFAULTS (a typo is an error, not a silent no-op). The
 defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change.
+A key added later defaults to null only where null means the behaviour from before the key existed
+(model/ablate.py's config digest leaves nulls out, so results recorded before stay valid).
 """
 import argparse
 import copy

@@ -97,3 +97,38 @@ def test_committed_results_match_their_report_and_the_readme():
         readme = f.read()
     for line in table:
         assert line in readme, f"README's ablation table is out of date: {line}"
+
+
+def test_a_folder_left_by_another_config_is_neither_reported_nor_resumed(tmp_path):
+    # e.g. runs/ of an older checkout: same arm and seed, another model
+    out_root = str(tmp_path / "runs")
+    extra = [f"data.root={tmp_path / 'data'}"]
+    cfg = ablate.run_config(TINY, "cam", 0, out_root, extra)
+    other = ablate.run_config(TINY, "cam", 0, out_root, [*extra, "model.box_cls_kernel=1"])
+    os.makedirs(cfg["output_dir"])
+    with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
+        json.dump(other, f)
+    with open(os.path.join(cfg["output_dir"], "result.json"), "w") as f:
+        json.dump({"stale": True}, f)
+    assert not ablate.folder_holds(cfg["output_dir"], cfg)
+    recorded = {("cam", 0): {"recorded": True}}
+    runs = ablate.collect(TINY, ["cam"], [0], out_root, extra, recorded)
+    assert runs == [{"arm": "cam", "seed": 0, "metrics": {"recorded": True}}]
+    with pytest.raises(RuntimeError, match="another config"):
+        ablate.run_one(cfg)
+    # the same config (a null key left out of the digest) is this run's folder
+    with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
+        json.dump({**cfg, "contrast": {**cfg["contrast"], "global_queries": None}}, f)
+    assert ablate.folder_holds(cfg["output_dir"], cfg)
+    assert ablate.collect(TINY, ["cam"], [0], out_root, extra, recorded)[0]["metrics"] == {"stale": True}
+
+
+def test_a_null_key_does_not_change_the_digest():
+    from model.config import load_config
+
+    cfg = load_config(TINY, [])
+    without = {**cfg, "contrast": {k: v for k, v in cfg["contrast"].items() if k != "global_queries"}}
+    assert cfg["contrast"]["global_queries"] is None
+    assert ablate.config_digest(cfg) == ablate.config_digest(without)
+    assert ablate.config_digest(cfg) != ablate.config_digest({**cfg, "contrast": {**cfg["contrast"],
+                                                                                   "global_queries": True}})
