@@ -263,14 +263,20 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_report(runs, arms, results_path, protocol):
-    summary = summarize(runs, arms)
+def decide_all(summary):
+    """The decision rule's verdict for every comparison and metric the summary covers."""
     decisions = []
     for better, than in COMPARISONS:
         for label, _ in METRICS:
             d = decide(summary, better, than, label)
             if d:
                 decisions.append({"better": better, "than": than, "metric": label, **d})
+    return decisions
+
+
+def write_report(runs, arms, results_path, protocol):
+    summary = summarize(runs, arms)
+    decisions = decide_all(summary)
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     record = {"protocol": protocol, "arms": {a: ARMS[a][1] for a in arms}, "runs": runs,
               "summary": summary, "decisions": decisions}
