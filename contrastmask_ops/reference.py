@@ -19,6 +19,7 @@ from .global_batch import LOCAL
 from .common import FORMULATIONS, INT32_MAX, MAX_PIXELS, Z_DTYPES, LossStats, loss_stats  # noqa: F401 (re-exported)
 
 NORM_EPS = 1e-8  # the cosine's clamp of each norm (SPEC step 6)
+SCALE_EXP = {torch.float32: 32, torch.float64: 256}  # large features are rescaled above 2**SCALE_EXP (_feature_scale)
 
 # (query side, positive set, negative set, uses tau_hard) of the terms A, B, C, D of L (DESIGN).
 # Set ids: 0 easy-fg, 1 hard-fg, 2 easy-bg, 3 hard-bg; side 0 = q+, 1 = q-.
@@ -239,6 +240,18 @@ def _masked_exp_sum(x: Tensor, mask: Tensor, m: Tensor, dim) -> Tensor:
     return torch.where(mask, torch.exp(xm - m), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
 
 
+def _feature_scale(max_abs: Tensor) -> Tensor:
+    """Per ROI, the power of two c that brings the largest |z| or |q| (max_abs) to [2**(top-1), 2**top) when
+    it is above 2**top, else 1 (top = 32 for float32, 256 for float64; csrc/contrastmask/loss_math.h,
+    feature_scale). The cosines are computed on z * c and q * c: exact, and they are scale-invariant."""
+    top = SCALE_EXP[max_abs.dtype]
+    big = (max_abs > 2.0 ** top) & torch.isfinite(max_abs)
+    _, exponent = torch.frexp(torch.where(big, max_abs, torch.ones_like(max_abs)))  # max_abs = f * 2**e
+    # 2**(top - e) built from its float64 bits: exact, where pow or exp2 might round.
+    power = ((top - exponent.to(torch.int64) + 1023) << 52).view(torch.float64).to(max_abs.dtype)
+    return torch.where(big, power, torch.ones_like(max_abs))
+
+
 def _finite_shift(m: Tensor) -> Tensor:
     """The log-sum-exp's shift: the maximum, or 0 where there is none (empty set) or it is not finite."""
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -279,21 +292,32 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
         queries = mu
         q_per_roi = mu
 
-    # Cosines s[n, side, p] of each pixel with the ROI's two queries.
-    q_norm = torch.linalg.vector_norm(q_per_roi, dim=2)  # (N, 2)
+    # Cosines s[n, side, p] of each pixel with the ROI's two queries. A cosine does not change when one of
+    # its vectors is scaled: each query is taken as q * cq and each pixel's key vector (z, or z - q) as
+    # k * ck, powers of two that are 1 unless a component is beyond 2**32 in float32 (2**256 in float64), so
+    # that squares and products stay finite (DESIGN, "Numerics"); the norm clamp scales with them.
+    with torch.no_grad():
+        z_max = zf.abs().amax(dim=2)  # (N, P) largest |z| of each pixel
+        q_max = q_per_roi.abs().amax(dim=2)  # (N, 2)
+        cq = _feature_scale(q_max)
+        # |z - q| <= |z| + |q|: a centred key is scaled by the larger of the two
+        ck = _feature_scale(z_max[:, None, :] if formulation == "paper" else
+                            torch.maximum(z_max[:, None, :], q_max[:, :, None]))  # (N, 1 or 2, P)
+    q_norm = torch.linalg.vector_norm(q_per_roi * cq[:, :, None], dim=2)  # (N, 2)
     if formulation == "paper":
-        if share_queries:
-            dots = (zf @ queries[0].T).transpose(1, 2)  # (N, 2, P)
+        zs = zf * ck[:, 0, :, None]
+        if share_queries:  # one query pair, one scale
+            dots = (zs @ (queries[0] * _feature_scale(queries[0].abs().amax(dim=1))[:, None]).T).transpose(1, 2)
         else:
-            dots = torch.bmm(mu, zf.transpose(1, 2))
-        pix_norm = torch.linalg.vector_norm(zf, dim=2)[:, None, :]  # (N, 1, P)
+            dots = torch.bmm(mu * cq[:, :, None], zs.transpose(1, 2))
+        pix_norm = torch.linalg.vector_norm(zs, dim=2)[:, None, :]  # (N, 1, P)
     else:
         # "released": keys centred on the query, s = cos(q, z - q). z - q is formed first (exact for z near
         # q) and both the dot and the norm are taken of it: q.z - |q|^2 would cancel for z near q.
-        centred = zf[:, None, :, :] - q_per_roi[:, :, None, :]  # (N, 2, P, C)
-        dots = torch.matmul(centred, q_per_roi[:, :, :, None]).squeeze(3)  # (N, 2, P)
+        centred = (zf[:, None, :, :] - q_per_roi[:, :, None, :]) * ck[..., None]  # (N, 2, P, C)
+        dots = torch.matmul(centred, (q_per_roi * cq[:, :, None])[:, :, :, None]).squeeze(3)  # (N, 2, P)
         pix_norm = torch.linalg.vector_norm(centred, dim=3)
-    sims = dots / (q_norm.clamp_min(NORM_EPS)[:, :, None] * pix_norm.clamp_min(NORM_EPS))
+    sims = dots / (torch.maximum(q_norm, NORM_EPS * cq)[:, :, None] * torch.maximum(pix_norm, NORM_EPS * ck))
 
     # Step 6: the four terms. Reduction dims: pooled over kept ROIs (and over ranks: `pooled`), or per ROI.
     red = (0, 1) if share_queries else 1

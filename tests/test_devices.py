@@ -299,6 +299,31 @@ def test_smallest_temperature_gives_a_finite_loss_and_gradient(device):
         assert torch.isfinite(loss) and torch.isfinite(g).all(), formulation
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+@pytest.mark.parametrize("formulation", ["paper", "released"])
+@pytest.mark.parametrize("share_queries", [True, False])
+def test_large_float32_features_give_the_unscaled_loss(device, scale, formulation, share_queries):
+    # Squared norms of a float32 z overflow from |z| ~ 1e18; the kernels rescale each group by a power of
+    # two (DESIGN, "Numerics"), so the loss, scale * dz and the cosines equal those of the unscaled z, and
+    # the stored key norms are the unscaled ones times the scale.
+    z, labels, keys, keep = cpu_loss_inputs(6, (20, 17), 16, torch.float32, 5)
+    kw = loss_kwargs(formulation, share_queries)
+    want, want_g = device_loss_and_grad(device, z, labels, keys, keep, **kw)
+    loss, g = device_loss_and_grad(device, z * scale, labels, keys, keep, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    assert_grad_close(g * scale, want_g, 1e-5)
+    if device.kind == "cpu":
+        return
+    args = (kw["tau_easy"], kw["tau_hard"], share_queries, formulation)
+    _, _, stats, _ = device.ops.contrastive_loss(device.to(z * scale), device.to(labels), device.to(keys),
+                                                 device.to(keep), *args)
+    _, _, base, _ = device.ops.contrastive_loss(device.to(z), device.to(labels), device.to(keys),
+                                                device.to(keep), *args)
+    torch.testing.assert_close(stats[:, :2].cpu(), base[:, :2].cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats[:, 2:].cpu(), base[:, 2:].cpu() * scale, rtol=1e-5, atol=0)
+
+
 # (dtype, loss rtol, loss atol, gradient rel): against the CPU kernels (cuda, cuda-emu) and against the
 # reference (cpu).
 OTHER_DTYPES = {

@@ -197,3 +197,34 @@ def test_loss_matches_reference(b, kw, params, c, dtype):
         assert err <= grad_rel * scale + 1e-7, (err, scale)
     if not bool(keep.any()):
         assert loss.item() == 0.0 and torch.count_nonzero(g) == 0
+
+
+@settings(SETTINGS, max_examples=50)
+@given(b=batches(), kw=sampling, params=loss_params, c=st.integers(2, 24),
+       dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
+def test_large_features_match_reference(b, kw, params, c, dtype, data):
+    # Features up to 1e30 (float32) or 1e250 (float64), one magnitude per ROI: the kernels rescale a pixel whose
+    # sums overflow, the reference a whole ROI (DESIGN, "Numerics"); both must give the loss of unbounded
+    # arithmetic. Gradients are compared ROI by ROI after multiplying back by the ROI's magnitude.
+    masks, novel = b["masks"], b["is_novel"]
+    n, h, w = masks.shape
+    labels = ref.partition(masks, b["cams"], novel, delta=b["delta"], valid=b["valid"])
+    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, **kw)
+    if params["formulation"] == "released":  # see the module's docstring
+        flat = labels.flatten(1)[keep]
+        assume(bool(((flat == 1).sum(1) != 1).all() and ((flat == 0).sum(1) != 1).all()))
+    top = 30 if dtype == torch.float32 else 250
+    exponents = data.draw(st.lists(st.sampled_from([0, 10, 19, top]) | st.integers(0, top), min_size=n, max_size=n))
+    magnitude = torch.tensor([10.0 ** e for e in exponents], dtype=torch.float64)
+    sign = (labels == 1).double() * 2 - 1
+    direction = torch.randn(c, generator=b["g"], dtype=torch.float64)
+    z = torch.randn(n, c, h, w, generator=b["g"], dtype=torch.float64) + sign[:, None] * direction[None, :, None, None]
+    z = (z * magnitude[:, None, None, None]).to(dtype)
+    loss, g = _loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    loss_rtol, grad_rel = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=loss_rtol, atol=1e-6)
+    g, g_ref = (t.double() * magnitude[:, None, None, None] for t in (g, g_ref))
+    scale = g_ref.abs().max().item()
+    assert (g - g_ref).abs().max().item() <= grad_rel * scale + 1e-7, scale

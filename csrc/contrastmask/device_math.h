@@ -22,6 +22,10 @@ CM_HD float cm_log1p(float x) { return log1pf(x); }
 CM_HD double cm_log1p(double x) { return log1p(x); }
 CM_HD float cm_sqrt(float x) { return sqrtf(x); }
 CM_HD double cm_sqrt(double x) { return sqrt(x); }
+CM_HD float cm_frexp(float x, int* e) { return frexpf(x, e); }
+CM_HD double cm_frexp(double x, int* e) { return frexp(x, e); }
+CM_HD float cm_ldexp(float x, int e) { return ldexpf(x, e); }
+CM_HD double cm_ldexp(double x, int e) { return ldexp(x, e); }
 
 // Bit counting on 64-bit words (row bitmasks of the plan).
 CM_HD int cm_popcount64(uint64_t x) {

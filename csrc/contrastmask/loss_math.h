@@ -107,40 +107,146 @@ CM_HD void similarity_grads(uint8_t bits, acc_t s_pos, acc_t s_neg, const acc_t*
   *g_neg = g[1] * scale;
 }
 
-// Cosine of one pixel against one query, from the accumulated dot product and squared norm:
-// "paper": s = q.z / (|q| |z|); "released": s = q.(z - q) / (|q| |z - q|).
+// Large features (DESIGN, "Numerics"). Squares and products of float32 features overflow once |z|
+// reaches about 1e18. A pixel whose cosines overflow is computed again with its key vector and each query
+// multiplied by powers of two (feature_scale of their largest component): a cosine does not change when
+// either of its two vectors is scaled, and a power-of-two product is exact, so the result is what
+// unbounded arithmetic gives. Every other pixel is computed unscaled, as it always was.
+// feature_scale(m) brings m to [2^(top-1), 2^top) when it is above 2^top, else 1; top = 32 (float) or
+// 256 (double) keeps C * 2^(2 top) far from overflow.
 template <typename acc_t>
-CM_HD acc_t clamped_norm(acc_t n) { return n > acc_t(kNormEps) ? n : acc_t(kNormEps); }
+CM_HD int scale_exponent() { return sizeof(acc_t) == 4 ? 32 : 256; }
 
-// Backward coefficients of one pixel for one query side, given dL/ds = gs (see docs/DESIGN.md):
-//   dL/dq   += alpha * z + beta * q      (reduced over pixels)
-//   dL/dz_i += gamma * q + b * z_i       (written per pixel)
-// qn / kn: unclamped norms of the query and of the key vector in the cosine (z or z - q).
+template <typename acc_t>
+CM_HD acc_t feature_scale(acc_t max_abs) {
+  const int top = scale_exponent<acc_t>();
+  // Not above the bound, NaN or inf: c = 1 (a NaN or inf feature then gives NaN, as without scaling).
+  if (!(max_abs > cm_ldexp(acc_t(1), top)) || max_abs - max_abs != acc_t(0)) return acc_t(1);
+  int e = 0;
+  cm_frexp(max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
+  return cm_ldexp(acc_t(1), top - e);
+}
+
+template <typename acc_t>
+CM_HD bool is_finite(acc_t x) { return x - x == acc_t(0); }
+
+template <typename acc_t>
+CM_HD acc_t abs_value(acc_t x) { return x < acc_t(0) ? -x : x; }
+
+// |x| of a row of n values (a query) that does not overflow: squares summed on x * feature_scale(max |x_i|).
+template <typename acc_t>
+CM_HD acc_t scaled_row_norm(const acc_t* x, int64_t n) {
+  acc_t m = acc_t(0);
+  for (int64_t i = 0; i < n; ++i) m = nan_max(m, abs_value(x[i]));
+  const acc_t c = feature_scale(m);
+  acc_t ss = acc_t(0);
+  for (int64_t i = 0; i < n; ++i) ss += (x[i] * c) * (x[i] * c);
+  return cm_sqrt(ss) / c;
+}
+
+// Cosine of one pixel against one query, from the accumulated dot product and the norms:
+// "paper": s = q.z / (|q| |z|); "released": s = q.(z - q) / (|q| |z - q|); each norm clamped at eps.
+template <typename acc_t>
+CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps ? n : eps; }
+
+// One pixel's cosines with q+ and q-, and the (unscaled) norms of its key vectors.
+template <typename acc_t>
+struct PixelCosines {
+  acc_t s_pos, s_neg, kn_pos, kn_neg;
+};
+
+// The cosines from the pixel's unscaled sums (dot products and squared key norms), or false when they
+// overflowed: the pixel is then computed again by rescaled_pixel_cosines.
+template <typename acc_t>
+CM_HD bool pixel_cosines_from_sums(acc_t dot_p, acc_t dot_m, acc_t kk_p, acc_t kk_m, acc_t qn_p, acc_t qn_m,
+                                   bool centred_keys, PixelCosines<acc_t>* out) {
+  const acc_t kp = cm_sqrt(kk_p), km = centred_keys ? cm_sqrt(kk_m) : kp;
+  const acc_t den_p = clamped_norm(qn_p) * clamped_norm(kp), den_m = clamped_norm(qn_m) * clamped_norm(km);
+  out->s_pos = dot_p / den_p;
+  out->s_neg = dot_m / den_m;
+  out->kn_pos = kp;
+  out->kn_neg = km;
+  return is_finite(dot_p) && is_finite(dot_m) && is_finite(den_p) && is_finite(den_m);
+}
+
+// A pixel's cosines for a pixel whose unscaled sums overflowed: each query q is taken as q * cq and the
+// key vector k (z, or z - q) as k * ck, cq and ck from feature_scale; the clamp eps scales with each.
+// zi[k * stride], k < C: the pixel's features; qp, qm: the group's queries; qn_p, qn_m: their norms.
+template <typename scalar_t, typename acc_t>
+CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t stride, int64_t C, const acc_t* qp,
+                                                 const acc_t* qm, acc_t qn_p, acc_t qn_m, bool centred_keys) {
+  acc_t mz = acc_t(0), mp = acc_t(0), mm = acc_t(0);
+  for (int64_t k = 0; k < C; ++k) {
+    mz = nan_max(mz, abs_value(static_cast<acc_t>(zi[k * stride])));
+    mp = nan_max(mp, abs_value(qp[k]));
+    mm = nan_max(mm, abs_value(qm[k]));
+  }
+  const acc_t cqp = feature_scale(mp), cqm = feature_scale(mm);
+  // |z - q| <= |z| + |q|: the centred key is scaled by the larger of the two.
+  const acc_t ckp = feature_scale(centred_keys ? nan_max(mz, mp) : mz);
+  const acc_t ckm = centred_keys ? feature_scale(nan_max(mz, mm)) : ckp;
+  acc_t dot_p = 0, dot_m = 0, kk_p = 0, kk_m = 0;
+  for (int64_t k = 0; k < C; ++k) {
+    const acc_t v = static_cast<acc_t>(zi[k * stride]);
+    const acc_t a = qp[k] * cqp, b = qm[k] * cqm;
+    if (centred_keys) {
+      const acc_t up = (v - qp[k]) * ckp, um = (v - qm[k]) * ckm;
+      dot_p += a * up;
+      dot_m += b * um;
+      kk_p += up * up;
+      kk_m += um * um;
+    } else {
+      const acc_t u = v * ckp;
+      dot_p += a * u;
+      dot_m += b * u;
+      kk_p += u * u;
+    }
+  }
+  const acc_t eps = acc_t(kNormEps);
+  const acc_t kp = cm_sqrt(kk_p), km = centred_keys ? cm_sqrt(kk_m) : kp;
+  PixelCosines<acc_t> r;
+  r.s_pos = dot_p / (clamped_norm(qn_p * cqp, eps * cqp) * clamped_norm(kp, eps * ckp));
+  r.s_neg = dot_m / (clamped_norm(qn_m * cqm, eps * cqm) * clamped_norm(km, eps * ckm));
+  r.kn_pos = kp / ckp;
+  r.kn_neg = km / ckm;
+  return r;
+}
+
+// Backward of one cosine s = q.k / (max(|q|, eps) max(|k|, eps)) given dL/ds = gs, with k = z or, with
+// centred keys, k = z - q. It is written on the unit vectors q^ = q / max(|q|, eps) and
+// u = k / max(|k|, eps) (see docs/DESIGN.md, "Numerics"):
+//   dL/dz_i += gamma q^ + b u_i          (per pixel)
+//   dL/dq   += a u_i + beta q^           (summed over pixels)
+// qn / kn: unscaled, unclamped norms of the query and of the key vector. Each coefficient is about
+// gs / |q| or gs / |k|, never the product of two inverse norms, which underflows float32 for |z| ~ 1e19.
 template <typename acc_t>
 struct CosGrad {
-  acc_t alpha, beta, gamma, b;
+  acc_t a, beta, gamma, b;
 };
 
 template <typename acc_t>
 CM_HD CosGrad<acc_t> cosine_backward(acc_t gs, acc_t s, acc_t qn, acc_t kn, bool centred_keys) {
   const acc_t eps = acc_t(kNormEps);
-  const acc_t Nq = clamped_norm(qn), Nk = clamped_norm(kn);
-  const acc_t inv_qk = acc_t(1) / (Nq * Nk);
-  const acc_t q_term = qn > eps ? s / (Nq * Nq) : acc_t(0);  // from d|q|/dq, zero where clamped
-  const acc_t k_term = kn > eps ? s / (Nk * Nk) : acc_t(0);  // from d|k|/dk
+  const acc_t iq = acc_t(1) / clamped_norm(qn), ik = acc_t(1) / clamped_norm(kn);
+  // The terms of d|q|/dq and d|k|/dk, zero where the norm is clamped.
+  const acc_t q_term = qn > eps ? gs * s * iq : acc_t(0);
+  const acc_t k_term = kn > eps ? gs * s * ik : acc_t(0);
   CosGrad<acc_t> c;
-  c.gamma = gs * (inv_qk + (centred_keys ? k_term : acc_t(0)));
-  c.b = -gs * k_term;
+  c.gamma = gs * ik;
+  c.b = -k_term;
   if (!centred_keys) {
-    c.alpha = gs * inv_qk;
-    c.beta = -gs * q_term;
+    c.a = gs * iq;
+    c.beta = -q_term;
   } else {
     // k = z - q: ds/dq = ds/dq|_k - ds/dk.
-    const acc_t A = inv_qk + k_term;
-    c.alpha = gs * A;
-    c.beta = -gs * (A + q_term + inv_qk);
+    c.a = gs * iq + k_term;
+    c.beta = -q_term - c.gamma;
   }
   return c;
 }
+
+// 1 / max(|k|, eps): the factor that turns a key vector k into the unit vector u of cosine_backward.
+template <typename acc_t>
+CM_HD acc_t inverse_norm(acc_t n) { return acc_t(1) / clamped_norm(n); }
 
 }  // namespace contrastmask

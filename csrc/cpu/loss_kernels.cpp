@@ -75,14 +75,11 @@ void query_weights(const Job& job, std::vector<acc_t>& w) {
   }
 }
 
+// |q+|, |q-| of each group (unscaled; no overflow for large queries).
 template <typename Job, typename acc_t>
 void query_norms(const Job& job, std::vector<acc_t>& norms) {
   norms.assign(job.G * 2, acc_t(0));
-  for (int64_t gs = 0; gs < job.G * 2; ++gs) {
-    acc_t ss = 0;
-    for (int64_t c = 0; c < job.C; ++c) ss += job.queries[gs * job.C + c] * job.queries[gs * job.C + c];
-    norms[gs] = cm_sqrt(ss);
-  }
+  for (int64_t gs = 0; gs < job.G * 2; ++gs) norms[gs] = scaled_row_norm(job.queries + gs * job.C, job.C);
 }
 
 // The forward's stages, named as in the CUDA file: partition sums (the queries), cosines, the
@@ -118,8 +115,16 @@ void partition_sums(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t
   }
 }
 
+// Out of line: the rare path (|z| beyond ~1e18) inlined into cosines() slows its vectorised loops.
+template <typename scalar_t, typename acc_t>
+[[gnu::noinline, gnu::cold]] PixelCosines<acc_t> rescaled_cosines(const scalar_t* zi, int64_t P, int64_t C,
+                                                                  const acc_t* qp, const acc_t* qm, acc_t qn_p,
+                                                                  acc_t qn_m, bool centred) {
+  return rescaled_pixel_cosines(zi, P, C, qp, qm, qn_p, qn_m, centred);
+}
+
 // Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group, and the norms of
-// the key vectors (pixstats).
+// the key vectors (pixstats); a pixel whose sums overflow is computed again rescaled (loss_math.h).
 template <typename scalar_t, typename acc_t>
 void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnorm) {
   const int64_t N = job.N, C = job.C, P = job.P;
@@ -157,13 +162,14 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
         }
       }
       acc_t* st = job.pixstats + n * 4 * P;
-      const acc_t nqp = clamped_norm(qnorm[g * 2]), nqm = clamped_norm(qnorm[g * 2 + 1]);
       for (int64_t i = 0; i < P; ++i) {
-        const acc_t kp = cm_sqrt(kk_p[i]), km = centred ? cm_sqrt(kk_m[i]) : kp;
-        st[i] = dot_p[i] / (nqp * clamped_norm(kp));
-        st[P + i] = dot_m[i] / (nqm * clamped_norm(km));
-        st[2 * P + i] = kp;
-        st[3 * P + i] = km;
+        PixelCosines<acc_t> r;
+        if (!pixel_cosines_from_sums(dot_p[i], dot_m[i], kk_p[i], kk_m[i], qnorm[g * 2], qnorm[g * 2 + 1], centred, &r))
+          r = rescaled_cosines(job.z_row(n, 0) + i, P, C, qp, qm, qnorm[g * 2], qnorm[g * 2 + 1], centred);
+        st[i] = r.s_pos;
+        st[P + i] = r.s_neg;
+        st[2 * P + i] = r.kn_pos;
+        st[3 * P + i] = r.kn_neg;
       }
     }
   });
@@ -262,9 +268,12 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
   return group_terms(job, positive_sums(job));
 }
 
+// The backward in the unit vectors of cosine_backward (loss_math.h): u = (z - q) / |z - q| with centred
+// keys, else z / |z|, and q^ = q / |q|.
 template <typename scalar_t, typename acc_t>
 void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz) {
   const int64_t N = job.N, C = job.C, P = job.P;
+  const bool centred = job.params.centred_keys();
   int64_t kept = 0;
   for (int64_t n = 0; n < N; ++n) kept += job.keep[n];
   // Upstream gradient times the groups' weight in the loss (mean over ROIs without sharing).
@@ -272,11 +281,13 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   std::vector<acc_t> w, qnorm;
   query_weights(job, w);
   query_norms(job, qnorm);
+  std::vector<acc_t> unit_queries(job.G * 2 * C);
+  for (int64_t k = 0; k < job.G * 2 * C; ++k) unit_queries[k] = job.queries[k] * inverse_norm(qnorm[k / C]);
 
-  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i alpha_i z_i and sum_i beta_i.
+  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i a_i u_i and sum_i beta_i.
   // kInFg/kInBg: 1 where the pixel is in the foreground/background partition (floats, so that pass 2
-  // is one vectorisable loop over float arrays).
-  enum { kAlphaP, kAlphaM, kGammaP, kGammaM, kB, kInFg, kInBg, kNumCoef };
+  // is one vectorisable loop over float arrays). kInvP/kInvM: 1 / |k| of each side's key vector.
+  enum { kAP, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kInFg, kInBg, kNumCoef };
   std::vector<acc_t> coef(N * kNumCoef * P, acc_t(0));
   std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0)), roi_beta(N * 2, acc_t(0));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -298,31 +309,35 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         acc_t gs[2];
         similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, &gs[0], &gs[1]);
         for (int side = 0; side < 2; ++side) {
-          const CosGrad<acc_t> cg =
-              cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], st[(2 + side) * P + i], job.params.centred_keys());
-          cf[(kAlphaP + side) * P + i] = cg.alpha;
+          const acc_t kn = st[(2 + side) * P + i];
+          const CosGrad<acc_t> cg = cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], kn, centred);
+          cf[(kAP + side) * P + i] = cg.a;
           cf[(kGammaP + side) * P + i] = cg.gamma;
-          cf[kB * P + i] += cg.b;
+          cf[(kBP + side) * P + i] = cg.b;
+          cf[(kInvP + side) * P + i] = inverse_norm(kn);
           beta[side] += cg.beta;
         }
       }
       roi_beta[n * 2] = beta[0];
       roi_beta[n * 2 + 1] = beta[1];
+      const acc_t *ap = cf + kAP * P, *am = cf + kAM * P, *ip = cf + kInvP * P, *im = cf + kInvM * P;
+      const acc_t* q = job.queries + g * 2 * C;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
+        const acc_t qp = centred ? q[c] : acc_t(0), qm = centred ? q[C + c] : acc_t(0);
         acc_t sp[kLanes] = {}, sm[kLanes] = {};
         for_each_lane(P, [&](int j, int64_t i) {
-          const acc_t ap = cf[kAlphaP * P + i], am = cf[kAlphaM * P + i];
-          const acc_t v = static_cast<acc_t>(row[i]), apv = ap * v, amv = am * v;
-          sp[j] += ap != acc_t(0) ? apv : acc_t(0);
-          sm[j] += am != acc_t(0) ? amv : acc_t(0);
+          const acc_t v = static_cast<acc_t>(row[i]);
+          const acc_t up = (v - qp) * ip[i] * ap[i], um = (v - qm) * im[i] * am[i];
+          sp[j] += ap[i] != acc_t(0) ? up : acc_t(0);
+          sm[j] += am[i] != acc_t(0) ? um : acc_t(0);
         });
         roi_dq[(n * 2) * C + c] = combine_lanes(sp);
         roi_dq[(n * 2 + 1) * C + c] = combine_lanes(sm);
       }
     }
   });
-  // dL/dq per group, in ROI order: sum_n (sum_i alpha_i z_i) + (sum_n beta_n) q.
+  // dL/dq per group, in ROI order: sum_n (sum_i a_i u_i) + (sum_n beta_n) q^.
   std::vector<acc_t> dq(job.G * 2 * C, acc_t(0)), beta(job.G * 2, acc_t(0));
   for (int64_t n = 0; n < N; ++n) {
     if (!job.keep[n]) continue;
@@ -332,7 +347,7 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
     beta[g * 2 + 1] += roi_beta[n * 2 + 1];
   }
   for (int64_t gs = 0; gs < job.G * 2; ++gs)
-    for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += beta[gs] * job.queries[gs * C + c];
+    for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += beta[gs] * unit_queries[gs * C + c];
 
   // Pass 2 over z: dz = partition term (through the queries) + cosine terms of key pixels.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -344,25 +359,29 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       }
       const int64_t g = job.group(n);
       const acc_t* cf = coef.data() + n * kNumCoef * P;
-      const acc_t *in_fg = cf + kInFg * P, *in_bg = cf + kInBg * P, *bs = cf + kB * P;
-      const acc_t *gp = cf + kGammaP * P, *gm = cf + kGammaM * P;
-      const acc_t* qp = job.queries + g * 2 * C;
-      const acc_t* qm = qp + C;
+      const acc_t *in_fg = cf + kInFg * P, *in_bg = cf + kInBg * P;
+      const acc_t *gp = cf + kGammaP * P, *gm = cf + kGammaM * P, *bp = cf + kBP * P, *bm = cf + kBM * P;
+      const acc_t *ip = cf + kInvP * P, *im = cf + kInvM * P;
+      const acc_t* q = job.queries + g * 2 * C;
+      const acc_t* hat_p = unit_queries.data() + g * 2 * C;
+      const acc_t* hat_m = hat_p + C;
       const acc_t* dqp = dq.data() + g * 2 * C;
       const acc_t* dqm = dqp + C;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
         scalar_t* orow = out + c * P;
-        const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c], qpc = qp[c], qmc = qm[c];
+        const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c], hp = hat_p[c], hm = hat_m[c];
+        const acc_t qp = centred ? q[c] : acc_t(0), qm = centred ? q[C + c] : acc_t(0);
         // Selects, not products, keep a NaN in an ignored non-key pixel out of dz (DESIGN, "NaN"); one of
         // the two partition selects is 0, so d equals the partition term exactly.
         // Products are taken unconditionally and then selected: a conditional product is a branch the
         // compiler may not turn into vector blends (it could trap where the branch would not).
         for (int64_t i = 0; i < P; ++i) {
-          const acc_t b = bs[i], bz = b * static_cast<acc_t>(row[i]);
+          const acc_t v = static_cast<acc_t>(row[i]);
+          const acc_t up = bp[i] * ((v - qp) * ip[i]), um = bm[i] * ((v - qm) * im[i]);
           acc_t d = (in_fg[i] != acc_t(0) ? pf : acc_t(0)) + (in_bg[i] != acc_t(0) ? pb : acc_t(0));
-          d += gp[i] * qpc + gm[i] * qmc;
-          d += b != acc_t(0) ? bz : acc_t(0);
+          d += gp[i] * hp + gm[i] * hm;
+          d += (bp[i] != acc_t(0) ? up : acc_t(0)) + (bm[i] != acc_t(0) ? um : acc_t(0));
           orow[i] = static_cast<scalar_t>(d);
         }
       }

@@ -7,14 +7,15 @@
 //   partition_sums block per (ROI, 32 ch)  pass 1 over z: w * sum of z over each partition
 //   sum_over_rois  fixed-shape tree        queries (G, 2, C)
 //   query_norms    warp per query         |q+|, |q-| of each group
-//   cosines        block per (ROI, 256 px) pass 2 over z: pixstats, per-block log-sum-exp partials
+//   cosines        block per (ROI, 256 px) pass 2 over z: pixstats (a pixel whose sums overflow is computed
+//                                          again rescaled, loss_math.h), per-block log-sum-exp partials
 //   group_lse      warp per group         termstats[.., kLse] (shared queries: after a chunk tree)
 //   positive_sums  block per (ROI, 256 px) per-block sums of (L_p - s_p/t), exp(lse - L_p), |P|
 //   group_terms    warp per group         termstats ratio, 1/|P|, value (shared queries: after a chunk tree)
 //   write_loss     one block              loss in z's dtype
 // Backward: roi_counts, roi_weights (with the upstream gradient read on the device), query_norms,
 // pixel_coefficients (similarity_grads + cosine_backward per key pixel), weighted_sums (pass 1 over z:
-// sum_i alpha_i z_i per ROI), sum_over_rois (dL/dq per group), write_dz (pass 2 over z).
+// sum_i a_i u_i per ROI, u_i the unit key vector), sum_over_rois (dL/dq per group), write_dz (pass 2 over z).
 // No float atomics anywhere: reductions go through trees of fixed shape (reduce.cuh, chunk kernels),
 // so two runs give the same bits.
 #include <ATen/ATen.h>
@@ -45,7 +46,9 @@ constexpr int kPixelsPerBlock = kThreads;  // pixel-chunk kernels: one pixel per
 constexpr int kChannelsPerWarp = 4;   // channel-sum kernels: a warp sums 4 channels, reusing its pixel weights
 constexpr int kChannelsPerBlock = kChannelsPerWarp * (kThreads / kWarp);
 constexpr int kPosStats = 3;          // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|
-enum Coef : int { kAlphaP = 0, kAlphaM, kGammaP, kGammaM, kB, kNumCoef };
+// Per key pixel and side (P, M): coefficients of cosine_backward and 1 / |k| of the side's key vector.
+enum Coef : int { kAP = 0, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kNumCoef };
+
 
 // Grids are 1-D so that N is not limited to 65535.
 void check_grid(int64_t blocks) {
@@ -153,34 +156,39 @@ __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t
   }
 }
 
-// Backward pass 1: out[n][side][c] = sum_i alpha_side_i z[n, c, i] (terms with alpha = 0 left out,
-// as on the CPU, so a NaN in an unused pixel stays out).
+// Backward pass 1: out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
+// keys, else z / |z| (terms with a = 0 left out, as on the CPU, so a NaN in an unused pixel stays out).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t* z, const acc_t* coef,
-                                                                 const bool* keep, int64_t C, int64_t P,
-                                                                 int64_t channel_blocks, acc_t* out) {
+                                                                 const bool* keep, const acc_t* queries,
+                                                                 bool centred_keys, bool share_queries, int64_t C,
+                                                                 int64_t P, int64_t channel_blocks, acc_t* out) {
   const int64_t n = blockIdx.x / channel_blocks;
   if (!keep[n]) return;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t c0 = (blockIdx.x % channel_blocks) * kChannelsPerBlock + warp * kChannelsPerWarp;
   if (c0 >= C) return;
-  const acc_t* alpha_p = coef + (n * kNumCoef + kAlphaP) * P;
-  const acc_t* alpha_m = coef + (n * kNumCoef + kAlphaM) * P;
-  acc_t sp[kChannelsPerWarp], sm[kChannelsPerWarp];
+  const acc_t* cf = coef + n * kNumCoef * P;
+  const acc_t* q = queries + (share_queries ? 0 : n) * 2 * C;
+  acc_t sp[kChannelsPerWarp], sm[kChannelsPerWarp], qp[kChannelsPerWarp], qm[kChannelsPerWarp];
   const scalar_t* rows[kChannelsPerWarp];
 #pragma unroll
   for (int j = 0; j < kChannelsPerWarp; ++j) {
     sp[j] = sm[j] = acc_t(0);
-    rows[j] = z + (n * C + (c0 + j < C ? c0 + j : C - 1)) * P;
+    const int64_t c = c0 + j < C ? c0 + j : C - 1;
+    rows[j] = z + (n * C + c) * P;
+    qp[j] = centred_keys ? q[c] : acc_t(0);
+    qm[j] = centred_keys ? q[C + c] : acc_t(0);
   }
   for (int64_t i = lane; i < P; i += kWarp) {
-    const acc_t ap = alpha_p[i], am = alpha_m[i];
+    const acc_t ap = cf[kAP * P + i], am = cf[kAM * P + i];
     if (ap == acc_t(0) && am == acc_t(0)) continue;
+    const acc_t ip = cf[kInvP * P + i], im = cf[kInvM * P + i];
 #pragma unroll
     for (int j = 0; j < kChannelsPerWarp; ++j) {
       const acc_t v = static_cast<acc_t>(rows[j][i]);
-      sp[j] += ap != acc_t(0) ? ap * v : acc_t(0);
-      sm[j] += am != acc_t(0) ? am * v : acc_t(0);
+      sp[j] += ap != acc_t(0) ? (v - qp[j]) * ip * ap : acc_t(0);
+      sm[j] += am != acc_t(0) ? (v - qm[j]) * im * am : acc_t(0);
     }
   }
 #pragma unroll
@@ -325,23 +333,29 @@ void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// norms[row] = |queries[row]| for the G * 2 rows of length C; a warp per row.
+// norms[row] = |queries[row]| for the G * 2 rows of length C; a warp per row. The squares are summed
+// on the row times feature_scale of its largest |q| (loss_math.h, scaled_row_norm), so they do not overflow.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* queries, int64_t rows, int64_t C,
                                                                acc_t* norms) {
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;  // whole warps leave together
+  const acc_t* q = queries + row * C;
+  acc_t m = acc_t(0);
+  for (int64_t c = lane; c < C; c += kWarp) m = nan_max(m, q[c] < acc_t(0) ? -q[c] : q[c]);
+  const acc_t scale = feature_scale(cuda::warp_max(m));
   acc_t ss = acc_t(0);
-  for (int64_t c = lane; c < C; c += kWarp) ss += queries[row * C + c] * queries[row * C + c];
+  for (int64_t c = lane; c < C; c += kWarp) ss += (q[c] * scale) * (q[c] * scale);
   ss = warp_sum(ss);
-  if (lane == 0) norms[row] = cm_sqrt(ss);
+  if (lane == 0) norms[row] = cm_sqrt(ss) / scale;
 }
 
 // ---------------------------------------------------------------- forward pass 2 and term statistics
 
 // Cosines of every pixel of kept ROIs with both queries of its group (pixstats), and per block the
-// log-sum-exp of each term's negatives: lse_part[block][t] = (max, sum).
+// log-sum-exp of each term's negatives: lse_part[block][t] = (max, sum). A pixel whose sums overflow
+// (|z| beyond about 1e18 in float32) is computed again on a power-of-two scale (loss_math.h).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, const uint8_t* keys, const bool* keep,
                                                            const acc_t* queries, const acc_t* qnorms, int64_t C,
@@ -384,14 +398,15 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
         kk_p += v * v;
       }
     }
-    const acc_t kp = cm_sqrt(kk_p), km = params.centred_keys() ? cm_sqrt(kk_m) : kp;
-    const acc_t s_pos = dot_p / (clamped_norm(qnorms[g * 2]) * clamped_norm(kp));
-    const acc_t s_neg = dot_m / (clamped_norm(qnorms[g * 2 + 1]) * clamped_norm(km));
+    PixelCosines<acc_t> r;
+    if (!pixel_cosines_from_sums(dot_p, dot_m, kk_p, kk_m, qnorms[g * 2], qnorms[g * 2 + 1], params.centred_keys(), &r))
+      r = rescaled_pixel_cosines(zi, P, C, qp, qm, qnorms[g * 2], qnorms[g * 2 + 1], params.centred_keys());
+    const acc_t s_pos = r.s_pos, s_neg = r.s_neg;
     acc_t* st = pixstats + n * 4 * P + i;
     st[0] = s_pos;
     st[P] = s_neg;
-    st[2 * P] = kp;
-    st[3 * P] = km;
+    st[2 * P] = r.kn_pos;
+    st[3 * P] = r.kn_neg;
     const uint8_t bits = keys[n * P + i];
 #pragma unroll
     for (int t = 0; t < kNumTerms; ++t)
@@ -542,7 +557,8 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
   const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   acc_t beta[2] = {acc_t(0), acc_t(0)};
   if (i < P) {
-    acc_t alpha[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b = acc_t(0);
+    acc_t a[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b[2] = {acc_t(0), acc_t(0)},
+          inv[2] = {acc_t(0), acc_t(0)};
     const uint8_t bits = keys[n * P + i];
     if (bits) {
       const acc_t* st = pixstats + n * 4 * P + i;
@@ -551,20 +567,24 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
                        &gs[1]);
 #pragma unroll
       for (int side = 0; side < 2; ++side) {
-        const CosGrad<acc_t> cg =
-            cosine_backward(gs[side], st[side * P], qnorms[g * 2 + side], st[(2 + side) * P], params.centred_keys());
-        alpha[side] = cg.alpha;
+        const acc_t kn = st[(2 + side) * P];
+        const CosGrad<acc_t> cg = cosine_backward(gs[side], st[side * P], qnorms[g * 2 + side], kn, params.centred_keys());
+        a[side] = cg.a;
         gamma[side] = cg.gamma;
-        b += cg.b;
+        b[side] = cg.b;
+        inv[side] = inverse_norm(kn);
         beta[side] += cg.beta;
       }
     }
     acc_t* cf = coef + n * kNumCoef * P + i;
-    cf[kAlphaP * P] = alpha[0];
-    cf[kAlphaM * P] = alpha[1];
+    cf[kAP * P] = a[0];
+    cf[kAM * P] = a[1];
     cf[kGammaP * P] = gamma[0];
     cf[kGammaM * P] = gamma[1];
-    cf[kB * P] = b;
+    cf[kBP * P] = b[0];
+    cf[kBM * P] = b[1];
+    cf[kInvP * P] = inv[0];
+    cf[kInvM * P] = inv[1];
   }
   const acc_t b0 = block_sum(beta[0], scratch);
   if (threadIdx.x == 0) bp[0] = b0;
@@ -573,13 +593,14 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
 }
 
 // Pass 2: dz = partition term (through the queries: w * dL/dq) + cosine terms of key pixels, with
-// dL/dq = sum_n sum_i alpha_i z_i + (sum beta) q. Dropped ROIs get zeros.
+// dL/dq = sum_n sum_i a_i u_i + (sum beta) q^ and q^ = q / |q|. Dropped ROIs get zeros.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, const int8_t* labels, const bool* keep,
                                                             const acc_t* coef, const acc_t* queries,
-                                                            const acc_t* dq_sums, const acc_t* beta, const acc_t* w,
-                                                            int64_t C, int64_t P, int64_t pixel_blocks,
-                                                            bool share_queries, scalar_t* dz) {
+                                                            const acc_t* qnorms, const acc_t* dq_sums,
+                                                            const acc_t* beta, const acc_t* w, int64_t C, int64_t P,
+                                                            int64_t pixel_blocks, bool share_queries,
+                                                            bool centred_keys, scalar_t* dz) {
   const int64_t n = blockIdx.x / pixel_blocks;
   const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   if (i >= P) return;
@@ -594,20 +615,26 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
   const acc_t* sp = dq_sums + g * 2 * C;
   const acc_t* sm = sp + C;
   const acc_t beta_p = beta[g * 2], beta_m = beta[g * 2 + 1];
+  const acc_t inv_qp = inverse_norm(qnorms[g * 2]), inv_qm = inverse_norm(qnorms[g * 2 + 1]);
   const int8_t label = labels[n * P + i];
   // Weight of this pixel's partition in its query (0 for ignored pixels).
   const acc_t wp = label == kForeground ? w[n * 2] : acc_t(0);
   const acc_t wm = label == kBackground ? w[n * 2 + 1] : acc_t(0);
   const acc_t* cf = coef + n * kNumCoef * P + i;
-  const acc_t gamma_p = cf[kGammaP * P], gamma_m = cf[kGammaM * P], b = cf[kB * P];
+  const acc_t gamma_p = cf[kGammaP * P], gamma_m = cf[kGammaM * P], b_p = cf[kBP * P], b_m = cf[kBM * P];
+  const acc_t inv_p = cf[kInvP * P], inv_m = cf[kInvM * P];
   const scalar_t* zi = z + n * C * P + i;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t a = qp[c], m = qm[c];
+    const acc_t hat_p = qp[c] * inv_qp, hat_m = qm[c] * inv_qm;  // as the CPU's unit_queries
     acc_t d = acc_t(0);
-    if (label == kForeground) d = wp * (sp[c] + beta_p * a);
-    if (label == kBackground) d = wm * (sm[c] + beta_m * m);
-    d += gamma_p * a + gamma_m * m;
-    if (b != acc_t(0)) d += b * static_cast<acc_t>(zi[c * P]);
+    if (label == kForeground) d = wp * (sp[c] + beta_p * hat_p);
+    if (label == kBackground) d = wm * (sm[c] + beta_m * hat_m);
+    d += gamma_p * hat_p + gamma_m * hat_m;
+    if (b_p != acc_t(0) || b_m != acc_t(0)) {
+      const acc_t v = static_cast<acc_t>(zi[c * P]);
+      const acc_t cp = centred_keys ? qp[c] : acc_t(0), cm = centred_keys ? qm[c] : acc_t(0);
+      d += (b_p != acc_t(0) ? b_p * ((v - cp) * inv_p) : acc_t(0)) + (b_m != acc_t(0) ? b_m * ((v - cm) * inv_m) : acc_t(0));
+    }
     out[c * P] = static_cast<scalar_t>(d);
   }
 }
@@ -788,8 +815,10 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 
     // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(),
-              weighted_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p, s.C,
-                                                     s.P, s.channel_blocks, roi_dq.data_ptr<acc_t>());
+              weighted_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p,
+                                                     queries_c.data_ptr<acc_t>(), params.centred_keys(),
+                                                     share_queries, s.C, s.P, s.channel_blocks,
+                                                     roi_dq.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
                                 dq_sums.data_ptr<acc_t>(), acc_opts);
@@ -799,8 +828,8 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     // Pass 2 over z: dz.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
-        queries_c.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), w.data_ptr<acc_t>(), s.C,
-        s.P, s.pixel_blocks, share_queries, dz.data_ptr<scalar_t>());
+        queries_c.data_ptr<acc_t>(), qnorms.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+        w.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params.centred_keys(), dz.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dz;

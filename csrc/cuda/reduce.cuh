@@ -22,6 +22,16 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Maximum over the 32 lanes of values >= 0 (a NaN is dropped unless every lane has one).
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    const T o = __shfl_xor_sync(kFullMask, v, offset);
+    v = o > v || v != v ? o : v;
+  }
+  return v;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0.
 // `scratch` holds kMaxBlockWarps values; the call synchronises the block and may be repeated.
 template <typename T>
