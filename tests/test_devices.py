@@ -423,7 +423,8 @@ def test_every_roi_dropped_gives_zero_loss_and_zero_grad(device, formulation):
 @pytest.mark.parametrize("share_queries", [True, False])
 def test_caller_made_keep(device, share_queries):
     # keep from the caller: a kept ROI with an empty foreground, one with an empty background, and a
-    # dropped ROI whose keys are set (DESIGN decisions 4 and 5).
+    # dropped ROI whose keys are set (DESIGN, "Queries for kept ROIs with an empty partition" and "Keys of
+    # dropped ROIs are ignored").
     z, labels, keys, keep = cpu_loss_inputs(6, (13, 21), 16, torch.float32, 11)
     labels, keys, keep = labels.clone(), keys.clone(), keep.clone()
     labels[0][labels[0] == 1] = 0

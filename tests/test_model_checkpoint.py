@@ -1,4 +1,4 @@
-"""Checkpoints are data, not code (issue 12): weights-only loading, clear refusals, crash-safe writes,
+"""Checkpoints are data, not code: weights-only loading, clear refusals, crash-safe writes,
 loud backbone-weight mismatches, and exact resume after a SIGKILL."""
 import json
 import os

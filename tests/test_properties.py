@@ -171,17 +171,24 @@ def _loss_and_grad(fn, z, *args, **kw):
     return loss.detach(), g
 
 
+def _loss_plan(b, kw, formulation):
+    """(labels, keys, keep) of the batch by the reference, skipping the "released" batches the module's
+    docstring leaves out."""
+    masks, novel = b["masks"], b["is_novel"]
+    labels = ref.partition(masks, b["cams"], novel, delta=b["delta"], valid=b["valid"])
+    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, **kw)
+    if formulation == "released":
+        flat = labels.flatten(1)[keep]
+        assume(bool(((flat == 1).sum(1) != 1).all() and ((flat == 0).sum(1) != 1).all()))
+    return labels, keys, keep
+
+
 @SETTINGS
 @given(b=batches(), kw=sampling, params=loss_params, c=st.integers(1, 24),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
 def test_loss_matches_reference(b, kw, params, c, dtype):
-    masks, novel = b["masks"], b["is_novel"]
-    n, h, w = masks.shape
-    labels = ref.partition(masks, b["cams"], novel, delta=b["delta"], valid=b["valid"])
-    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, **kw)
-    if params["formulation"] == "released":  # see the module's docstring
-        flat = labels.flatten(1)[keep]
-        assume(bool(((flat == 1).sum(1) != 1).all() and ((flat == 0).sum(1) != 1).all()))
+    labels, keys, keep = _loss_plan(b, kw, params["formulation"])
+    n, h, w = labels.shape
     sign = (labels == 1).float() * 2 - 1
     direction = torch.randn(c, generator=b["g"])
     z = (torch.randn(n, c, h, w, generator=b["g"]) + sign[:, None] * direction[None, :, None, None]).to(dtype)
@@ -206,13 +213,8 @@ def test_large_features_match_reference(b, kw, params, c, dtype, data):
     # Features up to 1e30 (float32) or 1e250 (float64), one magnitude per ROI: the kernels rescale a pixel whose
     # sums overflow, the reference a whole ROI (DESIGN, "Numerics"); both must give the loss of unbounded
     # arithmetic. Gradients are compared ROI by ROI after multiplying back by the ROI's magnitude.
-    masks, novel = b["masks"], b["is_novel"]
-    n, h, w = masks.shape
-    labels = ref.partition(masks, b["cams"], novel, delta=b["delta"], valid=b["valid"])
-    keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, **kw)
-    if params["formulation"] == "released":  # see the module's docstring
-        flat = labels.flatten(1)[keep]
-        assume(bool(((flat == 1).sum(1) != 1).all() and ((flat == 0).sum(1) != 1).all()))
+    labels, keys, keep = _loss_plan(b, kw, params["formulation"])
+    n, h, w = labels.shape
     top = 30 if dtype == torch.float32 else 250
     exponents = data.draw(st.lists(st.sampled_from([0, 10, 19, top]) | st.integers(0, top), min_size=n, max_size=n))
     magnitude = torch.tensor([10.0 ** e for e in exponents], dtype=torch.float64)
