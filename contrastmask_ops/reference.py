@@ -241,9 +241,10 @@ def _masked_exp_sum(x: Tensor, mask: Tensor, m: Tensor, dim) -> Tensor:
 
 
 def _feature_scale(max_abs: Tensor) -> Tensor:
-    """Per ROI, the power of two c that brings the largest |z| or |q| (max_abs) to [2**(top-1), 2**top) when
-    it is above 2**top, else 1 (top = 32 for float32, 256 for float64; csrc/contrastmask/loss_math.h,
-    feature_scale). The cosines are computed on z * c and q * c: exact, and they are scale-invariant."""
+    """The power of two c that brings max_abs (a vector's largest |component|) to [2**(top-1), 2**top) when it
+    is above 2**top, else 1 (top = 32 for float32, 256 for float64; csrc/contrastmask/loss_math.h,
+    feature_scale). Each cosine takes its query and its key vector on such scales: exact, and cosines do
+    not change when one of their vectors is scaled."""
     top = SCALE_EXP[max_abs.dtype]
     big = (max_abs > 2.0 ** top) & torch.isfinite(max_abs)
     _, exponent = torch.frexp(torch.where(big, max_abs, torch.ones_like(max_abs)))  # max_abs = f * 2**e
@@ -294,17 +295,17 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
 
     # Cosines s[n, side, p] of each pixel with the ROI's two queries. A cosine does not change when one of
     # its vectors is scaled: each query is taken as q * cq and each pixel's key vector (z, or z - q) as
-    # k * ck, powers of two that are 1 unless a component is beyond 2**32 in float32 (2**256 in float64), so
-    # that squares and products stay finite (DESIGN, "Numerics"); the norm clamp scales with them.
+    # k * ck, powers of two from the vector's own largest component that are 1 unless it is beyond 2**32 in
+    # float32 (2**256 in float64), so that squares and products stay finite (DESIGN, "Numerics"); the norm
+    # clamp scales with them. The same scales as the kernels' rescaled pixels.
     with torch.no_grad():
         z_max = zf.abs().amax(dim=2)  # (N, P) largest |z| of each pixel
         q_max = q_per_roi.abs().amax(dim=2)  # (N, 2)
         cq = _feature_scale(q_max)
-        # |z - q| <= |z| + |q|: a centred key is scaled by the larger of the two
-        ck = _feature_scale(z_max[:, None, :] if formulation == "paper" else
-                            torch.maximum(z_max[:, None, :], q_max[:, :, None]))  # (N, 1 or 2, P)
     q_norm = torch.linalg.vector_norm(q_per_roi * cq[:, :, None], dim=2)  # (N, 2)
     if formulation == "paper":
+        with torch.no_grad():
+            ck = _feature_scale(z_max)[:, None, :]  # (N, 1, P)
         zs = zf * ck[:, 0, :, None]
         if share_queries:  # one query pair, one scale
             dots = (zs @ (queries[0] * _feature_scale(queries[0].abs().amax(dim=1))[:, None]).T).transpose(1, 2)
@@ -313,8 +314,14 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
         pix_norm = torch.linalg.vector_norm(zs, dim=2)[:, None, :]  # (N, 1, P)
     else:
         # "released": keys centred on the query, s = cos(q, z - q). z - q is formed first (exact for z near
-        # q) and both the dot and the norm are taken of it: q.z - |q|^2 would cancel for z near q.
-        centred = (zf[:, None, :, :] - q_per_roi[:, :, None, :]) * ck[..., None]  # (N, 2, P, C)
+        # q) and both the dot and the norm are taken of it: q.z - |q|^2 would cancel for z near q. Its scale
+        # comes from z - q itself (a key whose large components cancel keeps its digits), or from |z| + |q|
+        # where z - q overflows; z and q are scaled before the subtraction, which is exact either way.
+        with torch.no_grad():
+            d_max = (zf[:, None, :, :] - q_per_roi[:, :, None, :]).abs_().amax(dim=3)  # (N, 2, P)
+            bound = torch.where(torch.isfinite(d_max), d_max, torch.maximum(z_max[:, None, :], q_max[:, :, None]))
+            ck = _feature_scale(bound)
+        centred = (zf[:, None, :, :] * ck[..., None]).sub_(q_per_roi[:, :, None, :] * ck[..., None])  # (N, 2, P, C)
         dots = torch.matmul(centred, (q_per_roi * cq[:, :, None])[:, :, :, None]).squeeze(3)  # (N, 2, P)
         pix_norm = torch.linalg.vector_norm(centred, dim=3)
     sims = dots / (torch.maximum(q_norm, NORM_EPS * cq)[:, :, None] * torch.maximum(pix_norm, NORM_EPS * ck))

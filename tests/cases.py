@@ -33,3 +33,26 @@ def assert_grad_close(g, g_ref, rel, atol=1e-7):
     scale = g_ref.double().abs().max().item()
     err = (g.double() - g_ref.double()).abs().max().item()
     assert err <= rel * scale + atol, (err, scale)
+
+
+def extreme_feature_cases():
+    """Batches (name, z in float64, labels, keys, keep, loss kwargs) whose float32 cosines need the rescaled
+    path (DESIGN, "Numerics"); float64 computes them without rescaling, so it is their exact answer.
+    "cancelling": "released" keys whose 2**100 components cancel against the query's, leaving small ones;
+    "near_the_limit": pixels and a query of norm 4e37 (float32's limit is 3.4e38) beside pixels of norm 1."""
+    keep = torch.tensor([True])
+    labels = torch.tensor([[[1, 1, 1, 0, 0]]], dtype=torch.int8)
+    keys = torch.tensor([[[1, 1, 1, 4, 4]]], dtype=torch.uint8)  # easy foreground, easy background
+    z = torch.zeros(1, 2, 1, 5, dtype=torch.float64)
+    z[0, 0, 0] = torch.tensor([2.0**100] * 3 + [-2.0**100] * 2)
+    z[0, 1, 0] = torch.tensor([0.01, 0.03, -0.04, 0.01, -0.01])
+    released = dict(tau_easy=0.3, tau_hard=0.7, share_queries=False, formulation="released")
+    cases = [("cancelling", z, labels, keys, keep, released)]
+    z = torch.zeros(1, 16, 1, 5, dtype=torch.float64)
+    z[0, :, 0, :2] = 1e37
+    z[0, :, 0, 2] = 0.5
+    z[0, :, 0, 3] = -1.0
+    z[0, 0, 0, 4] = 1.0
+    paper = dict(tau_easy=0.7, tau_hard=0.3, share_queries=False, formulation="paper")
+    cases.append(("near_the_limit", z, labels, keys, keep, paper))
+    return cases

@@ -13,7 +13,7 @@ import torch
 
 import contrastmask_ops as cm
 from blobs import blob_batch
-from cases import assert_grad_close, loss_and_grad, loss_kwargs, plan_kwargs, random_valid
+from cases import assert_grad_close, extreme_feature_cases, loss_and_grad, loss_kwargs, plan_kwargs, random_valid
 from contrastmask_ops import reference as ref
 from devices import has_gpu
 
@@ -303,9 +303,9 @@ def test_smallest_temperature_gives_a_finite_loss_and_gradient(device):
 @pytest.mark.parametrize("formulation", ["paper", "released"])
 @pytest.mark.parametrize("share_queries", [True, False])
 def test_large_float32_features_give_the_unscaled_loss(device, scale, formulation, share_queries):
-    # Squared norms of a float32 z overflow from |z| ~ 1e18; the kernels rescale each group by a power of
-    # two (DESIGN, "Numerics"), so the loss, scale * dz and the cosines equal those of the unscaled z, and
-    # the stored key norms are the unscaled ones times the scale.
+    # Squared norms of a float32 z overflow from |z| ~ 1e18; the kernels then compute the pixel again with
+    # its key and the queries scaled by powers of two (DESIGN, "Numerics"), so the loss, scale * dz and the
+    # cosines equal those of the unscaled z, and the stored key norms are the unscaled ones times the scale.
     z, labels, keys, keep = cpu_loss_inputs(6, (20, 17), 16, torch.float32, 5)
     kw = loss_kwargs(formulation, share_queries)
     want, want_g = device_loss_and_grad(device, z, labels, keys, keep, **kw)
@@ -322,6 +322,18 @@ def test_large_float32_features_give_the_unscaled_loss(device, scale, formulatio
                                                 device.to(keep), *args)
     torch.testing.assert_close(stats[:, :2].cpu(), base[:, :2].cpu(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats[:, 2:].cpu(), base[:, 2:].cpu() * scale, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", extreme_feature_cases(), ids=lambda c: c[0])
+def test_extreme_float32_features_give_the_float64_answer(device, case):
+    # Keys whose huge components cancel ("released") and norms near float32's limit: the rescaled path of
+    # each device against the float64 CPU kernels, which need no rescaling here (DESIGN, "Numerics").
+    _, z, labels, keys, keep, kw = case
+    want, want_g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
+    loss, g = device_loss_and_grad(device, z.float(), labels, keys, keep, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-4, atol=1e-6 * float(want_g.abs().max()))
 
 
 # (dtype, loss rtol, loss atol, gradient rel): against the CPU kernels (cuda, cuda-emu) and against the

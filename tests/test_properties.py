@@ -210,9 +210,10 @@ def test_loss_matches_reference(b, kw, params, c, dtype):
 @given(b=batches(), kw=sampling, params=loss_params, c=st.integers(2, 24),
        dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
 def test_large_features_match_reference(b, kw, params, c, dtype, data):
-    # Features up to 1e30 (float32) or 1e250 (float64), one magnitude per ROI: the kernels rescale a pixel whose
-    # sums overflow, the reference a whole ROI (DESIGN, "Numerics"); both must give the loss of unbounded
-    # arithmetic. Gradients are compared ROI by ROI after multiplying back by the ROI's magnitude.
+    # Features up to 1e30 (float32) or 1e250 (float64), one magnitude per ROI: the kernels rescale the key and
+    # queries of a pixel whose sums overflow, the reference every pixel and query beyond the bound (DESIGN,
+    # "Numerics"); both must give the loss of unbounded arithmetic. Gradients are compared ROI by ROI after
+    # multiplying back by the ROI's magnitude.
     labels, keys, keep = _loss_plan(b, kw, params["formulation"])
     n, h, w = labels.shape
     top = 30 if dtype == torch.float32 else 250

@@ -111,7 +111,8 @@ CM_HD void similarity_grads(uint8_t bits, acc_t s_pos, acc_t s_neg, const acc_t*
 // reaches about 1e18. A pixel whose cosines overflow is computed again with its key vector and each query
 // multiplied by powers of two (feature_scale of their largest component): a cosine does not change when
 // either of its two vectors is scaled, and a power-of-two product is exact, so the result is what
-// unbounded arithmetic gives. Every other pixel is computed unscaled, as it always was.
+// unbounded arithmetic gives, but for a vector's components 2^95 (float; 2^767 double) or more below its
+// largest, whose squares underflow. Every other pixel is computed unscaled, as it always was.
 // feature_scale(m) brings m to [2^(top-1), 2^top) when it is above 2^top, else 1; top = 32 (float) or
 // 256 (double) keeps C * 2^(2 top) far from overflow.
 template <typename acc_t>
@@ -133,21 +134,31 @@ CM_HD bool is_finite(acc_t x) { return x - x == acc_t(0); }
 template <typename acc_t>
 CM_HD acc_t abs_value(acc_t x) { return x < acc_t(0) ? -x : x; }
 
-// |x| of a row of n values (a query) that does not overflow: squares summed on x * feature_scale(max |x_i|).
 template <typename acc_t>
-CM_HD acc_t scaled_row_norm(const acc_t* x, int64_t n) {
+CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps ? n : eps; }
+
+// A row of n values (a query) measured on a scale that cannot overflow: feature_scale of its largest
+// |x_i|. |x| = scaled_norm / scale (inf beyond the dtype's range), and the unit vector
+// x / max(|x|, eps) = (x_i * scale) * unit(), which stays finite whatever |x| is.
+template <typename acc_t>
+struct RowNorm {
+  acc_t scale, scaled_norm;
+  CM_HD acc_t norm() const { return scaled_norm / scale; }
+  CM_HD acc_t unit() const { return acc_t(1) / clamped_norm(scaled_norm, acc_t(kNormEps) * scale); }
+};
+
+template <typename acc_t>
+CM_HD RowNorm<acc_t> row_norm(const acc_t* x, int64_t n) {
   acc_t m = acc_t(0);
   for (int64_t i = 0; i < n; ++i) m = nan_max(m, abs_value(x[i]));
   const acc_t c = feature_scale(m);
   acc_t ss = acc_t(0);
   for (int64_t i = 0; i < n; ++i) ss += (x[i] * c) * (x[i] * c);
-  return cm_sqrt(ss) / c;
+  return RowNorm<acc_t>{c, cm_sqrt(ss)};
 }
 
 // Cosine of one pixel against one query, from the accumulated dot product and the norms:
 // "paper": s = q.z / (|q| |z|); "released": s = q.(z - q) / (|q| |z - q|); each norm clamped at eps.
-template <typename acc_t>
-CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps ? n : eps; }
 
 // One pixel's cosines with q+ and q-, and the (unscaled) norms of its key vectors.
 template <typename acc_t>
@@ -170,27 +181,38 @@ CM_HD bool pixel_cosines_from_sums(acc_t dot_p, acc_t dot_m, acc_t kk_p, acc_t k
 }
 
 // A pixel's cosines for a pixel whose unscaled sums overflowed: each query q is taken as q * cq and the
-// key vector k (z, or z - q) as k * ck, cq and ck from feature_scale; the clamp eps scales with each.
-// zi[k * stride], k < C: the pixel's features; qp, qm: the group's queries; qn_p, qn_m: their norms.
+// key vector k (z, or z - q) as k * ck, cq and ck from feature_scale of the vector's own largest
+// component, and the clamp eps scales with each. The query norms are summed here on that scale too (a
+// norm can overflow where its components do not). zi[k * stride], k < C: the pixel's features; qp, qm:
+// the group's queries.
 template <typename scalar_t, typename acc_t>
 CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t stride, int64_t C, const acc_t* qp,
-                                                 const acc_t* qm, acc_t qn_p, acc_t qn_m, bool centred_keys) {
-  acc_t mz = acc_t(0), mp = acc_t(0), mm = acc_t(0);
+                                                 const acc_t* qm, bool centred_keys) {
+  // Largest |component| of z, q+, q- and, with centred keys, of z - q+ and z - q- (inf where it overflows).
+  acc_t mz = acc_t(0), mp = acc_t(0), mm = acc_t(0), mdp = acc_t(0), mdm = acc_t(0);
   for (int64_t k = 0; k < C; ++k) {
-    mz = nan_max(mz, abs_value(static_cast<acc_t>(zi[k * stride])));
+    const acc_t v = static_cast<acc_t>(zi[k * stride]);
+    mz = nan_max(mz, abs_value(v));
     mp = nan_max(mp, abs_value(qp[k]));
     mm = nan_max(mm, abs_value(qm[k]));
+    if (centred_keys) {
+      mdp = nan_max(mdp, abs_value(v - qp[k]));
+      mdm = nan_max(mdm, abs_value(v - qm[k]));
+    }
   }
   const acc_t cqp = feature_scale(mp), cqm = feature_scale(mm);
-  // |z - q| <= |z| + |q|: the centred key is scaled by the larger of the two.
-  const acc_t ckp = feature_scale(centred_keys ? nan_max(mz, mp) : mz);
-  const acc_t ckm = centred_keys ? feature_scale(nan_max(mz, mm)) : ckp;
-  acc_t dot_p = 0, dot_m = 0, kk_p = 0, kk_m = 0;
+  // A centred key takes the scale of z - q itself, so that one whose large components cancel keeps its
+  // digits; where z - q overflows, the scale of |z| + |q| (then z and q are scaled before subtracting).
+  const acc_t ckp = feature_scale(!centred_keys ? mz : is_finite(mdp) ? mdp : nan_max(mz, mp));
+  const acc_t ckm = !centred_keys ? ckp : feature_scale(is_finite(mdm) ? mdm : nan_max(mz, mm));
+  acc_t dot_p = 0, dot_m = 0, kk_p = 0, kk_m = 0, qq_p = 0, qq_m = 0;
   for (int64_t k = 0; k < C; ++k) {
     const acc_t v = static_cast<acc_t>(zi[k * stride]);
     const acc_t a = qp[k] * cqp, b = qm[k] * cqm;
+    qq_p += a * a;
+    qq_m += b * b;
     if (centred_keys) {
-      const acc_t up = (v - qp[k]) * ckp, um = (v - qm[k]) * ckm;
+      const acc_t up = v * ckp - qp[k] * ckp, um = v * ckm - qm[k] * ckm;
       dot_p += a * up;
       dot_m += b * um;
       kk_p += up * up;
@@ -205,8 +227,8 @@ CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t str
   const acc_t eps = acc_t(kNormEps);
   const acc_t kp = cm_sqrt(kk_p), km = centred_keys ? cm_sqrt(kk_m) : kp;
   PixelCosines<acc_t> r;
-  r.s_pos = dot_p / (clamped_norm(qn_p * cqp, eps * cqp) * clamped_norm(kp, eps * ckp));
-  r.s_neg = dot_m / (clamped_norm(qn_m * cqm, eps * cqm) * clamped_norm(km, eps * ckm));
+  r.s_pos = dot_p / (clamped_norm(cm_sqrt(qq_p), eps * cqp) * clamped_norm(kp, eps * ckp));
+  r.s_neg = dot_m / (clamped_norm(cm_sqrt(qq_m), eps * cqm) * clamped_norm(km, eps * ckm));
   r.kn_pos = kp / ckp;
   r.kn_neg = km / ckm;
   return r;

@@ -75,11 +75,19 @@ void query_weights(const Job& job, std::vector<acc_t>& w) {
   }
 }
 
-// |q+|, |q-| of each group (unscaled; no overflow for large queries).
+// |q+|, |q-| of each group, summed on a scale (loss_math.h, row_norm); and, for the backward, the unit
+// queries q / |q|, which stay finite where |q| is beyond the dtype's range.
 template <typename Job, typename acc_t>
-void query_norms(const Job& job, std::vector<acc_t>& norms) {
+void query_norms(const Job& job, std::vector<acc_t>& norms, std::vector<acc_t>* unit_queries = nullptr) {
   norms.assign(job.G * 2, acc_t(0));
-  for (int64_t gs = 0; gs < job.G * 2; ++gs) norms[gs] = scaled_row_norm(job.queries + gs * job.C, job.C);
+  if (unit_queries) unit_queries->resize(job.G * 2 * job.C);
+  for (int64_t gs = 0; gs < job.G * 2; ++gs) {
+    const acc_t* q = job.queries + gs * job.C;
+    const RowNorm<acc_t> r = row_norm(q, job.C);
+    norms[gs] = r.norm();
+    if (unit_queries)
+      for (int64_t c = 0; c < job.C; ++c) (*unit_queries)[gs * job.C + c] = (q[c] * r.scale) * r.unit();
+  }
 }
 
 // The forward's stages, named as in the CUDA file: partition sums (the queries), cosines, the
@@ -118,9 +126,8 @@ void partition_sums(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t
 // Out of line: the rare path (|z| beyond ~1e18) inlined into cosines() slows its vectorised loops.
 template <typename scalar_t, typename acc_t>
 [[gnu::noinline, gnu::cold]] PixelCosines<acc_t> rescaled_cosines(const scalar_t* zi, int64_t P, int64_t C,
-                                                                  const acc_t* qp, const acc_t* qm, acc_t qn_p,
-                                                                  acc_t qn_m, bool centred) {
-  return rescaled_pixel_cosines(zi, P, C, qp, qm, qn_p, qn_m, centred);
+                                                                  const acc_t* qp, const acc_t* qm, bool centred) {
+  return rescaled_pixel_cosines(zi, P, C, qp, qm, centred);
 }
 
 // Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group, and the norms of
@@ -165,7 +172,7 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
       for (int64_t i = 0; i < P; ++i) {
         PixelCosines<acc_t> r;
         if (!pixel_cosines_from_sums(dot_p[i], dot_m[i], kk_p[i], kk_m[i], qnorm[g * 2], qnorm[g * 2 + 1], centred, &r))
-          r = rescaled_cosines(job.z_row(n, 0) + i, P, C, qp, qm, qnorm[g * 2], qnorm[g * 2 + 1], centred);
+          r = rescaled_cosines(job.z_row(n, 0) + i, P, C, qp, qm, centred);
         st[i] = r.s_pos;
         st[P + i] = r.s_neg;
         st[2 * P + i] = r.kn_pos;
@@ -278,11 +285,9 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   for (int64_t n = 0; n < N; ++n) kept += job.keep[n];
   // Upstream gradient times the groups' weight in the loss (mean over ROIs without sharing).
   const acc_t scale = job.share_queries ? grad : (kept > 0 ? grad / acc_t(kept) : acc_t(0));
-  std::vector<acc_t> w, qnorm;
+  std::vector<acc_t> w, qnorm, unit_queries;
   query_weights(job, w);
-  query_norms(job, qnorm);
-  std::vector<acc_t> unit_queries(job.G * 2 * C);
-  for (int64_t k = 0; k < job.G * 2 * C; ++k) unit_queries[k] = job.queries[k] * inverse_norm(qnorm[k / C]);
+  query_norms(job, qnorm, &unit_queries);
 
   // Pass 1 over z: per-pixel coefficients, and per ROI sum_i a_i u_i and sum_i beta_i.
   // kInFg/kInBg: 1 where the pixel is in the foreground/background partition (floats, so that pass 2

@@ -334,10 +334,11 @@ void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t 
 }
 
 // norms[row] = |queries[row]| for the G * 2 rows of length C; a warp per row. The squares are summed
-// on the row times feature_scale of its largest |q| (loss_math.h, scaled_row_norm), so they do not overflow.
+// on the row times feature_scale of its largest |q| (loss_math.h, row_norm), so they do not overflow;
+// unit (backward, may be null) gets the row's (scale, unit()) pair: q^ = (q * scale) * unit().
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* queries, int64_t rows, int64_t C,
-                                                               acc_t* norms) {
+                                                               acc_t* norms, acc_t* unit) {
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;  // whole warps leave together
@@ -348,7 +349,14 @@ __global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* quer
   acc_t ss = acc_t(0);
   for (int64_t c = lane; c < C; c += kWarp) ss += (q[c] * scale) * (q[c] * scale);
   ss = warp_sum(ss);
-  if (lane == 0) norms[row] = cm_sqrt(ss) / scale;
+  if (lane == 0) {
+    const RowNorm<acc_t> r{scale, cm_sqrt(ss)};
+    norms[row] = r.norm();
+    if (unit) {
+      unit[row * 2] = r.scale;
+      unit[row * 2 + 1] = r.unit();
+    }
+  }
 }
 
 // ---------------------------------------------------------------- forward pass 2 and term statistics
@@ -400,7 +408,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
     }
     PixelCosines<acc_t> r;
     if (!pixel_cosines_from_sums(dot_p, dot_m, kk_p, kk_m, qnorms[g * 2], qnorms[g * 2 + 1], params.centred_keys(), &r))
-      r = rescaled_pixel_cosines(zi, P, C, qp, qm, qnorms[g * 2], qnorms[g * 2 + 1], params.centred_keys());
+      r = rescaled_pixel_cosines(zi, P, C, qp, qm, params.centred_keys());
     const acc_t s_pos = r.s_pos, s_neg = r.s_neg;
     acc_t* st = pixstats + n * 4 * P + i;
     st[0] = s_pos;
@@ -593,11 +601,12 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
 }
 
 // Pass 2: dz = partition term (through the queries: w * dL/dq) + cosine terms of key pixels, with
-// dL/dq = sum_n sum_i a_i u_i + (sum beta) q^ and q^ = q / |q|. Dropped ROIs get zeros.
+// dL/dq = sum_n sum_i a_i u_i + (sum beta) q^ and q^ = q / |q| = (q * scale) * unit (qunit, query_norms).
+// Dropped ROIs get zeros.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, const int8_t* labels, const bool* keep,
                                                             const acc_t* coef, const acc_t* queries,
-                                                            const acc_t* qnorms, const acc_t* dq_sums,
+                                                            const acc_t* qunit, const acc_t* dq_sums,
                                                             const acc_t* beta, const acc_t* w, int64_t C, int64_t P,
                                                             int64_t pixel_blocks, bool share_queries,
                                                             bool centred_keys, scalar_t* dz) {
@@ -615,7 +624,7 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
   const acc_t* sp = dq_sums + g * 2 * C;
   const acc_t* sm = sp + C;
   const acc_t beta_p = beta[g * 2], beta_m = beta[g * 2 + 1];
-  const acc_t inv_qp = inverse_norm(qnorms[g * 2]), inv_qm = inverse_norm(qnorms[g * 2 + 1]);
+  const acc_t scale_p = qunit[g * 4], unit_p = qunit[g * 4 + 1], scale_m = qunit[g * 4 + 2], unit_m = qunit[g * 4 + 3];
   const int8_t label = labels[n * P + i];
   // Weight of this pixel's partition in its query (0 for ignored pixels).
   const acc_t wp = label == kForeground ? w[n * 2] : acc_t(0);
@@ -625,7 +634,7 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
   const acc_t inv_p = cf[kInvP * P], inv_m = cf[kInvM * P];
   const scalar_t* zi = z + n * C * P + i;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t hat_p = qp[c] * inv_qp, hat_m = qm[c] * inv_qm;  // as the CPU's unit_queries
+    const acc_t hat_p = (qp[c] * scale_p) * unit_p, hat_m = (qm[c] * scale_m) * unit_m;  // as the CPU's unit_queries
     acc_t d = acc_t(0);
     if (label == kForeground) d = wp * (sp[c] + beta_p * hat_p);
     if (label == kBackground) d = wm * (sm[c] + beta_m * hat_m);
@@ -675,13 +684,15 @@ void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor&
 }
 
 template <typename acc_t>
-void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Tensor& qnorms) {
+void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Tensor& qnorms,
+                        const at::Tensor& qunit = at::Tensor()) {
   const int64_t rows = s.G * 2;
   if (rows == 0) return;
   const int64_t blocks = ceil_div(rows * kWarp, kThreads);
   check_grid(blocks);
   CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
-      queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>());
+      queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>(),
+      qunit.defined() ? qunit.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -794,6 +805,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
   at::Tensor scale = at::empty({}, acc_opts);
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
   at::Tensor coef = at::empty({s.N, kNumCoef, s.P}, acc_opts);
   at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, acc_opts);
   at::Tensor roi_dq = at::empty({s.N, 2, s.C}, acc_opts);
@@ -805,7 +817,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     const LossParams<acc_t> params = in.params<acc_t>();
     const bool* keep_p = keep_c.data_ptr<bool>();
     launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
-    launch_query_norms<acc_t>(s, queries_c, qnorms);
+    launch_query_norms<acc_t>(s, queries_c, qnorms, qunit);
 
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
         keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
@@ -813,7 +825,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
         coef.data_ptr<acc_t>(), beta_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // Pass 1 over z: per-ROI sum_i alpha_i z_i; then dL/dq's parts per group, in a fixed order.
+    // Pass 1 over z: per-ROI sum_i a_i u_i; then dL/dq's parts per group, in a fixed order.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(),
               weighted_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p,
                                                      queries_c.data_ptr<acc_t>(), params.centred_keys(),
@@ -828,7 +840,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     // Pass 2 over z: dz.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
-        queries_c.data_ptr<acc_t>(), qnorms.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+        queries_c.data_ptr<acc_t>(), qunit.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
         w.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params.centred_keys(), dz.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
