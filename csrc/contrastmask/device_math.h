@@ -1,5 +1,6 @@
 // Device math shared by the host and CUDA: the CM_HD qualifier, float/double overloads of exp, log,
-// sqrt, bit counting, -inf and a NaN-propagating max, so that the per-ROI math compiles for both.
+// sqrt, frexp/ldexp, bit counting, -inf, finiteness, |x| and a NaN-propagating max, so that the
+// per-ROI math compiles for both.
 #pragma once
 
 #include <math.h>
@@ -46,6 +47,13 @@ CM_HD int cm_ctz64(uint64_t x) {
 
 template <typename T>
 CM_HD T neg_inf() { return static_cast<T>(-INFINITY); }
+
+// False for inf and NaN.
+template <typename T>
+CM_HD bool is_finite(T x) { return x - x == T(0); }
+
+template <typename T>
+CM_HD T abs_value(T x) { return x < T(0) ? -x : x; }
 
 // max that propagates NaN from either side (fmax would drop it).
 template <typename T>

@@ -129,12 +129,6 @@ CM_HD acc_t feature_scale(acc_t max_abs) {
 }
 
 template <typename acc_t>
-CM_HD bool is_finite(acc_t x) { return x - x == acc_t(0); }
-
-template <typename acc_t>
-CM_HD acc_t abs_value(acc_t x) { return x < acc_t(0) ? -x : x; }
-
-template <typename acc_t>
 CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps ? n : eps; }
 
 // A row of n values (a query) measured on a scale that cannot overflow: feature_scale of its largest
@@ -157,10 +151,8 @@ CM_HD RowNorm<acc_t> row_norm(const acc_t* x, int64_t n) {
   return RowNorm<acc_t>{c, cm_sqrt(ss)};
 }
 
-// Cosine of one pixel against one query, from the accumulated dot product and the norms:
+// One pixel's cosines with q+ and q-, and the (unscaled) norms of its key vectors:
 // "paper": s = q.z / (|q| |z|); "released": s = q.(z - q) / (|q| |z - q|); each norm clamped at eps.
-
-// One pixel's cosines with q+ and q-, and the (unscaled) norms of its key vectors.
 template <typename acc_t>
 struct PixelCosines {
   acc_t s_pos, s_neg, kn_pos, kn_neg;

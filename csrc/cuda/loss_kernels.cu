@@ -49,7 +49,6 @@ constexpr int kPosStats = 3;          // per term: sum of (L_p - s_p / t), sum o
 // Per key pixel and side (P, M): coefficients of cosine_backward and 1 / |k| of the side's key vector.
 enum Coef : int { kAP = 0, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kNumCoef };
 
-
 // Grids are 1-D so that N is not limited to 65535.
 void check_grid(int64_t blocks) {
   TORCH_CHECK(blocks <= 2147483647, "contrastive_loss: batch too large for one CUDA launch (", blocks, " blocks)");
@@ -344,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* quer
   if (row >= rows) return;  // whole warps leave together
   const acc_t* q = queries + row * C;
   acc_t m = acc_t(0);
-  for (int64_t c = lane; c < C; c += kWarp) m = nan_max(m, q[c] < acc_t(0) ? -q[c] : q[c]);
+  for (int64_t c = lane; c < C; c += kWarp) m = nan_max(m, abs_value(q[c]));
   const acc_t scale = feature_scale(cuda::warp_max(m));
   acc_t ss = acc_t(0);
   for (int64_t c = lane; c < C; c += kWarp) ss += (q[c] * scale) * (q[c] * scale);
