@@ -11,9 +11,10 @@ SOURCES += tools/find_cuda.py
 
 .PHONY: venv build emu test test-cuda test-emu-asan demo bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -r requirements-no-deps.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,11 +1,15 @@
 """Ablation runner (paper Table 2 on the built-in data): named arms x seeds, each trained, evaluated on
 detected boxes and on ground-truth boxes, then one JSON, a table and a bar plot.
 
-    python -m model.ablate                                   # the committed protocol (ablation.json)
+    python -m model.ablate                                   # study v3: the pretrained backbone (6 arms)
+    python -m model.ablate --study v2                        # the from-scratch study (5 arms)
     python -m model.ablate --arms baseline cam --seeds 0     # a subset
     python -m model.ablate --report-only                     # rebuild JSON/table/plot from finished runs
     python -m model.ablate --threads 1 --seeds 0 1 2 &  python -m model.ablate --threads 1 --seeds 1 2 0
                                                              # two processes share the work (run locks)
+
+Each study fixes its config, arms and results file (STUDIES); --config runs the study's arms on another
+config, with results in its runs folder unless --results says where.
 
 Resumable: a run recorded in the results file (same protocol) or whose result.json exists is not
 rerun, so a committed results file carries finished runs over to a fresh checkout; a run with a
@@ -15,7 +19,7 @@ covers the protocol's arms and seeds (plus any asked for), whichever process fin
 processes may run disjoint seeds side by side (e.g. one per core with --threads 1).
 
 The protocol, fixed before any number was seen: every arm trains the same iterations on the same data
-with seeds 0, 1, 2; validation on 500 images. An ordering between two arms "holds" if it holds in every
+with seeds 0, 1, 2; validation on 500 images; the protocol line names the backbone and optimizer. An ordering between two arms "holds" if it holds in every
 seed-paired comparison, or if the mean gap exceeds twice the larger of the two arms' standard
 deviations across seeds; otherwise it is "not shown".
 """
@@ -25,10 +29,11 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 
 from .config import load_config
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "ablation.json")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 # arm -> (config overrides, what it is). Table 2's rows, plus the arm that separates the CL head's
@@ -41,8 +46,31 @@ ARMS = {
     "cam_cl_paper": (["preset=paper"], "+ CAM + CL, the paper's loss (text: tau 0.7/0.3, lambda 0.25->1)"),
     "cam_cl_released": (["preset=released"], "+ CAM + CL, the authors' released code's loss and mask-loss ROIs"),
     "cam_cl_base": (["contrast.supervision=base"], "+ CAM + CL on base ROIs only (Table 6)"),
+    "cam_gtrois": (["model.use_cl=false", "model.mask_loss_rois=gt"],
+                   "+ CAM, mask loss on ground-truth-box ROIs only (the released arm's control)"),
 }
-DEFAULT_ARMS = ["baseline", "cam", "cam_clhead", "cam_cl_paper", "cam_cl_released"]
+
+
+@dataclass(frozen=True)
+class Study:
+    config: str
+    arms: list
+    results: str  # file stem under RESULTS_DIR
+    arm_overrides: dict = field(default_factory=dict)  # arm -> overrides replacing ARMS[arm]'s in this study
+
+
+STUDIES = {
+    # From scratch (ResNet-18, GroupNorm, AdamW). Its released arm predates enhance_op and the projector's
+    # BatchNorm in the `released` preset, so it turns both off: the study stays what was run.
+    "v2": Study("ablation.json", ["baseline", "cam", "cam_clhead", "cam_cl_paper", "cam_cl_released"],
+                "ablation-shapes-category-v2",
+                {"cam_cl_released": ["preset=released", "model.cl_enhance=false", "model.cl_projector_norm=null"]}),
+    # ImageNet-pretrained MobileNetV2 (frozen BN, first stages frozen), the authors' model in `released`
+    "v3": Study("ablation_pretrained.json",
+                ["baseline", "cam", "cam_clhead", "cam_cl_paper", "cam_cl_released", "cam_gtrois"],
+                "ablation-shapes-category-v3"),
+}
+DEFAULT_STUDY = "v3"
 DEFAULT_SEEDS = [0, 1, 2]
 # (label, path into a run's metrics) of the numbers the table and plot show, in percent
 METRICS = [
@@ -56,12 +84,14 @@ METRICS = [
     ("novel CAM AUC", ("gt_boxes", "novel", "cam_auc")),
 ]
 # the comparisons the decision rule is applied to: (better?, than)
+# (a comparison whose arms a study lacks is left out of its report)
 COMPARISONS = [("cam", "baseline"), ("cam_clhead", "cam"), ("cam_cl_paper", "cam_clhead"),
-               ("cam_cl_released", "cam_clhead"), ("cam_cl_paper", "cam"), ("cam_cl_released", "cam")]
+               ("cam_cl_released", "cam_clhead"), ("cam_cl_paper", "cam"), ("cam_cl_released", "cam"),
+               ("cam_gtrois", "cam"), ("cam_cl_released", "cam_gtrois")]
 
 
-def run_config(base_config, arm, seed, out_root, extra=()):
-    overrides, _ = ARMS[arm]
+def run_config(base_config, arm, seed, out_root, extra=(), study=None):
+    overrides = (study.arm_overrides if study else {}).get(arm, ARMS[arm][0])
     cfg = load_config(base_config, [*overrides, f"seed={seed}", *extra])
     cfg["output_dir"] = os.path.join(out_root, arm, f"seed{seed}")
     return cfg
@@ -304,7 +334,11 @@ def config_digest(cfg):
 
 
 def describe_protocol(config_path, sets, probe, arms, seeds):
+    m, t = probe["model"], probe["train"]
+    lr = t["base_lr"] * t["images_per_batch"] / t["base_batch"]
     return (f"config {os.path.relpath(config_path)} {' '.join(sets)}; arms {arms}; seeds {seeds}; "
+            f"backbone {m['backbone']} ({m['backbone_weights'] or 'from scratch'}, {m['backbone_norm']}, "
+            f"{m['trainable_layers']} stages train); optimizer {t['optimizer']} lr {lr:g}; "
             f"{probe['train']['length']} {probe['train']['unit']}s of batch {probe['train']['images_per_batch']}; "
             f"data {probe['data']['kind']} {json.dumps(probe['data']['shapes'], sort_keys=True)}; "
             f"validation images: {probe['eval']['max_images'] or 'all'}; config digest {config_digest(probe)}")
@@ -323,13 +357,13 @@ def recorded_runs(results_path, protocol):
     return {(r["arm"], r["seed"]): r["metrics"] for r in record.get("runs", [])}
 
 
-def collect(base_config, arms, seeds, out_root, extra=(), recorded=None):
+def collect(base_config, arms, seeds, out_root, extra=(), recorded=None, study=None):
     """The finished runs: each run folder's result.json (when the folder holds this run), else the results
     file's record of that run."""
     runs = []
     for seed in seeds:
         for arm in arms:
-            cfg = run_config(base_config, arm, seed, out_root, extra)
+            cfg = run_config(base_config, arm, seed, out_root, extra, study)
             path = os.path.join(cfg["output_dir"], "result.json")
             if os.path.exists(path) and folder_holds(cfg["output_dir"], cfg):
                 with open(path) as f:
@@ -341,8 +375,9 @@ def collect(base_config, arms, seeds, out_root, extra=(), recorded=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--arms", nargs="*", default=DEFAULT_ARMS, choices=sorted(ARMS))
+    p.add_argument("--study", default=DEFAULT_STUDY, choices=sorted(STUDIES))
+    p.add_argument("--config", help="default: the study's")
+    p.add_argument("--arms", nargs="*", choices=sorted(ARMS), help="default: the study's")
     p.add_argument("--seeds", nargs="*", type=int, default=DEFAULT_SEEDS)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--out-dir", help="one folder per arm and seed under this (default: runs/ablation-<data>)")
@@ -355,16 +390,17 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+    study = STUDIES[args.study]
+    study_config = os.path.join(CONFIG_DIR, study.config)
+    own_config = args.config is None or os.path.abspath(args.config) == os.path.abspath(study_config)
+    args.config = args.config or study_config
+    args.arms = study.arms if args.arms is None else args.arms
     probe = load_config(args.config, args.set)
-    data_name = probe["data"]["kind"]
-    if data_name == "shapes":
-        from .data import shapes
-
-        params = shapes.resolve_params(probe["data"]["shapes"])
-        data_name += f"-{params['appearance']}-v{shapes.GENERATOR_VERSION}"
-    results = args.results or os.path.join(RESULTS_DIR, f"ablation-{data_name}.json")
-    args.out_dir = args.out_dir or os.path.join("runs", f"ablation-{data_name}")
-    report_arms = [a for a in ARMS if a in set(DEFAULT_ARMS) | set(args.arms)]
+    name = study.results if own_config else f"ablation-{os.path.splitext(os.path.basename(args.config))[0]}"
+    args.out_dir = args.out_dir or os.path.join("runs", name)
+    results = args.results or (os.path.join(RESULTS_DIR, name + ".json") if own_config
+                               else os.path.join(args.out_dir, name + ".json"))
+    report_arms = [a for a in ARMS if a in set(study.arms) | set(args.arms)]
     report_seeds = sorted(set(DEFAULT_SEEDS) | set(args.seeds))
     protocol = describe_protocol(args.config, args.set, probe, report_arms, report_seeds)
     recorded = recorded_runs(results, protocol)
@@ -374,7 +410,7 @@ def main(argv=None):
                 if (arm, seed) in recorded:
                     print(f"[ablate] {arm} seed {seed}: finished (in {os.path.relpath(results)})", flush=True)
                     continue
-                cfg = run_config(args.config, arm, seed, args.out_dir, args.set)
+                cfg = run_config(args.config, arm, seed, args.out_dir, args.set, study)
                 print(f"[ablate] {arm} seed {seed} -> {cfg['output_dir']}", flush=True)
                 result = run_one(cfg, args.device)
                 if result is None:
@@ -383,9 +419,9 @@ def main(argv=None):
                 print(f"[ablate] {arm} seed {seed}: " + ", ".join(
                     f"{label} {metric(result, path):.1f}" for label, path in METRICS
                     if metric(result, path) is not None), flush=True)
-                write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded),
+                write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded, study),
                              report_arms, results, protocol)
-    record = write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded),
+    record = write_report(collect(args.config, report_arms, report_seeds, args.out_dir, args.set, recorded, study),
                           report_arms, results, protocol)
     print(open(os.path.splitext(results)[0] + ".md").read())
     return record

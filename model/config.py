@@ -24,10 +24,10 @@ DEFAULTS = {
         "num_workers": 4,
     },
     "model": {
-        "backbone": "resnet50",          # any torchvision ResNet: resnet18/34/50/101/152, resnext...
-        "backbone_weights": None,        # None (from scratch) | "imagenet" (torchvision IMAGENET1K_V1) | path
-        "backbone_norm": "frozen_bn",    # frozen_bn (pretrained) | gn | bn (from scratch)
-        "trainable_layers": 3,           # 0..5 ResNet stages that train (5 = all)
+        "backbone": "resnet50",          # any torchvision ResNet (resnet18/34/50/101/152, resnext...) | mobilenet_v2
+        "backbone_weights": None,        # None (from scratch) | "imagenet" | path (model/contrastmask/backbone.py)
+        "backbone_norm": "frozen_bn",    # frozen_bn (pretrained) | gn (ResNets) | bn (from scratch)
+        "trainable_layers": 3,           # 0..5 backbone stages that train, counted from the last (5 = all)
         "fpn_channels": 256,
         "head_norm": None,               # None (the paper) | "gn": GroupNorm in the box, mask and CL convs
         "min_size": [640, 672, 704, 736, 768, 800],  # training short side drawn per batch; test: last
@@ -116,11 +116,13 @@ DEFAULTS = {
 # Loss presets (`"preset"` in a config file, or --set preset=NAME): merged over DEFAULTS before the file.
 # "paper" follows the paper's text (Sec. 3.5, 4.1). "released" follows the authors' released code, which
 # is what produced the paper's numbers: their loss formula, temperatures swapped, the loss x 0.1, lambda
-# stepped once per epoch, and the mask loss on the ground-truth boxes of base categories only.
+# stepped once per epoch, the mask loss on the ground-truth boxes of base categories only, BatchNorm in the
+# CL projector and enhance_op on the Y fused into the mask head. docs/DESIGN.md, "The released preset",
+# cites the authors' file and function for each item.
 PRESETS = {
     "paper": {},
     "released": {
-        "model": {"mask_loss_rois": "gt"},
+        "model": {"mask_loss_rois": "gt", "cl_projector_norm": "bn", "cl_enhance": True},
         "contrast": {"formulation": "released", "tau_easy": 0.3, "tau_hard": 0.7, "scale": 0.1,
                      "lambda_schedule": "epoch_step"},
     },

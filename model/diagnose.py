@@ -1,6 +1,7 @@
 """Training diagnostics: which loss drives the shared weights, and how big the fused CL features are.
 
     python -m model.diagnose --config model/configs/demo.json --iters 100 [--set model.use_cl=false]
+    python -m model.diagnose --probes                # PROBES on the v3 ablation config, into model/results/
 
 Runs the config's training loop (optimizer, lr and lambda schedules, data order, sampler seeds) for
 --iters iterations and every --every iterations prints one JSON line with
@@ -9,8 +10,17 @@ Runs the config's training loop (optimizer, lr and lambda schedules, data order,
   features that the box head also uses);
 - x_rms, fused_y_rms: the RMS of the mask head's ROI input X and of the fused CL term 1x1(Y) that
   ContrastMask adds to it (only with the CL head).
+
+--probes runs PROBES, the variants that tell apart the hypotheses for the contrastive loss's cost to base
+AP (README, "Does the contrastive loss help?"): E1 Y as a shortcut around X (enhance_op on / off, against
++CAM's mask gradient on the backbone), E2 the CL head's input left attached (a deliberate departure from
+the authors' code), E3 the mask loss on ground-truth-box ROIs only. Each writes its rows to
+<results>/<probe>.jsonl; <results>.md holds the means over the rows.
 """
+import copy
 import json
+import os
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +33,73 @@ from .engine.schedule import Schedule, sampler_seed
 from .train import build_optimizer, seed_everything, total_loss
 
 
+PROBES = {
+    "cam": (["model.use_cl=false"], "+CAM (no CL head): the mask gradient to match"),
+    "released": (["preset=released"], "+CAM+CL, the authors' model (enhance_op on)"),
+    "released_no_enhance": (["preset=released", "model.cl_enhance=false"], "E1: the same, Y not enhanced"),
+    "clhead": (["contrast.lambda_start=0", "contrast.lambda_end=0"], "+CAM, CL head at lambda 0"),
+    "clhead_attached": (["contrast.lambda_start=0", "contrast.lambda_end=0", "model.cl_detach_input=false"],
+                        "E2: CL head at lambda 0, input not detached"),
+    "paper_attached": (["model.cl_detach_input=false"], "E2: +CAM+CL paper, input not detached"),
+    "cam_gtrois": (["model.use_cl=false", "model.mask_loss_rois=gt"], "E3: +CAM, mask loss on gt-box ROIs only"),
+}
+PROBE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "ablation_pretrained.json")
+PROBE_RESULTS = os.path.join(os.path.dirname(__file__), "results", "diagnose-v3")
+SUMMARY = ["loss_mask", "gbb_loss_mask", "gbb_loss_classifier", "gbb_loss_contrast", "x_rms", "fused_y_rms"]
+
+
 def main(argv=None):
-    p = script_parser(__doc__)
+    p = script_parser(__doc__, default_config=PROBE_CONFIG)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--every", type=int, default=25)
+    p.add_argument("--probes", nargs="*", choices=list(PROBES), help="run these probes (none named: all)")
+    p.add_argument("--results", default=PROBE_RESULTS, help="with --probes: folder of the rows, + .md summary")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    if args.probes is None:
+        for row in diagnose(config_from_args(args), args.iters, args.every):
+            print(json.dumps(row), flush=True)
+        return
+    os.makedirs(args.results, exist_ok=True)
+    for name in args.probes or list(PROBES):
+        args_probe = argparse_copy(args, PROBES[name][0])
+        with open(os.path.join(args.results, name + ".jsonl"), "w") as f:
+            for row in diagnose(config_from_args(args_probe), args.iters, args.every):
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        print(f"[diagnose] {name} done", flush=True)
+    print(write_summary(args.results, args), end="")
+
+
+def argparse_copy(args, overrides):
+    out = copy.copy(args)
+    out.set = [*args.set, *overrides]
+    return out
+
+
+def write_summary(folder, args):
+    """<folder>.md: per probe, the mean of SUMMARY's columns over its rows (iteration 0 left out)."""
+    lines = [f"`python -m model.diagnose --probes --iters {args.iters} --every {args.every}` on "
+             f"{os.path.relpath(args.config)} {' '.join(args.set)}: means over the logged iterations after the first.",
+             "", "| probe | what | " + " | ".join(SUMMARY) + " |", "|---" * (len(SUMMARY) + 2) + "|"]
+    for name, (_, what) in PROBES.items():
+        path = os.path.join(folder, name + ".jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()][1:]
+        cells = []
+        for key in SUMMARY:
+            got = [r[key] for r in rows if key in r]
+            cells.append(f"{statistics.fmean(got):.4g}" if got else "-")
+        lines.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(folder.rstrip("/") + ".md", "w") as f:
+        f.write(text)
+    return text
+
+
+def diagnose(cfg, iters, every):
+    """Yields one row per logged iteration of cfg's training loop (module doc)."""
     tc = cfg["train"]
     prepare_data(cfg["data"])
     dataset = build_dataset(cfg["data"], "train")
@@ -52,19 +123,19 @@ def main(argv=None):
 
     model.roi_heads.mask_head.register_forward_pre_hook(record_inputs)
     data = iter(train_loader(dataset, tc["images_per_batch"], cfg["seed"], 0, 0, 1, tc["flip_prob"], 0))
-    for iteration in range(args.iters):
+    for iteration in range(iters):
         images, targets = next(data)
         model.roi_heads.sampler_seed = sampler_seed(cfg["seed"], iteration)
         losses = model(list(images), list(targets))
         lam = schedule.contrast_weight(iteration)
-        if iteration % args.every == 0 or iteration == args.iters - 1:
+        if iteration % every == 0 or iteration == iters - 1:
             row = {"iter": iteration, "lambda": round(lam, 4)}
             row.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
             row.update({k: round(v, 4) for k, v in sizes.items()})
             for name, value in losses.items():
                 grads = torch.autograd.grad(value, backbone, retain_graph=True, allow_unused=True)
                 row["gbb_" + name] = round(sum(float(g.pow(2).sum()) for g in grads if g is not None) ** 0.5, 5)
-            print(json.dumps(row), flush=True)
+            yield row
         optimizer.zero_grad(set_to_none=True)
         total_loss(losses, lam).backward()
         optimizer.step()

@@ -62,6 +62,25 @@ def test_the_protocol_names_the_resolved_config():
     assert protocol(base) == protocol(reseeded)
 
 
+def test_each_study_fixes_its_config_arms_and_what_its_released_arm_is():
+    from model.config import load_config
+
+    v2, v3 = ablate.STUDIES["v2"], ablate.STUDIES["v3"]
+    assert len(v3.arms) >= 6 and "cam_gtrois" in v3.arms and set(v2.arms) < set(v3.arms)
+    config = lambda study, arm: ablate.run_config(os.path.join(ablate.CONFIG_DIR, study.config), arm, 0,  # noqa: E731
+                                                  "runs", (), study)
+    # v2 ran before the released preset had enhance_op and the projector's BatchNorm: its arm keeps them off
+    old, new = config(v2, "cam_cl_released"), config(v3, "cam_cl_released")
+    assert (old["model"]["cl_enhance"], old["model"]["cl_projector_norm"]) == (False, None)
+    assert (new["model"]["cl_enhance"], new["model"]["cl_projector_norm"]) == (True, "bn")
+    assert old["contrast"]["formulation"] == new["contrast"]["formulation"] == "released"
+    control = config(v3, "cam_gtrois")
+    assert control["model"]["mask_loss_rois"] == "gt" and not control["model"]["use_cl"] and control["model"]["use_cam"]
+    probe = load_config(os.path.join(ablate.CONFIG_DIR, v3.config))
+    protocol = ablate.describe_protocol(os.path.join(ablate.CONFIG_DIR, v3.config), [], probe, v3.arms, [0, 1, 2])
+    assert "backbone mobilenet_v2 (imagenet, frozen_bn" in protocol and "optimizer " in protocol
+
+
 def test_decision_rule():
     def summary(a_values, b_values):
         from statistics import fmean, stdev

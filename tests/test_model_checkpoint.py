@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model.config import load_config
-from model.contrastmask.build import build_backbone
+from model.contrastmask.backbone import build_backbone
 from model.data.build import prepare_data
 from model.engine import checkpoint as ckpt
 from model.engine.checkpoint import CheckpointError

@@ -126,6 +126,32 @@ def test_released_preset_is_the_authors_code_and_files_and_overrides_win():
         load_config(None, ["preset=mine"])
 
 
+def design_released_table():
+    """(config key, value) of every row of docs/DESIGN.md's "released preset" table."""
+    design = os.path.join(os.path.dirname(CONFIGS), os.pardir, "docs", "DESIGN.md")
+    with open(design) as f:
+        text = f.read().split("## The reference model's `released` preset", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1].startswith("`") and cells[2].startswith("`"):
+            rows.append((cells[1].strip("`"), json.loads(cells[2].strip("`"))))
+    return rows
+
+
+def test_released_preset_resolves_to_designs_table_of_the_authors_code():
+    rows = design_released_table()
+    assert len(rows) == 9 and len({key for key, _ in rows}) == len(rows)
+    for config in (load_config(None, ["preset=released"]),
+                   load_config(os.path.join(CONFIGS, "r50_fpn_1x_nonvoc2voc_released.json")),
+                   load_config(os.path.join(CONFIGS, "r50_fpn_1x_voc2nonvoc_released.json"))):
+        for key, value in rows:
+            section, name = key.split(".")
+            assert config[section][name] == value, f"{key}: {config[section][name]!r}, DESIGN says {value!r}"
+    paper = load_config(None)
+    assert sum(paper[key.split(".")[0]][key.split(".")[1]] != value for key, value in rows) >= 8
+
+
 def test_lambda_stepped_once_per_epoch():
     cfg = load_config(None, ["contrast.lambda_schedule=epoch_step", "contrast.lambda_warmup=4"])
     s = Schedule(cfg["train"], cfg["contrast"], iters_per_epoch=10)

@@ -1,9 +1,9 @@
 """Options of the heads that follow the authors' released code: projector BatchNorm, non-local
-enhancement of Y, the ImageNet weights the paper's configs name."""
+enhancement of Y (their enhance_op), the ImageNet weights the paper's configs name."""
 import pytest
 import torch
 
-from model.contrastmask.build import imagenet_weights
+from model.contrastmask.backbone import imagenet_weights
 from model.contrastmask.cl_head import CLHead, non_local_enhance
 
 
@@ -18,6 +18,29 @@ def test_non_local_enhance_is_a_softmax_cosine_weighted_mean():
     assert torch.allclose(out.flatten(2)[n, :, i], flat[n] @ weights)
     const = torch.ones(2, 3, 4, 4) * torch.tensor([1.0, -2.0, 3.0])[None, :, None, None]
     assert torch.allclose(non_local_enhance(const), const)  # a constant map is a fixed point
+
+
+def enhance_by_formula(y):
+    """The authors' enhance_op (ilib/utils/sample_utils.py) as a formula, written out here on its own:
+    out_i = sum_j softmax_j(<u_i, u_j>) y_j with u = y / max(|y|, 1e-12) over channels, softmax over j."""
+    n, c, h, w = y.shape
+    flat = y.reshape(n, c, h * w)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    logits = torch.einsum("nci,ncj->nij", unit, unit)
+    weights = logits.exp() / logits.exp().sum(dim=2, keepdim=True)
+    return torch.einsum("nij,ncj->nci", weights, flat).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_local_enhance_is_the_authors_enhance_op(dtype):
+    torch.manual_seed(1)
+    y = torch.relu(torch.randn(4, 8, 7, 5, dtype=dtype))  # post-ReLU, as the encoder's output is
+    y[0, :, 2, 3] = 0  # a zero pixel: its cosines are 0 (eps), it still gets a mean of the others
+    y[1] = 0  # a whole zero ROI stays zero
+    y[2] *= 1e-13  # below the eps: cosines shrink towards 0, the weights towards uniform
+    tol = dict(rtol=1e-12, atol=1e-300) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(non_local_enhance(y), enhance_by_formula(y), **tol)
+    assert torch.count_nonzero(non_local_enhance(y)[1]) == 0
 
 
 def test_cl_head_options():

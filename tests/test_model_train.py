@@ -254,3 +254,18 @@ def test_diagnose_reports_that_the_contrastive_loss_never_reaches_the_backbone(d
         assert r["gbb_loss_contrast"] == 0.0
         assert r["gbb_loss_mask"] > 0 and r["gbb_loss_classifier"] > 0
         assert r["x_rms"] > 0 and r["fused_y_rms"] > 0
+
+
+def test_diagnose_probes_write_rows_and_a_summary(data_root, tmp_path):
+    # E2's probe leaves the CL head's input attached: only there does L_con reach the backbone
+    from model import diagnose
+
+    out = tmp_path / "probes"
+    diagnose.main(["--config", TINY, "--set", f"data.root={data_root}", "--iters", "2", "--every", "1",
+                   "--probes", "released", "paper_attached", "--results", str(out)])
+    rows = {name: [json.loads(line) for line in open(out / f"{name}.jsonl")] for name in ("released", "paper_attached")}
+    assert [r["iter"] for r in rows["released"]] == [0, 1]
+    assert all(r["gbb_loss_contrast"] == 0.0 for r in rows["released"])
+    assert all(r["gbb_loss_contrast"] > 0.0 for r in rows["paper_attached"])
+    summary = open(str(out) + ".md").read()
+    assert "| released |" in summary and "| paper_attached |" in summary and "| cam |" not in summary

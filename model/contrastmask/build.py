@@ -2,57 +2,19 @@
 from the "model" section of a config (model/config.py), out of torchvision's detection parts."""
 import functools
 
-import torch
-from torch import nn
-from torchvision.models import get_model_weights, resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import misc as misc_nn_ops
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..engine.checkpoint import load_backbone_weights
-from .box_head import CamBoxHead, group_norm
+from .backbone import build_backbone
+from .box_head import CamBoxHead
 from .cl_head import CLHead
 from .mask_head import ClassAgnosticMaskHead
 from .poolers import RoIAlignPooler
 from .roi_heads import ContrastMaskRoIHeads
 
 FPN_LEVELS = ["0", "1", "2", "3"]
-
-
-NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
-
-
-def imagenet_weights(name):
-    """torchvision's original ImageNet weights of a ResNet (IMAGENET1K_V1, what mmdet's torchvision:// is)."""
-    return get_model_weights(name)["IMAGENET1K_V1"]
-
-
-def build_backbone(name, weights=None, norm="frozen_bn", trainable_layers=3, fpn_channels=256):
-    """torchvision ResNet of any depth + FPN (torchvision's resnet_fpn_backbone, with the FPN width
-    configurable). weights: None, "imagenet" (torchvision's default weights, downloaded) or a path
-    to a saved state_dict of the ResNet. "imagenet" is torchvision's IMAGENET1K_V1, the original
-    ImageNet weights that mmdetection's torchvision://resnet50 (the paper's initialisation) names."""
-    if norm not in NORMS:
-        raise ValueError(f"backbone_norm must be one of {sorted(NORMS)}")
-    tv_weights = imagenet_weights(name) if weights == "imagenet" else None
-    body = resnet.__dict__[name](weights=tv_weights, norm_layer=NORMS[norm])
-    if weights not in (None, "imagenet"):
-        load_backbone_weights(body, weights)  # weights_only; warns of missing/unexpected keys, fails if none match
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError("trainable_layers must be in 0..5")
-    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        train.append("bn1")
-    for pname, param in body.named_parameters():
-        if not any(pname.startswith(layer) for layer in train):
-            param.requires_grad_(False)
-    stage2 = body.inplanes // 8
-    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-                           [stage2 * 2 ** (k - 1) for k in range(1, 5)], fpn_channels, extra_blocks=LastLevelMaxPool())
 
 
 class ContrastMaskRCNN(GeneralizedRCNN):
