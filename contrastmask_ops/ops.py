@@ -94,8 +94,11 @@ def register(namespace: str = "contrastmask"):
     @torch.library.register_fake(namespace + "::contrastive_loss_backward")
     def _(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard, share_queries, formulation):
         _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
-        common._require(grad.numel() == 1, ValueError,
-                        lambda: f"grad must be the gradient of a scalar loss, got shape {tuple(grad.shape)}")
+        common._require(grad.dim() == 0, ValueError,
+                        lambda: f"grad must be the gradient of a scalar loss (shape ()), got shape {tuple(grad.shape)}")
+        common._require(grad.is_floating_point(), ValueError,
+                        lambda: f"grad must have a floating-point dtype, got {grad.dtype}")
+        common.check_same_device("grad", grad, "z", z)
         acc = _acc_dtype(z)
         # The saved tensors must be what the forward returned for these inputs.
         for name, t in (("queries", queries), ("pixstats", pixstats), ("termstats", termstats)):

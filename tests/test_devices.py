@@ -261,9 +261,11 @@ def test_backward_checks_the_saved_statistics(device, share_queries):
         with pytest.raises(ValueError) as info:
             device.ops.contrastive_loss_backward(grad, z, labels, keys, keep, *saved, *args)
         assert str(info.value).startswith(name), str(info.value)
-    with pytest.raises(ValueError, match="^grad"):
-        device.ops.contrastive_loss_backward(device.to(torch.ones(2)), z, labels, keys, keep, queries, pixstats,
-                                             termstats, *args)
+    for bad_grad in (torch.ones(2), torch.ones(1), torch.ones((), dtype=torch.int64), torch.ones((), device="meta")):
+        # a meta grad with real z was read as garbage (the loss scaled by uninitialised memory)
+        with pytest.raises(ValueError, match="^grad"):
+            device.ops.contrastive_loss_backward(bad_grad if bad_grad.is_meta else device.to(bad_grad), z, labels,
+                                                 keys, keep, queries, pixstats, termstats, *args)
     # Statistics of a smaller batch than z (the case that crashed): refused, and the good call still works.
     _, q2, p2, t2 = device.ops.contrastive_loss(z[:2], labels[:2], keys[:2], keep[:2], *args)
     with pytest.raises(ValueError, match="^(queries|pixstats)"):
@@ -627,3 +629,20 @@ def test_mixed_devices_are_rejected():
     b = blob_batch(2, 13, 21, 4, seed=1)
     with pytest.raises(ValueError, match="is_novel"):
         CPU_OPS.partition(b["masks"].cuda(), b["cams"].cuda(), b["is_novel"], None, 0.1)
+
+
+@pytest.mark.parametrize("width", [60, 100])  # the row-bitmask path (W <= 64) and the per-ROI loop
+def test_an_unchecked_plan_drops_only_the_roi_with_a_bad_mask(device, width):
+    # check_inputs=False: a non-binary mask drops its own ROI (keep False), not the others of its thread's chunk
+    m = torch.zeros(6, 20, width)
+    m[:, 5:15, 10:40] = 1
+    m[0, 0, 0] = 0.5
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            keep = device.ops.roi_plan(device.to(m), None, device.to(torch.zeros(6, dtype=torch.bool)), None, 0.1,
+                                       0.3, 2, 1, device.to(torch.tensor(3)), 0, False)[2]
+            assert keep.tolist() == [False] + [True] * 5, n_threads
+    finally:
+        torch.set_num_threads(threads)

@@ -145,3 +145,41 @@ def test_plan_kernel_sets_its_shared_memory_attribute_once(kernels):
     assert cuda_emu.stats()["attribute_sets"] == before
     ops.roi_plan(b["masks"].to(torch.uint8), b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 5, 0)
     assert cuda_emu.stats()["attribute_sets"] <= before + 1
+
+
+# (H, W) of ROI grids on both sides of the 48 KB default: dynamic shared memory is 15 bytes per pixel (rounded
+# up to 8 pixels), plus the kernel's static arrays (about 1 KB). 56 x 56 fits under 48 KB with them; from 56 x 57
+# the launch opts in; 57 x 57 (dynamic 48 840 bytes, under 48 KB alone) failed before the static part counted;
+# 52 x 63 is the last grid whose dynamic part alone is under 48 KB; 29 x 113 the first over it; 64 x 64 the largest.
+PLAN_GRIDS_AROUND_THE_DEFAULT_LIMIT = [(56, 56), (56, 57), (57, 57), (52, 63), (29, 113), (64, 64)]
+FRESH_PROCESS_PLAN = """
+import sys, torch
+import cuda_emu
+kind, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ops = cuda_emu.load() if kind == "cuda-emu" else torch.ops.contrastmask
+device = "cuda" if kind == "cuda" else "cpu"
+m = torch.zeros(2, h, w, dtype=torch.bool, device=device)
+m[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
+d = ops.boundary_sqdist(m)
+labels, _, keep = ops.roi_plan(m, None, torch.zeros(2, dtype=torch.bool, device=device), None, 0.1, 0.3, 2, 1, 0)[:3]
+assert d.shape == (2, h, w) and bool(keep.all()), (d.shape, keep)
+print("ok", int(d.max()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["cuda-emu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("h,w", PLAN_GRIDS_AROUND_THE_DEFAULT_LIMIT)
+def test_plan_launches_on_both_sides_of_the_48kb_default_in_a_fresh_process(kind, h, w):
+    # A fresh process: once any call has raised the kernel's limit, every later launch passes, so a grid that
+    # needs the opt-in but does not ask for it only fails as the first large call of a process.
+    import os
+    import subprocess
+    import sys
+
+    if kind == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PLAN, kind, str(h), str(w)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]

@@ -98,18 +98,20 @@ int32_t run_plan(const Job& job) {
     RoiScratch sc(static_cast<size_t>(P));
     int32_t local_errors = 0;
     for (int64_t n = begin; n < end; ++n) {
+      // this ROI's own errors decide its keep (not the chunk's: one bad ROI drops only itself)
+      int32_t roi_errors = 0;
       const bool novel = job.is_novel ? job.is_novel[n] : false;
       const bool valid = job.valid ? job.valid[n] : true;
       const uint8_t* mask = nullptr;
       if (job.masks) {
-        if (!read_mask(job.masks + n * P, P, sc.mask.data())) local_errors |= kMaskNotBinary;
+        if (!read_mask(job.masks + n * P, P, sc.mask.data())) roi_errors |= kMaskNotBinary;
         mask = sc.mask.data();
       }
       // Labels: computed from masks/CAMs, or given (sample_keys).
       const int8_t* labels = job.labels_in ? job.labels_in + n * P : nullptr;
       if (!labels && (job.labels_out || job.keys_out)) {
         int8_t* out = job.labels_out ? job.labels_out + n * P : sc.labels.data();
-        if (novel && !job.cams) local_errors |= kMissingCams;
+        if (novel && !job.cams) roi_errors |= kMissingCams;
         const auto* cam = job.cams ? job.cams + n * P : nullptr;
         for (int64_t i = 0; i < P; ++i)
           out[i] = partition_label(valid, novel, mask[i] != 0, cam ? cam[i] : decltype(job.thr_fg)(0),
@@ -125,10 +127,11 @@ int32_t run_plan(const Job& job) {
       }
       if (job.keys_out) {
         const bool keep =
-            local_errors == 0 && valid && roi_sample(job, n, labels, sqdist, novel, sc, job.keys_out + n * P);
+            roi_errors == 0 && valid && roi_sample(job, n, labels, sqdist, novel, sc, job.keys_out + n * P);
         if (!keep) std::fill(job.keys_out + n * P, job.keys_out + (n + 1) * P, uint8_t(0));
         job.keep_out[n] = keep;
       }
+      local_errors |= roi_errors;
     }
     if (local_errors) errors.fetch_or(local_errors);
   });

@@ -80,6 +80,11 @@ __device__ __forceinline__ double mask_value<c10::BFloat16>(c10::BFloat16 v) {
 
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
+// Static __shared__ arrays of roi_plan_kernel (counts, list_len, roi_errors, hist, sel) as an upper bound in
+// bytes, rounded up to 256 for the compiler's alignment: a GPU's default 48 KB limit counts static and dynamic
+// shared memory together. allow_plan_shared_memory checks the kernel's real figure against it.
+constexpr size_t kPlanStaticSharedBound =
+    (sizeof(int) * ((kNumSets + 2) + kNumSets + 1 + kRadixBins + 3) + 255) / 256 * 256;
 
 // Samples set s: sets bit s in keys_s for the k smallest (hash, pixel) pairs of its c candidates
 // (0 < k < c), in time linear in c. The candidates' pairs are compacted into a list (their order does
@@ -310,6 +315,9 @@ void allow_plan_shared_memory() {
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(attributes.sharedSizeBytes <= kPlanStaticSharedBound, "roi_plan: the plan kernel has ",
+              attributes.sharedSizeBytes, " bytes of static shared memory, over kPlanStaticSharedBound (",
+              kPlanStaticSharedBound, "): raise the bound");
   TORCH_CHECK(kMaxDynamic + attributes.sharedSizeBytes <= static_cast<size_t>(optin), "roi_plan: the plan kernel ",
               "needs ", kMaxDynamic, " bytes of dynamic and ", attributes.sharedSizeBytes, " bytes of static shared ",
               "memory per block; device ", device, " allows ", optin);
@@ -332,7 +340,7 @@ int32_t launch_plan(PlanArgs<mask_t> a, const at::TensorOptions& opts, bool read
   }
   const int P = a.H * a.W;
   const size_t smem = PlanLayout(P).bytes();
-  if (smem > kDefaultSharedLimit) allow_plan_shared_memory<mask_t>();
+  if (smem + kPlanStaticSharedBound > kDefaultSharedLimit) allow_plan_shared_memory<mask_t>();
   TORCH_CHECK(N <= 2147483647, "roi_plan: too many ROIs for one launch (", N, ")");
   CM_LAUNCH(static_cast<unsigned>(N), plan_threads(P), smem, c10::cuda::getCurrentCUDAStream(),
             roi_plan_kernel<mask_t>)(a);
