@@ -7,6 +7,10 @@ Prints mask AP (segm) and box AP (bbox) as the paper's columns (mAP, AP50, AP75,
 percent; "-" where no ground truth of that size exists) and saves them to output_dir/eval.json.
 --gt-boxes adds the mask head's quality on the ground-truth boxes and the CAM diagnostics
 (model/gt_box_eval.py): mask AP and mean IoU, CAM foreground/background AUC, pseudo-label purity.
+
+The model is built from the config saved in the checkpoint (the one it was trained with), so a --set that
+changes a model.* key could not take effect: it is an error (exit status 2) rather than silently ignored.
+The data, eval and output keys of --config and --set apply.
 """
 import contextlib
 import io
@@ -19,7 +23,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from .config import config_from_args, script_parser
+from .config import ConfigError, config_from_args, exit_on_config_error, load_or_exit, script_parser
 from .contrastmask import build_model
 from .data.build import build_dataset, dataset_files
 from .data.coco import load_coco
@@ -159,6 +163,22 @@ def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=Non
     return record
 
 
+def model_keys_changed_by(config_path, overrides):
+    """The model.* keys whose value the overrides change (a preset among them included), sorted."""
+    before, after = load_or_exit(config_path)["model"], load_or_exit(config_path, overrides)["model"]
+    return [f"model.{key}" for key in sorted(after) if after[key] != before[key]]
+
+
+def refuse_model_overrides(args, script):
+    """A script that loads a trained model (load_trained_model) builds it from the checkpoint's config: a --set
+    of a model.* key could not take effect, so it ends the program (status 2) instead of being ignored."""
+    changed = model_keys_changed_by(args.config, args.set)
+    if changed:
+        exit_on_config_error(ConfigError(
+            f"--set {', '.join(changed)}: {script} builds the model from the checkpoint's config, so model.* "
+            f"overrides cannot take effect; leave them out"))
+
+
 def main(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
@@ -166,6 +186,7 @@ def main(argv=None):
     p.add_argument("--gt-boxes", action="store_true", help="also run the mask head on the ground-truth boxes")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    refuse_model_overrides(args, "evaluate")
     record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out, gt_boxes=args.gt_boxes)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
     print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")
