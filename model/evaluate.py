@@ -13,6 +13,7 @@ changes a model.* key could not take effect: it is an error (exit status 2) rath
 The data, eval and output keys of --config and --set apply.
 """
 import contextlib
+import copy
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import os
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
@@ -72,15 +74,23 @@ def predict(model, dataset, device, batch_size=8, max_images=None, progress=True
     return image_ids, bbox_results, segm_results
 
 
+def no_detections(coco_gt):
+    """An empty result set for COCOeval (COCO's loadRes cannot take an empty list): the images, no annotations."""
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]),
+                     "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    empty.createIndex()
+    return empty
+
+
 def coco_metrics(coco_gt, results, iou_type, cat_ids, image_ids):
     """The six summary numbers (fractions; -1 where COCO has no ground truth of that size)."""
     results = [r for r in results if r["category_id"] in set(cat_ids)]
     if not cat_ids:
         return None
-    if not results:  # nothing detected: AP 0 (COCO's loadRes cannot take an empty list)
-        return dict.fromkeys(COLUMNS, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        # Nothing detected is still evaluated, so a size with no ground truth stays -1 ("-"), not AP 0.
+        coco_dt = coco_gt.loadRes(results) if results else no_detections(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.params.catIds = list(cat_ids)
         evaluator.params.imgIds = list(image_ids)
