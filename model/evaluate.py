@@ -194,10 +194,12 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
     p.add_argument("--out", help="default: output_dir/eval.json")
     p.add_argument("--gt-boxes", action="store_true", help="also run the mask head on the ground-truth boxes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     refuse_model_overrides(args, "evaluate")
-    record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out, gt_boxes=args.gt_boxes)
+    record = evaluate(cfg, args.checkpoint, args.device, progress=not args.no_progress, out_path=args.out,
+                      gt_boxes=args.gt_boxes)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
     print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")
     print(format_table(record["metrics_percent"]))

@@ -1,5 +1,6 @@
 """COCO evaluation split into novel and base categories; the paper's six columns."""
 import copy
+import os
 
 import pytest
 
@@ -97,3 +98,20 @@ def test_table_prints_percent_and_dashes():
     assert "mAP  AP50  AP75   APs   APm   APl" in lines[1]
     assert lines[2].startswith("novel") and " 35.1  60.8  35.7  17.2  34.7     -" in lines[2]
     assert lines[3].startswith("base") and "100.0" in lines[3]
+
+
+@pytest.mark.parametrize("flag, progress", [([], True), (["--no-progress"], False)])
+def test_evaluate_no_progress_turns_the_progress_bar_off(monkeypatch, capsys, flag, progress):
+    from model import evaluate as evaluate_script
+
+    seen = {}
+
+    def fake_evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=None, gt_boxes=False):
+        seen["progress"] = progress
+        return {"novel_categories": [], "base_categories": [], "images": 0, "checkpoint": "c", "iteration": 0,
+                "metrics_percent": {}}
+
+    monkeypatch.setattr(evaluate_script, "evaluate", fake_evaluate)
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "configs", "tiny.json")
+    evaluate_script.main(["--config", tiny, *flag])
+    assert seen == {"progress": progress}
