@@ -9,7 +9,8 @@ hold only 0/1; cams present when some ROI is novel) are the kernels' job on the 
 
 Every message starts with the name of the argument at fault and describes a bad value briefly (a list or
 an array is named by its type and shape, never printed); Python numbers are printed with repr(), i.e. in
-full precision.
+full precision. The value checks use the kernels' own wording (csrc/ops/checks.h, raise_plan_errors), so
+the two paths raise the same message for the same bad values.
 """
 import contextlib
 import math
@@ -172,17 +173,21 @@ def check_loss_tensors(z, labels, keys, keep) -> None:
 
 
 # Tensor values (reference path only: the kernels check these themselves, without a separate pass).
+# The messages are the kernels' (csrc/ops/checks.h, raise_plan_errors), word for word.
+MASKS_NOT_BINARY = "masks: expected values 0 or 1 only"
+MISSING_CAMS = "cams: required when some ROI is novel (is_novel has a True entry)"
+
 
 def check_mask_values(masks: Tensor) -> None:
     """masks hold only 0 and 1 (DESIGN, "Masks": every row, novel and invalid ones included). Reads the data."""
     if masks.dtype != torch.bool and bool(((masks != 0) & (masks != 1)).any()):
-        raise ValueError("masks must hold only 0 and 1")
+        raise ValueError(MASKS_NOT_BINARY)
 
 
 def check_cams_present(cams, is_novel: Tensor) -> None:
     """cams may be None only when no ROI is novel. Reads is_novel."""
     if cams is None and bool(is_novel.any()):
-        raise ValueError("cams is None but some ROI is novel (is_novel has a True entry)")
+        raise ValueError(MISSING_CAMS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +197,8 @@ def check_cams_present(cams, is_novel: Tensor) -> None:
 def _as_real(name: str, value) -> float:
     if type(value) is float:
         return value
+    if isinstance(value, (bool, np.bool_)):  # float(True) is 1.0: a bool is a caller's slip, not a number
+        raise TypeError(f"{name} must be a real number, got {describe(value)}")
     if isinstance(value, (Tensor, np.ndarray)) and value.ndim != 0:
         raise TypeError(f"{name} must be a real number, got {describe(value)}")
     if isinstance(value, (str, bytes)):
@@ -373,13 +380,15 @@ def loss_from_keys_args(z, labels, keys, keep, *, tau_easy, tau_hard, share_quer
 
 
 def pipeline_args(z, masks, cams, is_novel, valid, *, delta, sigma, tau_easy, tau_hard, hard_sqdist, min_keys,
-                  share_queries, formulation, seed):
-    """(PlanParams, LossParams) of query_sharing_contrastive_loss. z is checked against masks."""
+                  share_queries, formulation, seed, return_stats=False):
+    """(PlanParams, LossParams) of query_sharing_contrastive_loss. z is checked against masks; return_stats
+    must be a bool (it is only checked)."""
     check_plan_tensors(masks, cams, is_novel, valid)
     check_z(z, masks.shape[0], masks.shape[1], masks.shape[2], "masks", masks)
     params = (plan_params(delta=delta, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
               loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation))
     check_seed_device(seed, "masks", masks)
+    flag("return_stats", return_stats)
     return params
 
 

@@ -115,7 +115,8 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
             seed=seed, return_stats=return_stats, process_group=process_group, check_inputs=check_inputs)
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed)
+                                        share_queries=share_queries, formulation=formulation, seed=seed,
+                                        return_stats=return_stats)
     group = common.process_group_param(process_group)
     check_inputs = common.flag("check_inputs", check_inputs)
     if group is None:

@@ -384,7 +384,8 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
     With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed)
+                                        share_queries=share_queries, formulation=formulation, seed=seed,
+                                        return_stats=return_stats)
     group = common.process_group_param(process_group)
     if common.flag("check_inputs", check_inputs):
         _check_plan_values(masks, cams, is_novel)

@@ -220,6 +220,14 @@ BAD_PARAMETERS = [
     (dict(sigma=float("nan")), ValueError, "sigma"),
     (dict(sigma=1.0000001), ValueError, "sigma"),
     (dict(formulation=None), ValueError, "formulation"),
+    # bools are not numbers (float(True) is 1.0), nor is 1 a bool
+    (dict(sigma=True), TypeError, "sigma"),
+    (dict(sigma=np.bool_(True)), TypeError, "sigma"),
+    (dict(delta=False), TypeError, "delta"),
+    (dict(tau_easy=True), TypeError, "tau_easy"),
+    (dict(tau_hard=np.bool_(True)), TypeError, "tau_hard"),
+    (dict(return_stats="yes"), TypeError, "return_stats"),
+    (dict(return_stats=1), TypeError, "return_stats"),
 ]
 
 
@@ -230,6 +238,34 @@ def test_bad_parameters_are_rejected_alike(impl, kwargs, error, name):
     with pytest.raises(error) as info:
         impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], **kwargs)
     assert str(info.value).startswith(name + " "), str(info.value)
+
+
+def _bad_values(impl):
+    """Calls whose tensors have the right metadata and bad values, the checks the kernels make themselves."""
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = b["is_novel"].clone()
+    novel[0] = True
+    half = b["masks"].float() * 0.5
+    return [
+        lambda: impl.query_sharing_contrastive_loss(b["z"], half, b["cams"], novel, seed=0),
+        lambda: impl.query_sharing_contrastive_loss(b["z"], b["masks"], None, novel, seed=0),
+        lambda: impl.partition(half, b["cams"], novel),
+        lambda: impl.partition(b["masks"], None, novel),
+        lambda: impl.boundary_sqdist(half),
+    ]
+
+
+def test_value_errors_have_one_wording_on_both_paths():
+    messages = {}
+    for impl in [p.values[0] for p in IMPLS]:
+        for i, call in enumerate(_bad_values(impl)):
+            with pytest.raises(ValueError) as info:
+                call()
+            messages.setdefault(i, set()).add(str(info.value))
+    assert [m for _, m in sorted(messages.items())] == [
+        {"masks: expected values 0 or 1 only"}, {"cams: required when some ROI is novel (is_novel has a True entry)"},
+        {"masks: expected values 0 or 1 only"}, {"cams: required when some ROI is novel (is_novel has a True entry)"},
+        {"masks: expected values 0 or 1 only"}]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -324,7 +360,8 @@ def test_errors_print_numbers_in_full(impl):
                                          (dict(tau_easy=0.0), "tau_easy"), (dict(tau_hard=float("inf")), "tau_hard"),
                                          (dict(hard_sqdist=2.5), "hard_sqdist"), (dict(min_keys=-1), "min_keys"),
                                          (dict(share_queries="no"), "share_queries"),
-                                         (dict(formulation="official"), "formulation")])
+                                         (dict(formulation="official"), "formulation"),
+                                         (dict(sigma=True), "sigma")])
 def test_module_validates_its_parameters_at_construction(kwargs, name):
     with pytest.raises((TypeError, ValueError)) as info:
         cm.QuerySharingContrastiveLoss(**kwargs)
