@@ -5,7 +5,8 @@ calls with the same messages.
 Validation here reads only metadata (types, shapes, dtypes, devices) and Python scalars: it costs no
 host sync and runs under torch.compile and on fake tensors. The two checks that read tensor values (masks
 hold only 0/1; cams present when some ROI is novel) are the kernels' job on the compiled path (DESIGN,
-"Validation cost") and `check_mask_values` / `check_cams_present` on the reference's.
+"Validation cost") and `check_mask_values` / `check_cams_present` on the reference's; the NaN test of
+novel ROIs' CAMs, which the kernels do not make, is `check_cam_values` on both.
 
 Every message starts with the name of the argument at fault and describes a bad value briefly (a list or
 an array is named by its type and shape, never printed); Python numbers are printed with repr(), i.e. in
@@ -188,6 +189,20 @@ def check_cams_present(cams, is_novel: Tensor) -> None:
     """cams may be None only when no ROI is novel. Reads is_novel."""
     if cams is None and bool(is_novel.any()):
         raise ValueError(MISSING_CAMS)
+
+
+# Not a kernel check: both paths run this one (DESIGN, "NaN" and "Validation cost").
+NAN_IN_CAMS = "cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI {}"
+
+
+def check_cam_values(cams, is_novel: Tensor) -> None:
+    """No NaN in the CAM of a novel ROI: such a pixel would be neither foreground nor background, and left out
+    without a word. Rows of base ROIs are never read, so they are not checked. Reads the data."""
+    if cams is None:
+        return
+    nan_rows = torch.isnan(cams).flatten(1).any(dim=1) & is_novel
+    if bool(nan_rows.any()):
+        raise ValueError(NAN_IN_CAMS.format(int(nan_rows.nonzero()[0, 0])))
 
 
 # ---------------------------------------------------------------------------------------------

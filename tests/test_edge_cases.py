@@ -149,6 +149,46 @@ def test_nan_in_used_pixel_gives_nan_loss(impl):
     assert torch.isnan(loss)
 
 
+def _novel_and_base_rows(b):
+    novel = b["is_novel"].clone()
+    novel[1], novel[2] = True, False
+    return novel
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_in_the_cam_of_a_novel_roi_is_an_error(impl):
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = _novel_and_base_rows(b)
+    cams = b["cams"].clone()
+    cams[1, 5, 6] = float("nan")
+    want = "cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI 1"
+    for call in (lambda **kw: impl.query_sharing_contrastive_loss(b["z"], b["masks"], cams, novel, seed=0, **kw),
+                 lambda **kw: impl.partition(b["masks"], cams, novel, **kw)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == want
+        call(check_inputs=False)  # unchecked: the NaN pixel is ignored (label -1)
+    # a base ROI's CAM is never read: a NaN there is no error
+    cams = b["cams"].clone()
+    cams[2] = float("nan")
+    assert torch.isfinite(impl.query_sharing_contrastive_loss(b["z"], b["masks"], cams, novel, seed=0))
+    # bad masks are reported before the CAMs, on both paths
+    cams[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^masks: expected values 0 or 1 only$"):
+        impl.partition(b["masks"].float() * 0.5, cams, novel)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cams_outside_0_1_are_thresholded_as_they_are(impl):
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = _novel_and_base_rows(b)
+    cams = b["cams"].clone()
+    cams[1, :7], cams[1, 7:] = 1.5, -0.5
+    cams[1, 0, 0], cams[1, 13, 13] = float("inf"), -float("inf")
+    labels = impl.partition(b["masks"], cams, novel)
+    assert (labels[1, :7] == 1).all() and (labels[1, 7:] == 0).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_channel(impl):
     b = blob_batch(5, 13, 21, 1, seed=4)
