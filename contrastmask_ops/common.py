@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 Seed = Union[int, Tensor, None]  # the public functions' seed: an integer, a 0-dim int64 tensor, or None (drawn)
 MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
 # Smallest temperature accepted: the logits s / t reach 1 / t, which must stay far inside float32's
@@ -310,9 +311,20 @@ def check_seed_device(seed, ref_name: str, ref: Tensor) -> None:
                          f"the CPU or on the device of {ref_name}")
 
 
-def roi_offset_param(roi_offset) -> int:
-    """The index of the first ROI in the whole batch (batches split across processes): an integer >= 0."""
-    return integer("roi_offset", roi_offset, minimum=0)
+def roi_offset_param(roi_offset, n) -> int:
+    """The index of the first of the call's n ROIs in the whole batch (batches split across processes): an
+    integer >= 0 such that every ROI's index roi_offset + i, i < n, fits in int64, the operators' integer
+    type (the kernels add them in int64): at most 2**63 - max(n, 1). n may be symbolic (fake kernels)."""
+    v = integer("roi_offset", roi_offset, minimum=0)
+
+    def message():
+        return (f"roi_offset must lie in [0, 2**63 - max(N, 1)] (every ROI's index roi_offset + n, n < N, fits in "
+                f"int64), got {describe(roi_offset)} with N = {n}")
+
+    _require(v <= INT64_MAX, ValueError, message)
+    if v > 0:  # n - 1 <= INT64_MAX - v; at roi_offset 0 no batch comes near it
+        _require(n - 1 <= INT64_MAX - v, ValueError, message)
+    return v
 
 
 def formulation_param(formulation) -> str:
@@ -384,7 +396,7 @@ def sample_keys_args(labels, sqdist, is_novel, *, sigma, hard_sqdist, min_keys, 
     """(sigma, hard_sqdist, min_keys, seed, roi_offset) checked and normalised."""
     check_sample_tensors(labels, sqdist, is_novel)
     params = (*sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
-              roi_offset_param(roi_offset))
+              roi_offset_param(roi_offset, labels.shape[0]))
     check_seed_device(seed, "labels", labels)
     return params
 

@@ -333,6 +333,32 @@ def test_bad_parameters_of_the_building_blocks(impl):
         assert str(info.value).startswith(name + " "), str(info.value)
 
 
+def test_roi_offset_up_to_the_int64_limit_is_accepted_alike_and_beyond_it_refused_alike():
+    """roi_offset: every ROI's index roi_offset + n must fit in int64 (the operators' integer type), on both
+    paths; the reference's uint64 hash used to take more, the op failed with a dispatcher type error."""
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
+    sqdist = ref.boundary_sqdist(b["masks"])
+    impls = [p.values[0] for p in IMPLS]
+    last = 2**63 - 4  # the largest offset for N = 4: the last ROI's index is 2**63 - 1
+    got = [impl.sample_keys(labels, sqdist, b["is_novel"], min_keys=1, seed=9, roi_offset=last) for impl in impls]
+    for keys, keep in got[1:]:
+        assert torch.equal(keys, got[0][0]) and torch.equal(keep, got[0][1])
+    empty = [t[:0] for t in (labels, sqdist, b["is_novel"])]
+    messages = set()
+    for impl in impls:
+        impl.sample_keys(*empty, roi_offset=2**63 - 1)  # N = 0: any int64
+        for roi_offset, tensors, n in ((last + 1, (labels, sqdist, b["is_novel"]), 4), (2**63, empty, 0),
+                                       (2**70, (labels, sqdist, b["is_novel"]), 4)):
+            with pytest.raises(ValueError) as info:
+                impl.sample_keys(*tensors, seed=0, roi_offset=roi_offset)
+            message = str(info.value)
+            assert message == (f"roi_offset must lie in [0, 2**63 - max(N, 1)] (every ROI's index roi_offset + n, "
+                               f"n < N, fits in int64), got {roi_offset} with N = {n}"), message
+            messages.add(message)
+    assert len(messages) == 3  # one wording per case, whichever path
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_huge_integer_parameters_are_accepted_and_clamped(impl):
     # hard_sqdist: any integer; 2**63 (over int64) selects the same sets as INT32_MAX. min_keys: any
