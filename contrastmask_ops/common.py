@@ -5,11 +5,13 @@ calls with the same messages.
 Validation here reads only metadata (types, shapes, dtypes, devices) and Python scalars: it costs no
 host sync and runs under torch.compile and on fake tensors. The two checks that read tensor values (masks
 hold only 0/1; cams present when some ROI is novel) are the kernels' job on the compiled path (DESIGN,
-"Validation cost") and `check_mask_values` / `check_cams_present` on the reference's.
+"Validation cost") and `check_mask_values` / `check_cams_present` on the reference's; the NaN test of
+novel ROIs' CAMs, which the kernels do not make, is `check_cam_values` on both.
 
 Every message starts with the name of the argument at fault and describes a bad value briefly (a list or
 an array is named by its type and shape, never printed); Python numbers are printed with repr(), i.e. in
-full precision.
+full precision. The value checks use the kernels' own wording (csrc/ops/checks.h, raise_plan_errors), so
+the two paths raise the same message for the same bad values.
 """
 import contextlib
 import math
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 Seed = Union[int, Tensor, None]  # the public functions' seed: an integer, a 0-dim int64 tensor, or None (drawn)
 MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
 # Smallest temperature accepted: the logits s / t reach 1 / t, which must stay far inside float32's
@@ -172,17 +175,35 @@ def check_loss_tensors(z, labels, keys, keep) -> None:
 
 
 # Tensor values (reference path only: the kernels check these themselves, without a separate pass).
+# The messages are the kernels' (csrc/ops/checks.h, raise_plan_errors), word for word.
+MASKS_NOT_BINARY = "masks: expected values 0 or 1 only"
+MISSING_CAMS = "cams: required when some ROI is novel (is_novel has a True entry)"
+
 
 def check_mask_values(masks: Tensor) -> None:
     """masks hold only 0 and 1 (DESIGN, "Masks": every row, novel and invalid ones included). Reads the data."""
     if masks.dtype != torch.bool and bool(((masks != 0) & (masks != 1)).any()):
-        raise ValueError("masks must hold only 0 and 1")
+        raise ValueError(MASKS_NOT_BINARY)
 
 
 def check_cams_present(cams, is_novel: Tensor) -> None:
     """cams may be None only when no ROI is novel. Reads is_novel."""
     if cams is None and bool(is_novel.any()):
-        raise ValueError("cams is None but some ROI is novel (is_novel has a True entry)")
+        raise ValueError(MISSING_CAMS)
+
+
+# Not a kernel check: both paths run this one (DESIGN, "NaN" and "Validation cost").
+NAN_IN_CAMS = "cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI {}"
+
+
+def check_cam_values(cams, is_novel: Tensor) -> None:
+    """No NaN in the CAM of a novel ROI: such a pixel would be neither foreground nor background, and left out
+    without a word. Rows of base ROIs are never read, so they are not checked. Reads the data."""
+    if cams is None:
+        return
+    nan_rows = torch.isnan(cams).flatten(1).any(dim=1) & is_novel
+    if bool(nan_rows.any()):
+        raise ValueError(NAN_IN_CAMS.format(int(nan_rows.nonzero()[0, 0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +213,8 @@ def check_cams_present(cams, is_novel: Tensor) -> None:
 def _as_real(name: str, value) -> float:
     if type(value) is float:
         return value
+    if isinstance(value, (bool, np.bool_)):  # float(True) is 1.0: a bool is a caller's slip, not a number
+        raise TypeError(f"{name} must be a real number, got {describe(value)}")
     if isinstance(value, (Tensor, np.ndarray)) and value.ndim != 0:
         raise TypeError(f"{name} must be a real number, got {describe(value)}")
     if isinstance(value, (str, bytes)):
@@ -288,9 +311,20 @@ def check_seed_device(seed, ref_name: str, ref: Tensor) -> None:
                          f"the CPU or on the device of {ref_name}")
 
 
-def roi_offset_param(roi_offset) -> int:
-    """The index of the first ROI in the whole batch (batches split across processes): an integer >= 0."""
-    return integer("roi_offset", roi_offset, minimum=0)
+def roi_offset_param(roi_offset, n) -> int:
+    """The index of the first of the call's n ROIs in the whole batch (batches split across processes): an
+    integer >= 0 such that every ROI's index roi_offset + i, i < n, fits in int64, the operators' integer
+    type (the kernels add them in int64): at most 2**63 - max(n, 1). n may be symbolic (fake kernels)."""
+    v = integer("roi_offset", roi_offset, minimum=0)
+
+    def message():
+        return (f"roi_offset must lie in [0, 2**63 - max(N, 1)] (every ROI's index roi_offset + n, n < N, fits in "
+                f"int64), got {describe(roi_offset)} with N = {n}")
+
+    _require(v <= INT64_MAX, ValueError, message)
+    if v > 0:  # n - 1 <= INT64_MAX - v; at roi_offset 0 no batch comes near it
+        _require(n - 1 <= INT64_MAX - v, ValueError, message)
+    return v
 
 
 def formulation_param(formulation) -> str:
@@ -362,7 +396,7 @@ def sample_keys_args(labels, sqdist, is_novel, *, sigma, hard_sqdist, min_keys, 
     """(sigma, hard_sqdist, min_keys, seed, roi_offset) checked and normalised."""
     check_sample_tensors(labels, sqdist, is_novel)
     params = (*sampling_params(sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
-              roi_offset_param(roi_offset))
+              roi_offset_param(roi_offset, labels.shape[0]))
     check_seed_device(seed, "labels", labels)
     return params
 
@@ -373,13 +407,15 @@ def loss_from_keys_args(z, labels, keys, keep, *, tau_easy, tau_hard, share_quer
 
 
 def pipeline_args(z, masks, cams, is_novel, valid, *, delta, sigma, tau_easy, tau_hard, hard_sqdist, min_keys,
-                  share_queries, formulation, seed):
-    """(PlanParams, LossParams) of query_sharing_contrastive_loss. z is checked against masks."""
+                  share_queries, formulation, seed, return_stats=False):
+    """(PlanParams, LossParams) of query_sharing_contrastive_loss. z is checked against masks; return_stats
+    must be a bool (it is only checked)."""
     check_plan_tensors(masks, cams, is_novel, valid)
     check_z(z, masks.shape[0], masks.shape[1], masks.shape[2], "masks", masks)
     params = (plan_params(delta=delta, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed),
               loss_params(tau_easy=tau_easy, tau_hard=tau_hard, share_queries=share_queries, formulation=formulation))
     check_seed_device(seed, "masks", masks)
+    flag("return_stats", return_stats)
     return params
 
 

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _ext, common, global_batch, reference
 from .common import LossStats, loss_stats  # noqa: F401  (LossStats is part of this module's API)
@@ -39,15 +40,31 @@ def _seeded(op, seed):
     return op.default if isinstance(seed, Tensor) else op.int_seed
 
 
+def _check_cam_values(cams, is_novel, check_inputs: bool) -> None:
+    """The NaN test of novel ROIs' CAMs, which the kernels do not make. Run after the kernel, so that bad
+    masks or missing CAMs are reported first, as the reference does. Left out under torch.compile (it reads
+    values on the host, which a graph cannot do; DESIGN, "Validation cost") and for meta and fake tensors,
+    which hold no values."""
+    if not check_inputs or cams is None or torch.compiler.is_compiling():
+        return
+    if cams.device.type == "meta" or is_fake(cams):
+        return
+    common.check_cam_values(cams, is_novel)
+
+
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
               valid: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
     """Label per pixel: 1 foreground, 0 background, -1 ignored (int8, (N, H, W)). check_inputs=False skips the
-    checks of the masks' 0/1 values and of CAMs for novel ROIs (on CUDA a host sync; off, the call can be
-    captured in a CUDA graph): bad values then give unspecified labels instead of an error."""
+    checks of the masks' 0/1 values and of CAMs for novel ROIs, present and free of NaN (on CUDA host syncs;
+    off, the call can be captured in a CUDA graph): bad values then give unspecified labels instead of an
+    error."""
     if not _use_kernels(masks):
         return reference.partition(masks, cams, is_novel, delta=delta, valid=valid, check_inputs=check_inputs)
     delta = common.partition_args(masks, cams, is_novel, valid, delta)
-    return _ops.partition(masks, cams, is_novel, valid, delta, common.flag("check_inputs", check_inputs))
+    check_inputs = common.flag("check_inputs", check_inputs)
+    labels = _ops.partition(masks, cams, is_novel, valid, delta, check_inputs)
+    _check_cam_values(cams, is_novel, check_inputs)
+    return labels
 
 
 def boundary_sqdist(masks: Tensor, *, check_inputs: bool = True) -> Tensor:
@@ -115,13 +132,15 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
             seed=seed, return_stats=return_stats, process_group=process_group, check_inputs=check_inputs)
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed)
+                                        share_queries=share_queries, formulation=formulation, seed=seed,
+                                        return_stats=return_stats)
     group = common.process_group_param(process_group)
     check_inputs = common.flag("check_inputs", check_inputs)
     if group is None:
         seed = _plan_seed(plan.seed)
         labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
                                                           plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
+        _check_cam_values(cams, is_novel, check_inputs)
         loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
     else:
         # The plan is per ROI (the kernels, at this rank's ROI offset); the loss pools partial sums over the
@@ -130,6 +149,7 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
         labels, keys, keep = _ops.roi_plan.int_seed(masks, cams, is_novel, valid, plan.delta, plan.sigma,
                                                     plan.hard_sqdist, plan.min_keys, seed, roi_offset,
                                                     check_inputs)
+        _check_cam_values(cams, is_novel, check_inputs)
         loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
     if return_stats:
         return loss, loss_stats(keys, keep, queries, params.share_queries)

@@ -18,11 +18,11 @@ def _acc_dtype(z):
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
-def _check_sampling(sigma, min_keys, roi_offset):
+def _check_sampling(sigma, min_keys, roi_offset, num_rois):
     # hard_sqdist and seed: any int64 (the schema's type), as in the kernels.
     common.sigma_param(sigma)
     common.integer("min_keys", min_keys, minimum=0)
-    common.roi_offset_param(roi_offset)
+    common.roi_offset_param(roi_offset, num_rois)
 
 
 def _check_seed(seed, ref_name, ref):
@@ -63,7 +63,7 @@ def register(namespace: str = "contrastmask"):
     @torch.library.register_fake(namespace + "::sample_keys")
     def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
         common.check_sample_tensors(labels, sqdist, is_novel)
-        _check_sampling(sigma, min_keys, roi_offset)
+        _check_sampling(sigma, min_keys, roi_offset, labels.shape[0])
         _check_seed(seed, "labels", labels)
         return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
@@ -71,7 +71,7 @@ def register(namespace: str = "contrastmask"):
     def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0, check_inputs=True):
         common.partition_args(masks, cams, is_novel, valid, delta)
         common.flag("check_inputs", check_inputs)
-        _check_sampling(sigma, min_keys, roi_offset)
+        _check_sampling(sigma, min_keys, roi_offset, masks.shape[0])
         _check_seed(seed, "masks", masks)
         return (
             masks.new_empty(masks.shape, dtype=torch.int8),

@@ -26,7 +26,8 @@ SCALE_EXP = {torch.float32: 32, torch.float64: 256}  # large features are rescal
 TERMS = ((0, 0, 2, False), (0, 1, 3, True), (1, 2, 0, False), (1, 3, 1, True))
 
 # Input validation: contrastmask_ops.common, shared with the compiled path. The reference adds the two
-# checks that read values (masks 0/1, cams present for novel ROIs), which the kernels do themselves.
+# checks that read values (masks 0/1, cams present for novel ROIs), which the kernels do themselves, and
+# then the NaN test of novel ROIs' CAMs, which the compiled path makes after its kernel.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +37,7 @@ TERMS = ((0, 0, 2, False), (0, 1, 3, True), (1, 2, 0, False), (1, 3, 1, True))
 def _check_plan_values(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor) -> None:
     common.check_mask_values(masks)
     common.check_cams_present(cams, is_novel)
+    common.check_cam_values(cams, is_novel)
 
 
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
@@ -384,7 +386,8 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
     With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
     plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
                                         tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed)
+                                        share_queries=share_queries, formulation=formulation, seed=seed,
+                                        return_stats=return_stats)
     group = common.process_group_param(process_group)
     if common.flag("check_inputs", check_inputs):
         _check_plan_values(masks, cams, is_novel)

@@ -31,7 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .config import load_config
+from .config import load_config, load_or_exit
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
@@ -395,7 +395,7 @@ def main(argv=None):
     own_config = args.config is None or os.path.abspath(args.config) == os.path.abspath(study_config)
     args.config = args.config or study_config
     args.arms = study.arms if args.arms is None else args.arms
-    probe = load_config(args.config, args.set)
+    probe = load_or_exit(args.config, args.set)
     name = study.results if own_config else f"ablation-{os.path.splitext(os.path.basename(args.config))[0]}"
     args.out_dir = args.out_dir or os.path.join("runs", name)
     results = args.results or (os.path.join(RESULTS_DIR, name + ".json") if own_config

@@ -7,8 +7,13 @@ Prints mask AP (segm) and box AP (bbox) as the paper's columns (mAP, AP50, AP75,
 percent; "-" where no ground truth of that size exists) and saves them to output_dir/eval.json.
 --gt-boxes adds the mask head's quality on the ground-truth boxes and the CAM diagnostics
 (model/gt_box_eval.py): mask AP and mean IoU, CAM foreground/background AUC, pseudo-label purity.
+
+The model is built from the config saved in the checkpoint (the one it was trained with), so a --set that
+changes a model.* key could not take effect: it is an error (exit status 2) rather than silently ignored.
+The data, eval and output keys of --config and --set apply.
 """
 import contextlib
+import copy
 import io
 import json
 import os
@@ -16,10 +21,11 @@ import os
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from .config import config_from_args, script_parser
+from .config import ConfigError, config_from_args, exit_on_config_error, load_or_exit, script_parser
 from .contrastmask import build_model
 from .data.build import build_dataset, dataset_files
 from .data.coco import load_coco
@@ -68,15 +74,23 @@ def predict(model, dataset, device, batch_size=8, max_images=None, progress=True
     return image_ids, bbox_results, segm_results
 
 
+def no_detections(coco_gt):
+    """An empty result set for COCOeval (COCO's loadRes cannot take an empty list): the images, no annotations."""
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]),
+                     "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    empty.createIndex()
+    return empty
+
+
 def coco_metrics(coco_gt, results, iou_type, cat_ids, image_ids):
     """The six summary numbers (fractions; -1 where COCO has no ground truth of that size)."""
     results = [r for r in results if r["category_id"] in set(cat_ids)]
     if not cat_ids:
         return None
-    if not results:  # nothing detected: AP 0 (COCO's loadRes cannot take an empty list)
-        return dict.fromkeys(COLUMNS, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        # Nothing detected is still evaluated, so a size with no ground truth stays -1 ("-"), not AP 0.
+        coco_dt = coco_gt.loadRes(results) if results else no_detections(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.params.catIds = list(cat_ids)
         evaluator.params.imgIds = list(image_ids)
@@ -159,14 +173,33 @@ def evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=Non
     return record
 
 
+def model_keys_changed_by(config_path, overrides):
+    """The model.* keys whose value the overrides change (a preset among them included), sorted."""
+    before, after = load_or_exit(config_path)["model"], load_or_exit(config_path, overrides)["model"]
+    return [f"model.{key}" for key in sorted(after) if after[key] != before[key]]
+
+
+def refuse_model_overrides(args, script):
+    """A script that loads a trained model (load_trained_model) builds it from the checkpoint's config: a --set
+    of a model.* key could not take effect, so it ends the program (status 2) instead of being ignored."""
+    changed = model_keys_changed_by(args.config, args.set)
+    if changed:
+        exit_on_config_error(ConfigError(
+            f"--set {', '.join(changed)}: {script} builds the model from the checkpoint's config, so model.* "
+            f"overrides cannot take effect; leave them out"))
+
+
 def main(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
     p.add_argument("--out", help="default: output_dir/eval.json")
     p.add_argument("--gt-boxes", action="store_true", help="also run the mask head on the ground-truth boxes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    record = evaluate(cfg, args.checkpoint, args.device, out_path=args.out, gt_boxes=args.gt_boxes)
+    refuse_model_overrides(args, "evaluate")
+    record = evaluate(cfg, args.checkpoint, args.device, progress=not args.no_progress, out_path=args.out,
+                      gt_boxes=args.gt_boxes)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")
     print(f"{record['images']} images, checkpoint {record['checkpoint']} (iteration {record['iteration']})")
     print(format_table(record["metrics_percent"]))

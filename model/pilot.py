@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 
-from .config import load_config
+from .config import load_config, load_or_exit
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.json")
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
@@ -64,7 +64,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     from .train import train
 
-    probe = load_config(args.config)
+    probe = load_or_exit(args.config)
     stem = os.path.join(RESULTS_DIR, f"pilot-optimizer-{probe['model']['backbone']}")
     results = {}
     for name in VARIANTS:

@@ -56,9 +56,12 @@ def total_loss(losses, lam, contrast_factor=1.0):
 
 def contrast_queries_mode(cfg, info):
     """What final.json and the start-up line report: "global" (queries and keys over every process's ROIs),
-    "per_process", or None without the contrastive loss."""
+    "per_process", or None without the contrastive loss. A single process is "global" whatever
+    contrast.global_queries says: its ROIs are the whole batch, so its loss is the global batch's."""
     if not cfg["model"]["use_cl"]:
         return None
+    if not info.distributed:
+        return "global"
     return "global" if global_queries_enabled(info, cfg["contrast"]["global_queries"]) else "per_process"
 
 

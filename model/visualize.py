@@ -3,6 +3,8 @@ paper's Figs. 1 and 6): base detections in blues/greens with solid boxes, novel 
 training) in reds/oranges with dashed boxes and a * after the name.
 
     python -m model.visualize --config model/configs/demo.json [--checkpoint ...] [--out file.png]
+
+The model is built from the checkpoint's config: a --set of a model.* key is an error (as in model.evaluate).
 """
 import os
 
@@ -11,7 +13,7 @@ import torch
 
 from .config import config_from_args, script_parser
 from .data.build import build_dataset
-from .evaluate import load_trained_model
+from .evaluate import load_trained_model, refuse_model_overrides
 
 BASE_COLORS = ["#1f77b4", "#2ca02c", "#17becf", "#3b5bdb", "#0b7a75", "#6a5acd"]
 NOVEL_COLORS = ["#d62728", "#ff7f0e", "#e377c2", "#bcbd22", "#8c564b", "#ff1493"]
@@ -99,6 +101,7 @@ def main(argv=None):
     p.add_argument("--score", type=float, default=0.5, help="minimum score drawn")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    refuse_model_overrides(args, "visualize")
     path = visualize(cfg, args.checkpoint, args.out, args.num_images, args.score, args.device, args.start)
     print(path)
 

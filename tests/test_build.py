@@ -1,6 +1,8 @@
 """The extension is built and says what it holds. `make test` sets CONTRASTMASK_REQUIRE_EXTENSION=1
 (and _CUDA=1 where nvcc exists), so CI fails if the C++ or CUDA part silently did not build."""
+import glob
 import os
+import re
 import warnings
 
 import pytest
@@ -34,3 +36,29 @@ def test_no_fallback_warning_when_built():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cm.boundary_sqdist(masks)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def declared_operators():
+    """Every operator (overload included) declared by an m.def in csrc/ops/*.cpp."""
+    names = set()
+    for path in glob.glob(os.path.join(REPO, "csrc", "ops", "*.cpp")):
+        with open(path) as f:
+            text = f.read()
+        names |= set(re.findall(r'm\.def\(\s*"([\w.]+)\(', text))
+    return names
+
+
+def test_readme_lists_every_operator():
+    ops = declared_operators()
+    assert {"partition", "roi_plan.int_seed", "contrastive_loss_backward"} <= ops
+    with open(os.path.join(REPO, "README.md")) as f:
+        paragraph = f.read().split("The compiled operators behind these functions", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`(?:torch\.ops\.contrastmask\.)?([\w.]+)`", paragraph)) - {"torch.compile"}
+    assert listed == ops
+    if cm.build_info()["extension"]:
+        for name in ops:
+            op, _, overload = name.partition(".")
+            getattr(getattr(torch.ops.contrastmask, op), overload or "default")

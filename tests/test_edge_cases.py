@@ -149,6 +149,46 @@ def test_nan_in_used_pixel_gives_nan_loss(impl):
     assert torch.isnan(loss)
 
 
+def _novel_and_base_rows(b):
+    novel = b["is_novel"].clone()
+    novel[1], novel[2] = True, False
+    return novel
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_in_the_cam_of_a_novel_roi_is_an_error(impl):
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = _novel_and_base_rows(b)
+    cams = b["cams"].clone()
+    cams[1, 5, 6] = float("nan")
+    want = "cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI 1"
+    for call in (lambda **kw: impl.query_sharing_contrastive_loss(b["z"], b["masks"], cams, novel, seed=0, **kw),
+                 lambda **kw: impl.partition(b["masks"], cams, novel, **kw)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == want
+        call(check_inputs=False)  # unchecked: the NaN pixel is ignored (label -1)
+    # a base ROI's CAM is never read: a NaN there is no error
+    cams = b["cams"].clone()
+    cams[2] = float("nan")
+    assert torch.isfinite(impl.query_sharing_contrastive_loss(b["z"], b["masks"], cams, novel, seed=0))
+    # bad masks are reported before the CAMs, on both paths
+    cams[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^masks: expected values 0 or 1 only$"):
+        impl.partition(b["masks"].float() * 0.5, cams, novel)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cams_outside_0_1_are_thresholded_as_they_are(impl):
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = _novel_and_base_rows(b)
+    cams = b["cams"].clone()
+    cams[1, :7], cams[1, 7:] = 1.5, -0.5
+    cams[1, 0, 0], cams[1, 13, 13] = float("inf"), -float("inf")
+    labels = impl.partition(b["masks"], cams, novel)
+    assert (labels[1, :7] == 1).all() and (labels[1, 7:] == 0).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_channel(impl):
     b = blob_batch(5, 13, 21, 1, seed=4)
@@ -220,6 +260,14 @@ BAD_PARAMETERS = [
     (dict(sigma=float("nan")), ValueError, "sigma"),
     (dict(sigma=1.0000001), ValueError, "sigma"),
     (dict(formulation=None), ValueError, "formulation"),
+    # bools are not numbers (float(True) is 1.0), nor is 1 a bool
+    (dict(sigma=True), TypeError, "sigma"),
+    (dict(sigma=np.bool_(True)), TypeError, "sigma"),
+    (dict(delta=False), TypeError, "delta"),
+    (dict(tau_easy=True), TypeError, "tau_easy"),
+    (dict(tau_hard=np.bool_(True)), TypeError, "tau_hard"),
+    (dict(return_stats="yes"), TypeError, "return_stats"),
+    (dict(return_stats=1), TypeError, "return_stats"),
 ]
 
 
@@ -230,6 +278,34 @@ def test_bad_parameters_are_rejected_alike(impl, kwargs, error, name):
     with pytest.raises(error) as info:
         impl.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], **kwargs)
     assert str(info.value).startswith(name + " "), str(info.value)
+
+
+def _bad_values(impl):
+    """Calls whose tensors have the right metadata and bad values, the checks the kernels make themselves."""
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    novel = b["is_novel"].clone()
+    novel[0] = True
+    half = b["masks"].float() * 0.5
+    return [
+        lambda: impl.query_sharing_contrastive_loss(b["z"], half, b["cams"], novel, seed=0),
+        lambda: impl.query_sharing_contrastive_loss(b["z"], b["masks"], None, novel, seed=0),
+        lambda: impl.partition(half, b["cams"], novel),
+        lambda: impl.partition(b["masks"], None, novel),
+        lambda: impl.boundary_sqdist(half),
+    ]
+
+
+def test_value_errors_have_one_wording_on_both_paths():
+    messages = {}
+    for impl in [p.values[0] for p in IMPLS]:
+        for i, call in enumerate(_bad_values(impl)):
+            with pytest.raises(ValueError) as info:
+                call()
+            messages.setdefault(i, set()).add(str(info.value))
+    assert [m for _, m in sorted(messages.items())] == [
+        {"masks: expected values 0 or 1 only"}, {"cams: required when some ROI is novel (is_novel has a True entry)"},
+        {"masks: expected values 0 or 1 only"}, {"cams: required when some ROI is novel (is_novel has a True entry)"},
+        {"masks: expected values 0 or 1 only"}]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -255,6 +331,32 @@ def test_bad_parameters_of_the_building_blocks(impl):
         with pytest.raises(error) as info:
             call()
         assert str(info.value).startswith(name + " "), str(info.value)
+
+
+def test_roi_offset_up_to_the_int64_limit_is_accepted_alike_and_beyond_it_refused_alike():
+    """roi_offset: every ROI's index roi_offset + n must fit in int64 (the operators' integer type), on both
+    paths; the reference's uint64 hash used to take more, the op failed with a dispatcher type error."""
+    b = blob_batch(4, 14, 14, 8, seed=0)
+    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
+    sqdist = ref.boundary_sqdist(b["masks"])
+    impls = [p.values[0] for p in IMPLS]
+    last = 2**63 - 4  # the largest offset for N = 4: the last ROI's index is 2**63 - 1
+    got = [impl.sample_keys(labels, sqdist, b["is_novel"], min_keys=1, seed=9, roi_offset=last) for impl in impls]
+    for keys, keep in got[1:]:
+        assert torch.equal(keys, got[0][0]) and torch.equal(keep, got[0][1])
+    empty = [t[:0] for t in (labels, sqdist, b["is_novel"])]
+    messages = set()
+    for impl in impls:
+        impl.sample_keys(*empty, roi_offset=2**63 - 1)  # N = 0: any int64
+        for roi_offset, tensors, n in ((last + 1, (labels, sqdist, b["is_novel"]), 4), (2**63, empty, 0),
+                                       (2**70, (labels, sqdist, b["is_novel"]), 4)):
+            with pytest.raises(ValueError) as info:
+                impl.sample_keys(*tensors, seed=0, roi_offset=roi_offset)
+            message = str(info.value)
+            assert message == (f"roi_offset must lie in [0, 2**63 - max(N, 1)] (every ROI's index roi_offset + n, "
+                               f"n < N, fits in int64), got {roi_offset} with N = {n}"), message
+            messages.add(message)
+    assert len(messages) == 3  # one wording per case, whichever path
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -324,7 +426,8 @@ def test_errors_print_numbers_in_full(impl):
                                          (dict(tau_easy=0.0), "tau_easy"), (dict(tau_hard=float("inf")), "tau_hard"),
                                          (dict(hard_sqdist=2.5), "hard_sqdist"), (dict(min_keys=-1), "min_keys"),
                                          (dict(share_queries="no"), "share_queries"),
-                                         (dict(formulation="official"), "formulation")])
+                                         (dict(formulation="official"), "formulation"),
+                                         (dict(sigma=True), "sigma")])
 def test_module_validates_its_parameters_at_construction(kwargs, name):
     with pytest.raises((TypeError, ValueError)) as info:
         cm.QuerySharingContrastiveLoss(**kwargs)

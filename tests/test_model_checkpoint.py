@@ -165,6 +165,23 @@ def test_older_checkpoints_are_refused_with_a_hint_and_upgrade_to_the_same_data(
     assert not marker.exists()
 
 
+def test_upgrading_a_current_checkpoint_says_so_and_writes_nothing(tmp_path, capsys):
+    current = tmp_path / "current.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.ones(2)}, "iteration": 3}, str(current))
+    before = current.read_bytes()
+    ckpt.main(["upgrade", str(current), str(tmp_path / "new.pt")])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert out == f"{current} is already a current model.train checkpoint ({ckpt.FORMAT}): nothing to upgrade, " \
+                  f"nothing written\n"
+    assert current.read_bytes() == before and not (tmp_path / "new.pt").exists()
+    # a file that is neither: one line on stderr, status 2
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as info:
+        ckpt.main(["upgrade", str(tmp_path / "foreign.pt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: legacy checkpoint") and err.count("\n") == 1, err
+
+
 def test_writes_are_fsynced_and_stale_temporaries_cleaned(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

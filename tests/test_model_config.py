@@ -1,11 +1,13 @@
 """Configs, schedules and the ablation switches of the reference model."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from model.config import load_config
+from model.config import DEFAULTS, PRESETS, SCHEMA, ConfigError, Kind, load_config, validate
 from model.contrastmask import build_model
 from model.engine.schedule import contrast_weight
 from model.engine.schedule import Schedule, lr_factor
@@ -17,7 +19,8 @@ def test_every_shipped_config_loads():
     names = sorted(os.listdir(CONFIGS))
     assert {"demo.json", "tiny.json", "r50_fpn_1x_nonvoc2voc.json", "r50_fpn_1x_voc2nonvoc.json"} <= set(names)
     for name in names:
-        load_config(os.path.join(CONFIGS, name))
+        cfg = load_config(os.path.join(CONFIGS, name))
+        assert validate(cfg) is cfg
 
 
 def test_paper_configs_keep_the_paper_settings():
@@ -38,12 +41,156 @@ def test_overrides_and_unknown_keys(tmp_path):
     assert cfg["train"]["length"] == 7 and cfg["model"]["use_cl"] is False
     assert cfg["data"]["base"] == ["circle"] and cfg["output_dir"] == "x/y"
     assert cfg["data"]["shapes"]["image_size"] == 64  # untouched keys of the file survive
-    with pytest.raises(KeyError, match="model.use_clx"):
+    with pytest.raises(ConfigError, match="model.use_clx"):
         load_config(None, ["model.use_clx=1"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": {"lenght": 3}}))
-    with pytest.raises(KeyError, match="train.lenght"):
+    with pytest.raises(ConfigError, match="train.lenght"):
         load_config(str(bad))
+
+
+def _keys(tree, path=""):
+    out = set()
+    for key, value in tree.items():
+        out |= _keys(value, path + key + ".") if isinstance(value, dict) and key != "shapes" else {path + key}
+    return out
+
+
+def test_schema_types_every_key_and_the_defaults_and_presets_pass_it():
+    assert _keys(SCHEMA) == _keys(DEFAULTS)
+    assert all(isinstance(kind, Kind) for kind in _flat_kinds(SCHEMA))
+    for preset in PRESETS:
+        load_config(None, [f"preset={preset}"])
+
+
+def _flat_kinds(tree):
+    for value in tree.values():
+        yield from _flat_kinds(value) if isinstance(value, dict) else [value]
+
+
+def test_set_false_means_false_and_python_literals_only_where_the_key_takes_them():
+    tiny = os.path.join(CONFIGS, "tiny.json")
+    cfg = load_config(tiny, ["model.use_cl=False", "model.use_cam=True", "model.backbone_weights=None",
+                             "contrast.global_queries=None", "train.clip_grad_norm=None", "output_dir=None"])
+    assert cfg["model"]["use_cl"] is False and cfg["model"]["use_cam"] is True
+    assert cfg["model"]["backbone_weights"] is None and cfg["contrast"]["global_queries"] is None
+    assert cfg["train"]["clip_grad_norm"] is None
+    assert cfg["output_dir"] == "None"  # a string key keeps the string
+    assert load_config(tiny, ["contrast.global_queries=False"])["contrast"]["global_queries"] is False
+    with pytest.raises(ConfigError, match=r'^config key model.use_cam must be true \| false, got "None" \(None means '):
+        load_config(tiny, ["model.use_cam=None"])
+    with pytest.raises(ConfigError, match='model.fpn_channels must be an integer >= 1, got "True"'):
+        load_config(tiny, ["model.fpn_channels=True"])
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("model.use_cl=maybe", '"maybe"'),
+    ("model.use_cl=1", "1"),
+    ("model.use_cam=None", '"None"'),
+    ("train.length=abc", '"abc"'),
+    ("train.images_per_batch=two", '"two"'),
+    ("train.images_per_batch=0", "0"),
+    ("train.images_per_batch=2.0", "2.0"),
+    ("train.optimizer=adam", '"adam"'),
+    ("train.unit=epochs", '"epochs"'),
+    ("train.lr_steps=8", "8"),
+    ("train.clip_grad_norm=true", "true"),
+    ("contrast.formulation=Paper", '"Paper"'),
+    ("contrast.supervision=none", '"none"'),
+    ("contrast.lambda_schedule=cosine", '"cosine"'),
+    ("contrast.sigma=true", "true"),
+    ("contrast.global_queries=maybe", '"maybe"'),
+    ("model.backbone_norm=ln", '"ln"'),
+    ("model.head_norm=bn", '"bn"'),
+    ("model.cl_projector_norm=gn", '"gn"'),
+    ("model.mask_loss_rois=base", '"base"'),
+    ("model.box_reg_head=mlp", '"mlp"'),
+    ("model.backbone_weights=false", "false"),
+    ("model.min_size=640", "640"),
+    ("model.anchor_sizes=[]", "[]"),
+    ("model.aspect_ratios=[1, \"2\"]", '[1, "2"]'),
+    ("model.trainable_layers=6", "6"),
+    ("data.kind=voc", '"voc"'),
+    ("data.base=7", "7"),
+    ("data.base=[1]", "[1]"),
+    ("data.shapes=3", "3"),
+    ("eval.max_images=2.5", "2.5"),
+    ("seed=1.5", "1.5"),
+    ("preset=mine", '"mine"'),
+])
+def test_bad_values_are_refused_in_one_line_naming_the_key_and_the_value(override, shown):
+    with pytest.raises(ConfigError) as info:
+        load_config(os.path.join(CONFIGS, "tiny.json"), [override])
+    message = str(info.value)
+    key = override.split("=")[0]
+    assert f"config key {key} must be " in message and f"got {shown}" in message, message
+    assert "\n" not in message
+
+
+def test_file_values_are_checked_like_overrides(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"use_cl": "False"}}))
+    with pytest.raises(ConfigError, match='model.use_cl must be true \\| false, got "False"'):
+        load_config(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="missing.json"):
+        load_config(str(tmp_path / "missing.json"))
+    # ints are numbers: a float key takes one
+    assert load_config(None, ["contrast.sigma=1", "train.length=0.5"])["contrast"]["sigma"] == 1
+
+
+def _script_mains():
+    from model import ablate, demo, diagnose, evaluate, pilot, train, visualize
+
+    tiny = os.path.join(CONFIGS, "tiny.json")
+    bad = ["--set", "model.use_cl=maybe"]
+    return [("train", train.main, ["--config", tiny, *bad]), ("evaluate", evaluate.main, ["--config", tiny, *bad]),
+            ("demo", demo.main, bad), ("visualize", visualize.main, ["--config", tiny, *bad]),
+            ("diagnose", diagnose.main, bad), ("ablate", ablate.main, ["--report-only", *bad])]
+
+
+def test_scripts_print_the_config_error_in_one_line_and_exit_2(capsys, tmp_path):
+    from model import pilot
+
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps({"model": {"use_cl": "maybe"}}))
+    calls = [*_script_mains(), ("pilot", pilot.main, ["--config", str(bad_file), "--report-only"])]
+    for name, main, argv in calls:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2, name
+        assert err == 'error: config key model.use_cl must be true | false, got "maybe"\n', (name, err)
+
+
+def test_the_command_line_shows_no_traceback():
+    repo = os.path.dirname(CONFIGS)
+    cmd = [sys.executable, "-m", "model.train", "--config", os.path.join(CONFIGS, "tiny.json"),
+           "--set", "train.length=abc"]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(repo), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert proc.stderr == 'error: config key train.length must be a number >= 0, got "abc"\n', proc.stderr
+
+
+def test_evaluate_and_visualize_refuse_model_overrides(capsys):
+    from model import evaluate, visualize
+    from model.evaluate import model_keys_changed_by
+
+    tiny = os.path.join(CONFIGS, "tiny.json")
+    assert model_keys_changed_by(tiny, ["eval.max_images=2", "data.root=x", "contrast.delta=0.2"]) == []
+    assert model_keys_changed_by(tiny, ["model.use_cl=true"]) == []  # the value it has already
+    assert model_keys_changed_by(tiny, ["preset=released"]) == \
+        ["model.cl_enhance", "model.cl_projector_norm", "model.mask_loss_rois"]
+    for name, main in (("evaluate", evaluate.main), ("visualize", visualize.main)):
+        with pytest.raises(SystemExit) as info:
+            main(["--config", tiny, "--set", "model.use_cl=false", "model.fpn_channels=8", "eval.max_images=1"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: --set model.fpn_channels, model.use_cl: {name} builds the model from the "
+                              "checkpoint's config"), err
 
 
 def test_schedules():

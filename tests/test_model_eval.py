@@ -1,5 +1,6 @@
 """COCO evaluation split into novel and base categories; the paper's six columns."""
 import copy
+import os
 
 import pytest
 
@@ -59,7 +60,34 @@ def test_wrong_or_missing_predictions_score_below_one(val_set):
                                dataset.novel_cat_ids)
     assert metrics["novel"]["bbox"]["mAP"] < 1.0
     assert metrics["base"]["bbox"]["AP50"] < 0.2
-    assert metrics["novel"]["segm"] == dict.fromkeys(COLUMNS, 0.0)  # nothing predicted at all
+    # nothing predicted at all: AP 0 where there is ground truth, -1 (no such objects) elsewhere
+    assert {v for v in metrics["novel"]["segm"].values()} <= {0.0, -1.0}
+    assert metrics["novel"]["segm"]["mAP"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory):
+    """64-pixel images: no object can be large (area > 96^2)."""
+    sizes = dict(TINY, image_size=64)
+    root = str(tmp_path_factory.mktemp("shapes64"))
+    shapes.ensure_shapes_dataset(root, **sizes)
+    data_cfg = {"kind": "shapes", "root": root, "base": "shapes", "shapes": sizes}
+    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val", sizes))
+
+
+def test_no_ground_truth_of_a_size_prints_a_dash_whether_or_not_anything_was_detected(small_images):
+    dataset, coco_gt = small_images
+    bbox, segm = ground_truth_as_results(coco_gt)
+    for segm_results in (segm, []):  # detections; none at all
+        metrics = evaluate_results(coco_gt, sorted(coco_gt.imgs), bbox, segm_results, dataset.base_cat_ids,
+                                   dataset.novel_cat_ids)
+        for split in ("novel", "base"):
+            for kind in ("segm", "bbox"):
+                assert metrics[split][kind]["APl"] == -1.0, (split, kind, metrics[split][kind])
+        assert metrics["novel"]["segm"]["mAP"] == (1.0 if segm_results else 0.0)
+        for row in format_table(in_percent(metrics)).splitlines()[2:]:
+            segm_cells, bbox_cells = row.split("|")[1:]
+            assert segm_cells.split()[-1] == "-" and bbox_cells.split()[-1] == "-", row
 
 
 def test_table_prints_percent_and_dashes():
@@ -70,3 +98,20 @@ def test_table_prints_percent_and_dashes():
     assert "mAP  AP50  AP75   APs   APm   APl" in lines[1]
     assert lines[2].startswith("novel") and " 35.1  60.8  35.7  17.2  34.7     -" in lines[2]
     assert lines[3].startswith("base") and "100.0" in lines[3]
+
+
+@pytest.mark.parametrize("flag, progress", [([], True), (["--no-progress"], False)])
+def test_evaluate_no_progress_turns_the_progress_bar_off(monkeypatch, capsys, flag, progress):
+    from model import evaluate as evaluate_script
+
+    seen = {}
+
+    def fake_evaluate(cfg, checkpoint_path=None, device=None, progress=True, out_path=None, gt_boxes=False):
+        seen["progress"] = progress
+        return {"novel_categories": [], "base_categories": [], "images": 0, "checkpoint": "c", "iteration": 0,
+                "metrics_percent": {}}
+
+    monkeypatch.setattr(evaluate_script, "evaluate", fake_evaluate)
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "configs", "tiny.json")
+    evaluate_script.main(["--config", tiny, *flag])
+    assert seen == {"progress": progress}

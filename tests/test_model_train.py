@@ -199,8 +199,8 @@ def test_two_process_ddp_on_cpu_agrees_on_weights(data_root, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
 
 
-@pytest.mark.parametrize("setting,world_size,mode", [(None, 1, "per_process"), (None, 2, "global"),
-                                                     (True, 1, "global"), (False, 2, "per_process")])
+@pytest.mark.parametrize("setting,world_size,mode", [(None, 1, "global"), (None, 2, "global"), (True, 1, "global"),
+                                                     (False, 1, "global"), (False, 2, "per_process")])
 def test_contrast_global_queries_setting(setting, world_size, mode):
     from model.engine.distributed import DistInfo
     from model.train import contrast_queries_mode

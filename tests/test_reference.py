@@ -124,11 +124,15 @@ def test_partition_delta_edges():
     assert ref.partition(masks, cams, novel, delta=0.0).flatten().tolist() == [0, -1, 1, -1]
 
 
-def test_partition_nan_cam_is_ignored_and_base_cam_unused():
+def test_partition_nan_in_a_novel_cam_is_an_error_unchecked_ignored_and_base_cam_unused():
     masks = torch.tensor([[[1, 0]], [[1, 0]]], dtype=torch.bool)
     cams = torch.tensor([[[math.nan, 0.0]], [[math.nan, math.nan]]])
-    got = ref.partition(masks, cams, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="^cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI 0$"):
+        ref.partition(masks, cams, torch.tensor([True, False]))
+    got = ref.partition(masks, cams, torch.tensor([True, False]), check_inputs=False)
     assert got.tolist() == [[[-1, 0]], [[1, 0]]]
+    got = ref.partition(masks, cams, torch.tensor([False, False]))  # base ROIs' CAMs are never read
+    assert got.tolist() == [[[1, 0]], [[1, 0]]]
 
 
 # ------------------------------------------------------------------------------------------------

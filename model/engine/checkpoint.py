@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -215,10 +216,13 @@ _NUMPY_ARRAY_GLOBALS = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")
 def upgrade_legacy(src, dst=None):
     """Rewrites a model.train checkpoint of the older layout (Python/numpy RNG states as objects, no
     "format") in this one, at dst (default: in place). Still a weights-only load: on top of tensors and
-    plain data it allows numpy's array reconstruction, nothing else. Returns dst."""
+    plain data it allows numpy's array reconstruction, nothing else. Returns dst, or None when src is
+    already in this layout (then nothing is written)."""
     dst = dst or src
     with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
         state = load_tensors(src, "legacy checkpoint")
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return None
     if not isinstance(state, dict) or "format" in state or any(k not in state for k in TRAINING_KEYS):
         raise CheckpointError(f"legacy checkpoint {os.fspath(src)!r} is not an older model.train checkpoint "
                               f"(a dict with {list(TRAINING_KEYS)} and no 'format')")
@@ -264,7 +268,16 @@ def main(argv=None):
     p.add_argument("src")
     p.add_argument("dst", nargs="?", help="default: rewrite src in place")
     args = p.parse_args(argv)
-    print(upgrade_legacy(args.src, args.dst))
+    try:
+        written = upgrade_legacy(args.src, args.dst)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if written is None:
+        print(f"{args.src} is already a current model.train checkpoint ({FORMAT}): nothing to upgrade, "
+              f"nothing written")
+    else:
+        print(written)
 
 
 if __name__ == "__main__":
