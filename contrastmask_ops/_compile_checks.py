@@ -3,8 +3,9 @@ then; importing it with the package would cost seconds)."""
 import torch._dynamo
 from torch._dynamo.exc import UserError, UserErrorType
 
-SEED_UNDER_COMPILE_MESSAGE = ("seed: pass a seed under torch.compile (a 0-dim int64 tensor takes a new value each "
-                              "call without recompiling); seed=None draws one on the host, which a graph cannot do")
+SEED_UNDER_COMPILE_MESSAGE = ("seed: pass a seed under torch.compile (an integer or a 0-dim int64 tensor; either "
+                              "takes a new value each call without recompiling); seed=None draws one on the host, "
+                              "which a graph cannot do")
 
 
 # assume_constant_result: dynamo runs this at trace time instead of tracing it, so the user gets this error

@@ -299,8 +299,8 @@ def seed_param(seed):
         _require(seed.dtype == torch.int64, ValueError,
                  lambda: f"seed must be an integer or a 0-dim int64 tensor, got {describe(seed)}")
         return seed
-    s = integer("seed", seed) % 2**64
-    return s - 2**64 if s >= 2**63 else s
+    # Branch-free, so that under torch.compile a symbolic seed gets no guard on its sign (one graph for all seeds).
+    return (integer("seed", seed) + 2**63) % 2**64 - 2**63
 
 
 def check_seed_device(seed, ref_name: str, ref: Tensor) -> None:

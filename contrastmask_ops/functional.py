@@ -115,8 +115,8 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    check_inputs: bool = True):
     """The whole pipeline: partition + boundary distance + key sampling fused in one per-ROI kernel,
     then the loss. Returns the loss (0-dim, z's dtype; float32 for a float16/bfloat16 z under autocast),
-    or (loss, LossStats) with return_stats. seed: as for sample_keys (under torch.compile pass a 0-dim int64
-    tensor to change it every step without recompiling). check_inputs: as for partition; with
+    or (loss, LossStats) with return_stats. seed: as for sample_keys (an integer or a 0-dim int64 tensor
+    may change every step under torch.compile without recompiling). check_inputs: as for partition; with
     check_inputs=False and a seed tensor on the device, the CUDA pipeline has no host sync (CUDA graphs).
 
     process_group (a torch.distributed ProcessGroup; every rank of it calls this with its own ROIs and the

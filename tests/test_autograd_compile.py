@@ -111,6 +111,37 @@ def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
     assert len(losses) == 20  # each seed samples other keys
 
 
+@pytest.mark.parametrize("dynamic,compilations", [(True, 1), (None, 2)])
+def test_compiled_step_takes_an_integer_seed_per_step_without_recompiling(device, dynamic, compilations):
+    """seed=step, as users write it: the ops take the integer seed as a SymInt, so dynamo keeps it symbolic
+    (one compilation with dynamic=True; with the default, the first call specialises and the second makes
+    it dynamic), each call equal to eager."""
+    b = device.batch(blob_batch(6, 14, 14, 8, seed=3))
+
+    def step(z, masks, cams, is_novel, seed):
+        return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, min_keys=1, seed=seed)
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=dynamic)
+    losses = set()
+    for seed in [*range(18), 2**63 - 1, -5]:
+        z1 = b["z"].clone().requires_grad_(True)
+        z2 = b["z"].clone().requires_grad_(True)
+        want = step(z1, b["masks"], b["cams"], b["is_novel"], seed)
+        got = compiled(z2, b["masks"], b["cams"], b["is_novel"], seed)
+        assert torch.equal(got, want), seed
+        want.backward()
+        got.backward()
+        assert torch.equal(z2.grad, z1.grad), seed
+        losses.add(want.item())
+    # (dynamo also hands the backend an empty graph on the first call; only graphs that run the ops count)
+    assert sum("contrastmask" in g.code for g in counter.graphs) == compilations
+    assert len(losses) == 20
+
+
 def test_seed_none_under_compile_asks_for_a_seed():
     """seed=None would draw on the host: under torch.compile the user gets one line that says to pass a seed
     (dynamo adds where in their code), not dynamo's report of a graph break."""

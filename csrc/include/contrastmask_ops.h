@@ -76,9 +76,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor&
                        o.roi_offset, o.check_inputs);
   }
   static auto handle = detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t,
-                                          int64_t, bool)>("contrastmask::roi_plan", "int_seed");
-  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed,
+                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t,
+                                          c10::SymInt, int64_t, bool)>("contrastmask::roi_plan", "int_seed");
+  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, c10::SymInt(o.seed),
                      o.roi_offset, o.check_inputs);
 }
 

@@ -70,7 +70,8 @@ inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef s
 
 inline void check_backward_inputs(const LossInputs& in, const at::Tensor& grad, const at::Tensor& queries,
                                   const at::Tensor& pixstats, const at::Tensor& termstats) {
-  TORCH_CHECK_VALUE(grad.dim() == 0, "grad: expected the gradient of a scalar loss (shape ()), got shape ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 0, "grad: expected the gradient of a scalar loss (shape ()), got shape ",
+                    grad.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()), "grad: expected a floating-point dtype, got ",
                     grad.scalar_type());
   check_same_device(grad, "grad", in.z, "z");  // read on the host (CPU) or copied (CUDA): never a meta tensor

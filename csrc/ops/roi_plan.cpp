@@ -2,7 +2,8 @@
 // never leave it. Same results as partition -> boundary_sqdist -> sample_keys (roi_offset as there).
 // The seed is a 0-dim int64 tensor on the CPU or the masks' device, read where it lives (no host sync,
 // and a compiled graph or a CUDA graph replays with whatever value it holds); roi_plan.int_seed takes
-// an integer and wraps it in a CPU tensor. check_inputs: as for partition.
+// an integer (a SymInt: torch.compile keeps a per-step seed symbolic) and wraps it in a CPU tensor.
+// check_inputs: as for partition.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -15,15 +16,15 @@ using PlanOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 PlanOutputs roi_plan_int_seed(const at::Tensor& masks, const c10::optional<at::Tensor>& cams,
                               const at::Tensor& is_novel, const c10::optional<at::Tensor>& valid, double delta,
-                              double sigma, int64_t hard_sqdist, int64_t min_keys, int64_t seed, int64_t roi_offset,
-                              bool check_inputs) {
+                              double sigma, int64_t hard_sqdist, int64_t min_keys, c10::SymInt seed,
+                              int64_t roi_offset, bool check_inputs) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow(CONTRASTMASK_OP("roi_plan"), "")
                        .typed<PlanOutputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
                                           const c10::optional<at::Tensor>&, double, double, int64_t, int64_t,
                                           const at::Tensor&, int64_t, bool)>();
-  return op.call(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, at::scalar_tensor(seed, at::kLong),
-                 roi_offset, check_inputs);
+  return op.call(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed_tensor(seed), roi_offset,
+                 check_inputs);
 }
 
 }  // namespace
@@ -37,7 +38,7 @@ TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   // A composite kernel: it decomposes into roi_plan on every backend, fake tensors included.
   m.def(
       "roi_plan.int_seed(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, float sigma, "
-      "int hard_sqdist, int min_keys, int seed, int roi_offset=0, bool check_inputs=True) "
+      "int hard_sqdist, int min_keys, SymInt seed, int roi_offset=0, bool check_inputs=True) "
       "-> (Tensor labels, Tensor keys, Tensor keep)",
       &contrastmask::roi_plan_int_seed);
 }
