@@ -130,27 +130,55 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
             z, masks, cams, is_novel, valid=valid, delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
             hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries, formulation=formulation,
             seed=seed, return_stats=return_stats, process_group=process_group, check_inputs=check_inputs)
-    plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
-                                        tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed,
-                                        return_stats=return_stats)
+    options = dict(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard, hard_sqdist=hard_sqdist,
+                   min_keys=min_keys, share_queries=share_queries, formulation=formulation, seed=seed,
+                   return_stats=return_stats)
     group = common.process_group_param(process_group)
+    if group is not None:
+        return _global_loss(group, z, masks, cams, is_novel, valid, options, check_inputs)
+    plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
     check_inputs = common.flag("check_inputs", check_inputs)
-    if group is None:
-        seed = _plan_seed(plan.seed)
-        labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
-                                                          plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
-        _check_cam_values(cams, is_novel, check_inputs)
-        loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
-    else:
-        # The plan is per ROI (the kernels, at this rank's ROI offset); the loss pools partial sums over the
-        # ranks, in the reference's PyTorch ops with the group's reducer.
-        reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
-        labels, keys, keep = _ops.roi_plan.int_seed(masks, cams, is_novel, valid, plan.delta, plan.sigma,
-                                                    plan.hard_sqdist, plan.min_keys, seed, roi_offset,
-                                                    check_inputs)
-        _check_cam_values(cams, is_novel, check_inputs)
-        loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
+    seed = _plan_seed(plan.seed)
+    labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                      plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
+    _check_cam_values(cams, is_novel, check_inputs)
+    loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
     if return_stats:
+        return loss, loss_stats(keys, keep, queries, params.share_queries)
+    return loss
+
+
+# Outside any compiled graph (a graph break; fullgraph=True refuses it): the join reads the gathered rows on
+# the host, and the collectives run eagerly (README, "Several processes").
+@torch.compiler.disable(reason="process_group: the global loss runs eagerly, outside the graph (its collectives "
+                               "and the join's host read); compile without fullgraph=True to use it")
+def _global_loss(group, z, masks, cams, is_novel, valid, options, check_inputs):
+    """The loss over the ROIs of every rank of group. The plan is per ROI (the kernels, at this rank's ROI
+    offset); the loss pools partial sums over the ranks, in the reference's PyTorch ops with the group's
+    reducer. An error of one rank is raised on every rank (global_batch, "Errors"). Meta tensors hold no
+    data to share: they get the local loss's shapes, without collectives."""
+    try:
+        plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
+        check_inputs = common.flag("check_inputs", check_inputs)
+    except (TypeError, ValueError) as error:
+        global_batch.fail_together(group, z, error)
+    if z.device.type == "meta" or is_fake(z):
+        reducer, roi_offset, seed = global_batch.LOCAL, 0, 0 if plan.seed is None else plan.seed
+    else:
+        reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
+    error = None
+    try:
+        labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                          plan.hard_sqdist, plan.min_keys, seed, roi_offset,
+                                                          check_inputs)
+        _check_cam_values(cams, is_novel, check_inputs)
+    except ValueError as e:
+        error = e
+    if check_inputs and reducer is not global_batch.LOCAL:
+        global_batch.raise_together(group, z.device, error)
+    elif error is not None:
+        raise error
+    loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
+    if options["return_stats"]:
         return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

@@ -9,6 +9,11 @@ the whole batch. The loss math (reference._loss_and_queries) takes the reducer a
 Determinism: a cross-rank sum is an all_gather of the partials followed by a left-to-right sum in rank
 order, the same code on every rank, so every rank holds the same bits whatever the order in which the
 processes arrive (an all_reduce's summation order is the backend's choice).
+
+Errors: a rank that raised alone would leave the others waiting in a collective (gloo aborts the process,
+NCCL hangs). A rank whose arguments or input values fail its checks therefore still takes part in the join
+(fail_together) or in the check after the plan (raise_together), and every rank raises together: the
+failing rank its own error, the others a ValueError that names it and quotes its message.
 """
 import zlib
 from typing import NamedTuple
@@ -16,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 class LocalReducer:
@@ -60,6 +66,7 @@ class _SumOverRanks(torch.autograd.Function):
         return _rank_ordered_sum(x, group)
 
     @staticmethod
+    @once_differentiable  # the all_gather in the backward is not differentiated: refuse a second order
     def backward(ctx, grad):
         return None, _rank_ordered_sum(grad.contiguous(), ctx.group)
 
@@ -73,6 +80,7 @@ class _TotalOverRanks(torch.autograd.Function):
         return _rank_ordered_sum(share, group)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return None, grad
 
@@ -119,23 +127,62 @@ def parameters_fingerprint(*params) -> int:
     return zlib.crc32(repr(params).encode())
 
 
+def collective_device(process_group, z) -> torch.device:
+    """Where this rank's collective buffers live: z's device, else (z unusable) the backend's."""
+    if isinstance(z, Tensor) and z.device.type != "meta":
+        return z.device
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _raise_with_the_others(process_group, failed, error):
+    """Every rank, once any failed (failed: a flag per rank): shares the failing ranks' messages and raises."""
+    messages = [None] * len(failed)
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                           group=process_group)
+    if error is not None:
+        raise error
+    first = failed.index(True)
+    raise ValueError(f"process_group: rank {first} raised {messages[first]} (every rank raises with it)")
+
+
+def fail_together(process_group, z, error: Exception):
+    """This rank's checks raised `error` before the join: joins as failed, so that every rank raises."""
+    row = torch.zeros(9, dtype=torch.int64, device=collective_device(process_group, z))
+    row[0] = 1
+    rows = torch.stack(_gather(row, process_group)).tolist()
+    _raise_with_the_others(process_group, [bool(r[0]) for r in rows], error)
+
+
+def raise_together(process_group, device, error: Exception = None):
+    """After this rank's plan: one all_gather of whether it raised; raises on every rank when any did."""
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+    failed = [bool(f) for f in torch.stack(_gather(flag, process_group)).view(-1).tolist()]
+    if any(failed):
+        _raise_with_the_others(process_group, failed, error)
+
+
 def join(process_group, z: Tensor, plan, params, draw_seed) -> Membership:
     """One all_gather of (N, C, H, W, accumulation dtype, seed, parameters) from every rank (plan and params:
     common.PlanParams and LossParams). Returns the reducer, this rank's ROI offset (the ROIs of the ranks
     before it) and the seed: the callers' seed when every rank passes the same one, else (seed=None on every
     rank) the draw_seed() of the group's first rank.
-    Raises ValueError on every rank when the ranks disagree. The only host sync of the global loss."""
+    Raises on every rank when the ranks disagree or one of them failed its checks (fail_together)."""
     n, c, h, w = z.shape
     seed = plan.seed
     given = seed is not None
     fingerprint = parameters_fingerprint(plan._replace(seed=None), params)
     seed_is_tensor = isinstance(seed, Tensor)
-    mine = [n, c, h, w, int(z.dtype == torch.float64), int(given),
+    mine = [0, n, c, h, w, int(z.dtype == torch.float64), int(given),
             0 if seed_is_tensor else seed if given else draw_seed(), fingerprint]
     row = torch.tensor(mine, dtype=torch.int64, device=z.device)
     if seed_is_tensor:
-        row[6] = seed  # a copy on the device; the one host read below brings it back with the rest
+        row[7] = seed  # a copy on the device; the one host read below brings it back with the rest
     rows = torch.stack(_gather(row, process_group)).tolist()
+    if any(r[0] for r in rows):
+        _raise_with_the_others(process_group, [bool(r[0]) for r in rows], None)
+    rows = [r[1:] for r in rows]
     rank = dist.get_rank(process_group)
     for r, row in enumerate(rows):
         if row[1:5] != rows[0][1:5]:

@@ -384,16 +384,30 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    check_inputs: bool = True):
     """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats).
     With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
-    plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma, tau_easy=tau_easy,
-                                        tau_hard=tau_hard, hard_sqdist=hard_sqdist, min_keys=min_keys,
-                                        share_queries=share_queries, formulation=formulation, seed=seed,
-                                        return_stats=return_stats)
     group = common.process_group_param(process_group)
-    if common.flag("check_inputs", check_inputs):
-        _check_plan_values(masks, cams, is_novel)
+    try:
+        plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, delta=delta, sigma=sigma,
+                                            tau_easy=tau_easy, tau_hard=tau_hard, hard_sqdist=hard_sqdist,
+                                            min_keys=min_keys, share_queries=share_queries, formulation=formulation,
+                                            seed=seed, return_stats=return_stats)
+        check_inputs = common.flag("check_inputs", check_inputs)
+    except (TypeError, ValueError) as error:
+        if group is None:
+            raise
+        global_batch.fail_together(group, z, error)  # every rank raises (global_batch, "Errors")
     reducer, roi_offset, seed = LOCAL, 0, plan.seed
     if group is not None:
         reducer, roi_offset, seed = global_batch.join(group, z, plan, params, draw_seed)
+    error = None
+    try:
+        if check_inputs:
+            _check_plan_values(masks, cams, is_novel)
+    except ValueError as e:
+        error = e
+    if check_inputs and reducer is not LOCAL:
+        global_batch.raise_together(group, z.device, error)
+    elif error is not None:
+        raise error
     labels = _partition(masks, cams, is_novel, plan.delta, valid)
     sqdist = _boundary_sqdist(masks)
     keys, keep = _sample_keys(labels, sqdist, is_novel, plan.sigma, plan.hard_sqdist, plan.min_keys, seed, roi_offset)

@@ -163,6 +163,66 @@ def _rank_errors(rank):
     return errors
 
 
+def _rank_errors_of_one_rank(rank):
+    """Errors that only rank 1 makes (a bad value, a bad argument): every rank must raise, then both go on."""
+    z, masks, cams, novel = whole_batch()
+    rows = rank_rows("uneven", rank)
+    out = {}
+    for impl in IMPLS:
+        api = ref if impl == "reference" else cm
+        bad_masks = masks[rows].double()  # (bool masks cannot hold a 3)
+        if rank == 1:
+            bad_masks[0, 0, 0] = 3
+        bad_z = z[rows][:, :, 0] if rank == 1 else z[rows]  # 3-D: refused by rank 1's argument checks
+        for name, (zz, mm) in {"value": (z[rows], bad_masks), "argument": (bad_z, masks[rows])}.items():
+            try:
+                api.query_sharing_contrastive_loss(zz, mm, cams[rows], novel[rows], seed=SEED,
+                                                   process_group=dist.group.WORLD)
+                out[(impl, name)] = "no error"
+            except (TypeError, ValueError) as e:
+                out[(impl, name)] = f"{type(e).__name__}: {e}"
+        # and the ranks are still in step: a good call works on both
+        out[(impl, "after")] = api.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
+                                                                  seed=SEED, process_group=dist.group.WORLD)
+    return out
+
+
+def _rank_edges(rank):
+    """Double backward, torch.compile and meta tensors through process_group."""
+    z, masks, cams, novel = whole_batch()
+    rows = rank_rows("uneven", rank)
+    out = {}
+    for impl in IMPLS:
+        api = ref if impl == "reference" else cm
+        zz = z[rows].clone().requires_grad_(True)
+        loss = api.query_sharing_contrastive_loss(zz, masks[rows], cams[rows], novel[rows], seed=SEED,
+                                                  process_group=dist.group.WORLD)
+        (dz,) = torch.autograd.grad(loss, zz, create_graph=True)
+        try:
+            dz.pow(2).sum().backward()
+            out[(impl, "double_backward")] = "no error"
+        except RuntimeError as e:
+            out[(impl, "double_backward")] = str(e)
+        if impl == "kernels":  # the reference's sampler hashes on the host: it takes no meta tensors at all
+            meta = [t[rows].to("meta") for t in (z, masks, cams, novel)]
+            got = api.query_sharing_contrastive_loss(*meta, seed=SEED, process_group=dist.group.WORLD)
+            out[(impl, "meta")] = (got.device.type, tuple(got.shape))
+
+    def step(z, masks, cams, novel):
+        return cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED, process_group=dist.group.WORLD)
+
+    torch._dynamo.reset()
+    out["compiled"] = torch.compile(step, backend="eager")(z[rows], masks[rows], cams[rows], novel[rows])
+    out["eager"] = step(z[rows], masks[rows], cams[rows], novel[rows])
+    torch._dynamo.reset()  # else the first compile's cached code would serve the fullgraph one
+    try:
+        torch.compile(step, backend="eager", fullgraph=True)(z[rows], masks[rows], cams[rows], novel[rows])
+        out["fullgraph"] = "no error"
+    except Exception as e:  # dynamo's Unsupported
+        out["fullgraph"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD,
@@ -187,6 +247,8 @@ def _worker(rank, init_file, out_dir):
                                                                seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
                                                                process_group=dist.group.WORLD)
         out["errors"] = _rank_errors(rank)
+        out["one_rank_errors"] = _rank_errors_of_one_rank(rank)
+        out["edges"] = _rank_edges(rank)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -268,6 +330,41 @@ def test_ranks_that_disagree_all_raise(ranks):
         assert errors["seed"].startswith("seed: every rank"), errors["seed"]
         assert errors["channels"].startswith("process_group: rank 1 has z of shape (N, 5"), errors["channels"]
         assert errors["share_queries"].startswith("process_group: rank 1 passed other"), errors["share_queries"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_error_of_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_step(ranks, impl):
+    mine, other = ranks[1]["one_rank_errors"], ranks[0]["one_rank_errors"]
+    assert mine[(impl, "value")].startswith("ValueError: masks"), mine[(impl, "value")]
+    assert other[(impl, "value")] == "ValueError: process_group: rank 1 raised " + mine[(impl, "value")] + \
+        " (every rank raises with it)"
+    assert not mine[(impl, "argument")].startswith("ValueError: process_group"), mine[(impl, "argument")]
+    assert other[(impl, "argument")].startswith("ValueError: process_group: rank 1 raised "), other[(impl, "argument")]
+    z, masks, cams, novel = whole_batch()
+    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
+    for results in ranks:
+        got = results["one_rank_errors"][(impl, "after")]
+        assert abs(got.item() - want.item()) <= 1e-12 * want.item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_through_a_process_group_raises_instead_of_being_wrong(ranks, impl):
+    for results in ranks:
+        assert "once_differentiable" in results["edges"][(impl, "double_backward")]
+
+
+@pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
+def test_meta_tensors_through_a_process_group_give_the_loss_shape(ranks):
+    for results in ranks:
+        assert results["edges"][("kernels", "meta")] == ("meta", ())
+
+
+def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it(ranks):
+    for results in ranks:
+        edges = results["edges"]
+        assert torch.equal(edges["compiled"], edges["eager"])
+        assert edges["fullgraph"].startswith("Unsupported") and "compile without fullgraph=True" in edges["fullgraph"], \
+            edges["fullgraph"][:500]
 
 
 def test_process_group_needs_torch_distributed():
