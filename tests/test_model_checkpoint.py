@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import load_config
 from model.contrastmask.backbone import build_backbone
-from model.data.build import prepare_data
 from model.engine import checkpoint as ckpt
 from model.engine.checkpoint import CheckpointError
 from model.evaluate import evaluate

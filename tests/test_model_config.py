@@ -142,7 +142,7 @@ def test_file_values_are_checked_like_overrides(tmp_path):
 
 
 def _script_mains():
-    from model import ablate, demo, diagnose, evaluate, pilot, train, visualize
+    from model import ablate, demo, diagnose, evaluate, train, visualize
 
     tiny = os.path.join(CONFIGS, "tiny.json")
     bad = ["--set", "model.use_cl=maybe"]

@@ -245,11 +245,6 @@ def upgrade_legacy(src, dst=None):
     return dst
 
 
-def model_weights(path_or_checkpoint):
-    ckpt = load(path_or_checkpoint) if isinstance(path_or_checkpoint, (str, os.PathLike)) else path_or_checkpoint
-    return ckpt["model"] if "model" in ckpt else ckpt
-
-
 def weights_digest(module):
     """sha256 of every parameter and buffer, in state_dict order (equal digests = equal weights)."""
     h = hashlib.sha256()
