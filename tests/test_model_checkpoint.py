@@ -21,11 +21,9 @@ from model.engine import checkpoint as ckpt
 from model.engine.checkpoint import CheckpointError
 from model.evaluate import evaluate
 from model.train import train
-from tiny_model import REPO, TINY, data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
+from tiny_model import REPO, tiny_config
 
-
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Payload:

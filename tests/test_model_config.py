@@ -243,14 +243,6 @@ def test_schedules():
     assert (s.max_iters, s.steps, s.lambda_warmup_iters) == (12000, [8000, 11000], 4000)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(num_images=2, size=64):
     g = torch.Generator().manual_seed(0)
     images, targets = [], []
