@@ -117,7 +117,6 @@ def write_build_config(toolkit, reason):
     """Facts about this build for contrastmask_ops.build_info()."""
     with_cuda = toolkit is not None
     config = {
-        "cuda_kernels": with_cuda,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
         "built_with_torch": torch.__version__,
         "built_with_cuda": torch.version.cuda if with_cuda else None,

@@ -8,21 +8,16 @@ the CL head's projector still runs and only the loss (plan + loss forward + back
 of the model without the CL head (use_cl off) is reported too. The images are synthetic (uniform noise,
 16 elliptic instances each, half of them box-only = novel), the model randomly initialised: the step's
 cost does not depend on what the pixels show, only on the image size and the number of ROIs.
-Skips cleanly, with the reason, while model/ does not exist.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 81  # COCO: 80 categories + background
 
 
@@ -34,18 +29,6 @@ def maybe_measure(mode: str, device: torch.device, **kwargs):
         return measure(device, **kwargs)
     except Exception as exc:  # never lose a finished sweep to the optional model step
         return {"skipped": f"model step failed: {type(exc).__name__}: {exc}"}
-
-
-def _model_package():
-    """model.config, model.contrastmask and the roi_heads module that calls the loss; None if absent."""
-    if not (REPO_ROOT / "model" / "contrastmask" / "roi_heads.py").exists():
-        return None
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    config = importlib.import_module("model.config")
-    contrastmask = importlib.import_module("model.contrastmask")
-    roi_heads = importlib.import_module("model.contrastmask.roi_heads")
-    return config, contrastmask, roi_heads
 
 
 def synthetic_batch(device, image_size: int, objects: int = 16, seed: int = 0):
@@ -108,11 +91,12 @@ def _train_step(model, images, targets):
 
 def measure(device: torch.device, image_size: int = 800, warmup: int = 3, reps: int = 10):
     """Median step times (ms) with the loss, with the loss stubbed out, and without the CL head at all."""
-    package = _model_package()
-    if package is None:
-        return {"skipped": "model/ (model/contrastmask/roi_heads.py) does not exist yet"}
-    config, contrastmask, roi_heads = package
-    cfg = config.load_config(overrides=[{"model": {"min_size": [image_size], "max_size": image_size}}])
+    # imported here: model/ needs torchvision, which the operator benchmarks do not
+    from model import contrastmask
+    from model.config import load_config
+    from model.contrastmask import roi_heads
+
+    cfg = load_config(overrides=[{"model": {"min_size": [image_size], "max_size": image_size}}])
     torch.manual_seed(0)
     model = contrastmask.build_model(cfg["model"], cfg["contrast"], NUM_CLASSES).to(device).train()
     images, targets = synthetic_batch(device, image_size)

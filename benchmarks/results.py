@@ -12,12 +12,6 @@ import torch
 from .targets import BYTE_FLOOR_PASSES
 
 STAGES = ("plan", "loss_fwd", "loss_fwd_bwd", "pipeline_fwd_bwd")
-STAGE_TITLES = {
-    "plan": "plan (partition + EDT + sampling)",
-    "loss_fwd": "loss forward (from a plan)",
-    "loss_fwd_bwd": "loss forward + backward (from a plan)",
-    "pipeline_fwd_bwd": "whole pipeline forward + backward",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

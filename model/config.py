@@ -1,9 +1,10 @@
 """Experiment configs: JSON files under model/configs/, merged over DEFAULTS, plus --set overrides.
 
 Every key a config may set is listed in DEFAULTS (a typo is an error, not a silent no-op). The
-defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change.
+defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change
+(tests/test_model_config.py holds the shipped ones to it, and lists the few fixed files that restate a key).
 A key added later defaults to null only where null means the behaviour from before the key existed
-(model/ablate.py's config digest leaves nulls out, so results recorded before stay valid).
+(model/ablation/digest.py's config digest leaves nulls out, so results recorded before stay valid).
 
 SCHEMA gives every key its type and allowed values; load_config checks the resolved config against it
 (file values and overrides alike) and raises ConfigError, one line naming the key and showing the value.
@@ -143,7 +144,7 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ schema
 # Values are checked as they are, never converted, so validating a config cannot change its digest
-# (model/ablate.py).
+# (model/ablation/digest.py).
 
 class Kind:
     """One type of value: `text` says what is accepted (in error messages), `test(value)` whether value is."""

@@ -26,3 +26,27 @@ def device(request, monkeypatch):
         import cuda_emu
         cuda_emu.set_order("rand", zlib.crc32(request.node.nodeid.encode()) ^ cuda_emu.env_seed())
     return d
+
+
+# Fixtures of the tests that train the reference model (test_model_*.py, test_ablate.py, ...). A module whose
+# every test trains one asks for one_thread in `pytestmark = pytest.mark.usefixtures("one_thread")`. The model
+# is imported inside the fixtures: the operator tests run without torchvision and pycocotools.
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """These models are tiny: a second thread buys little, and on a shared machine it costs a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The tiny config's shapes data, generated once per module."""
+    from model.data.build import prepare_data
+    from tiny_model import load_tiny
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    prepare_data(load_tiny(f"data.root={root}")["data"])
+    return root

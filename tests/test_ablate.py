@@ -5,18 +5,9 @@ import os
 import pytest
 
 from model import ablate
+from tiny_model import TINY
 
-TINY = os.path.join(os.path.dirname(__file__), os.pardir, "model", "configs", "tiny.json")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_two_arms_one_seed_then_a_rerun_trains_nothing(tmp_path):

@@ -14,7 +14,9 @@ from pycocotools import mask as mask_utils
 from model.data.coco import PartiallySupervisedCoco
 from model.evaluate import COLUMNS, evaluate
 from model.train import train
-from tiny_model import TINY, one_thread  # noqa: F401  (fixture)
+from tiny_model import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 # PASCAL VOC names -> COCO's names for the same classes (the voc split resolves COCO names)
 VOC_TO_COCO = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",

@@ -10,7 +10,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from model.contrastmask import backbone as bb
 from model.engine.checkpoint import CheckpointError
 from model.train import train
-from tiny_model import data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
+from tiny_model import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 PRETRAINED = ["model.backbone=mobilenet_v2", "model.backbone_weights=imagenet", "model.backbone_norm=frozen_bn",
               "model.trainable_layers=3"]

@@ -16,18 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import load_config
 from model.contrastmask.backbone import build_backbone
-from model.data.build import prepare_data
 from model.engine import checkpoint as ckpt
 from model.engine.checkpoint import CheckpointError
 from model.evaluate import evaluate
 from model.train import train
-from tiny_model import REPO, TINY, data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
+from tiny_model import REPO, tiny_config
 
-
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Payload:

@@ -23,6 +23,43 @@ def test_every_shipped_config_loads():
         assert validate(cfg) is cfg
 
 
+# Shipped configs that restate values of DEFAULTS (+ their preset), and which: these files are fixed
+# (the ablation's studies and the demo run on them as committed; their bytes are what the results cite).
+RESTATING = {
+    "ablation.json": {"data.root"},
+    "ablation_pretrained.json": {"data.root", "model.trainable_layers"},
+    "demo.json": {"data.root", "model.trainable_layers"},
+}
+
+
+def _restated(file_cfg, resolved_base, path=""):
+    """Keys of file_cfg whose value is the one resolved_base already has (shapes: per generator key)."""
+    out = set()
+    for key, value in file_cfg.items():
+        if isinstance(value, dict):
+            base = resolved_base[key]
+            if key == "shapes":
+                out |= {f"{path}{key}.{k}" for k, v in value.items() if k in base and base[k] == v}
+            else:
+                out |= _restated(value, base, path + key + ".")
+        elif resolved_base[key] == value:
+            out.add(path + key)
+    return out
+
+
+def test_shipped_configs_state_only_what_they_change():
+    # model/config.py: configs state only what they change (DEFAULTS are the paper's settings)
+    names = sorted(name for name in os.listdir(CONFIGS) if name.endswith(".json"))
+    assert set(RESTATING) <= set(names)
+    for name in names:
+        with open(os.path.join(CONFIGS, name)) as f:
+            file_cfg = json.load(f)
+        preset = file_cfg.pop("preset", None)
+        assert preset != DEFAULTS["preset"], f"{name} restates the default preset {preset!r}"
+        base = load_config(None, [] if preset is None else [f"preset={preset}"])
+        assert _restated(file_cfg, base) == RESTATING.get(name, set()), name
+
+
 def test_paper_configs_keep_the_paper_settings():
     for name, base in (("r50_fpn_1x_nonvoc2voc.json", "nonvoc"), ("r50_fpn_1x_voc2nonvoc.json", "voc")):
         cfg = load_config(os.path.join(CONFIGS, name))
@@ -142,7 +179,7 @@ def test_file_values_are_checked_like_overrides(tmp_path):
 
 
 def _script_mains():
-    from model import ablate, demo, diagnose, evaluate, pilot, train, visualize
+    from model import ablate, demo, diagnose, evaluate, train, visualize
 
     tiny = os.path.join(CONFIGS, "tiny.json")
     bad = ["--set", "model.use_cl=maybe"]
@@ -204,14 +241,6 @@ def test_schedules():
     cfg = load_config(os.path.join(CONFIGS, "r50_fpn_1x_nonvoc2voc.json"))
     s = Schedule(cfg["train"], cfg["contrast"], iters_per_epoch=1000)
     assert (s.max_iters, s.steps, s.lambda_warmup_iters) == (12000, [8000, 11000], 4000)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _batch(num_images=2, size=64):

@@ -18,12 +18,11 @@ from model.engine.checkpoint import load as load_checkpoint
 from model.evaluate import COLUMNS, evaluate
 from model.engine.metrics import read_metrics
 from model.train import train
-from tiny_model import REPO, TINY, data_root, one_thread, tiny_config  # noqa: F401  (fixtures)
+from tiny_model import REPO, TINY, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 EXTENSION_REQUIRED = os.environ.get("CONTRASTMASK_REQUIRE_EXTENSION") == "1"
-
-
-
 
 
 def losses_by_iter(out_dir):

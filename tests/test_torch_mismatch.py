@@ -42,7 +42,7 @@ def test_extension_built_for_another_torch_falls_back_with_one_line_warning(tmp_
     shutil.copytree(REPO / "contrastmask_ops", package,
                     ignore=shutil.ignore_patterns("__pycache__", "_build_config.py"))
     (package / "_build_config.py").write_text(
-        "BUILD_CONFIG = {'cuda_kernels': False, 'built_with_torch': '1.0.0+other', 'cuda_arch_list': None}\n")
+        "BUILD_CONFIG = {'built_with_torch': '1.0.0+other', 'cuda_arch_list': None}\n")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -18,7 +18,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..engine.checkpoint import CheckpointError, load_backbone_weights, load_tensors
-from .box_head import group_norm
+from .layers import group_norm
 
 NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
 

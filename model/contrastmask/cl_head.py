@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_head import conv_relu_stack
+from .layers import conv_relu_stack
 
 PROJECTOR_NORMS = (None, "bn")
 

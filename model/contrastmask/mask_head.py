@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from .box_head import group_norm
+from .layers import group_norm
 
 
 class ClassAgnosticMaskHead(nn.Module):

@@ -14,7 +14,7 @@ Test: the same on the detected boxes, with the CAM of the predicted class.
 The key sampler's seed is data: the training loop sets `sampler_seed` every iteration (from the run's
 seed, the iteration and the rank), so the loss never draws from torch's global generator and adding the
 contrastive loss leaves every other random draw of the run (proposal and ROI sampling) unchanged.
-With global queries the training loop sets `contrast_process_group` too, and the seed no longer depends
+With global queries the training loop sets `contrast_process_group` too, and the seed does not depend
 on the rank (the ranks sample the keys of the global batch together).
 """
 import torch

@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 import torch
 
+from .locks import pid_alive
+
 FORMAT = "contrastmask-checkpoint/1"  # the "format" entry of every checkpoint model.train writes
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "iteration")
 
@@ -65,16 +67,6 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_temporaries(path):
     """Deletes PATH.tmp.<pid> files left by killed writers (ours, or of processes no longer alive)."""
     directory, base = os.path.split(os.path.abspath(path))
@@ -84,7 +76,7 @@ def remove_stale_temporaries(path):
         if not name.startswith(prefix):
             continue
         suffix = name[len(prefix):]
-        if suffix.isdigit() and int(suffix) != os.getpid() and _pid_alive(int(suffix)):
+        if suffix.isdigit() and int(suffix) != os.getpid() and pid_alive(int(suffix)):
             continue  # another live process is writing it right now
         try:
             os.remove(os.path.join(directory, name))
@@ -243,11 +235,6 @@ def upgrade_legacy(src, dst=None):
     state.update(format=FORMAT, rng=rngs, config=json.loads(json.dumps(state.get("config"))))
     save_atomic(state, dst)
     return dst
-
-
-def model_weights(path_or_checkpoint):
-    ckpt = load(path_or_checkpoint) if isinstance(path_or_checkpoint, (str, os.PathLike)) else path_or_checkpoint
-    return ckpt["model"] if "model" in ckpt else ckpt
 
 
 def weights_digest(module):
