@@ -43,6 +43,21 @@ __global__ void half_warp_kernel(const double* in, double* out, int /*unused*/) 
   if (threadIdx.x % 32 < 16) out[i] = in[i];  // TRACE: half warp
 }
 
+// A loop of 8 iterations with two conditional loads: the first skipped by some lanes in one iteration
+// each (where in[it * 32 + lane] < 0), the second run by every lane once, in iteration lane % 8. On a
+// GPU the warp runs each iteration together: 8 requests per line, each within one iteration.
+__global__ void divergent_loop_kernel(const float* in, float* out, int /*unused*/) {
+  const int lane = threadIdx.x % 32;
+  float s = 0.f;
+  for (int it = 0; it < 8; ++it) {
+    const float v = in[it * 32 + lane];  // TRACE: loop anchor
+    if (v < 0.f) continue;
+    s += in[256 + it * 32 + lane];  // TRACE: loop conditional
+    if (it == lane % 8) s += in[512 + lane];  // TRACE: loop once
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
 // run(kernel, blocks, threads, stride, offset): `in` is read by the host code first (instrumented
 // too, but outside a kernel: not recorded), then the kernel runs.
 at::Tensor run(const std::string& name, const at::Tensor& in, int64_t blocks, int64_t threads, int64_t stride,
@@ -64,6 +79,8 @@ at::Tensor run(const std::string& name, const at::Tensor& in, int64_t blocks, in
     CM_LAUNCH(blocks, threads, 0, stream, shared_kernel)(out.data_ptr<float>(), s, o);
   } else if (name == "atomic") {
     CM_LAUNCH(blocks, threads, 0, stream, atomic_kernel)(out.data_ptr<int>(), s, o);
+  } else if (name == "divergent_loop") {
+    CM_LAUNCH(blocks, threads, 0, stream, divergent_loop_kernel)(in.data_ptr<float>(), out.data_ptr<float>(), s);
   } else if (name == "half_warp") {
     CM_LAUNCH(blocks, threads, 0, stream, half_warp_kernel)(in.data_ptr<double>(), out.data_ptr<double>(), s);
   } else {

@@ -93,6 +93,26 @@ def test_a_partial_warp_forms_one_request_of_its_active_lanes(kernels):
     assert (r["requests"], r["lanes_per_request"], r["sectors_per_request"]) == (4, 16, 4)
 
 
+def test_a_conditional_access_in_a_loop_pairs_lanes_by_iteration(kernels):
+    # Odd lanes skip the conditional load in one iteration each, a different one per lane: counting
+    # executions from the kernel's start would pair their later loads with other lanes' earlier
+    # iterations (up to 8 sectors per request); counted from the loop's anchor, each request stays in
+    # one iteration (4 sectors).
+    inp = torch.ones(1024)
+    for lane in range(1, 32, 2):
+        inp[(lane // 2) % 8 * 32 + lane] = -1
+    t = run(kernels, "divergent_loop", inp, 1, 32)
+    anchor = line(t, "loop anchor", "load", "global")
+    assert (anchor["requests"], anchor["lanes"], anchor["sectors"]) == (8, 256, 32)
+    cond = line(t, "loop conditional", "load", "global")
+    assert (cond["requests"], cond["lanes"], cond["max_sectors"], cond["sectors"]) == (8, 256 - 16, 4, 32)
+    # Run by each lane once but in iteration lane % 8: 8 requests of 4 lanes (lanes it, it+8, ...),
+    # among them the lanes that skipped that iteration.
+    once = line(t, "loop once", "load", "global")
+    skipped = sum(1 for lane in range(1, 32, 2) if (lane // 2) % 8 == lane % 8)
+    assert (once["requests"], once["lanes"]) == (8, 32 - skipped)
+
+
 @pytest.mark.parametrize("stride,degree", [(32, 32), (1, 1), (0, 1), (2, 2), (33, 1)])
 def test_shared_memory_bank_conflicts(kernels, stride, degree):
     t = run(kernels, "shared", torch.zeros(1), 2, 64, stride=stride)

@@ -181,6 +181,7 @@ struct Access {
   uintptr_t pc, addr;
   uint32_t size;
   uint8_t kind;
+  uint8_t space;  // set after the block
 };
 // The accesses of one fiber in the current block. Accesses to its own stack (locals, the host
 // compiler's register spills) are only counted: they have no GPU counterpart worth a model.
@@ -232,7 +233,7 @@ inline void record(const void* p, size_t n, uint8_t kind, const void* pc) {
     ++f->local[kind & 1];
     return;
   }
-  f->log.push_back(Access{reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n), kind});
+  f->log.push_back(Access{reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n), kind, kGlobal});
 }
 #endif
 
@@ -593,8 +594,9 @@ std::string limit_hint() {
 #if CM_EMU_TRACE
 // ---------------------------------------------------------------- traced build: warp-level accounting
 
-// The lanes of a warp that execute one instruction (one hook call site) for the k-th time form one
-// request, as a GPU's memory system sees a warp instruction.
+// The lanes of a warp that execute one instruction (one hook call site) together form one request,
+// as a GPU's memory system sees a warp instruction; which executions go together is decided in
+// trace_block().
 struct LaneAccess {
   uintptr_t addr;
   uint32_t size;
@@ -605,14 +607,43 @@ struct Request {
   uint8_t kind;
   std::vector<LaneAccess> lanes;
 };
+constexpr uint32_t kNoParent = ~0u;  // before any anchor
+constexpr uint32_t kAnchor = ~0u - 1;  // an anchor's own k-th execution
+// The k-th execution of `pc` in a lane: of an anchor (parent kAnchor), or since the anchor execution
+// that formed request `parent`.
 struct RequestKey {
   uintptr_t pc;
-  uint32_t k;
-  bool operator==(const RequestKey& o) const { return pc == o.pc && k == o.k; }
+  uint32_t parent, k;
+  bool operator==(const RequestKey& o) const { return pc == o.pc && parent == o.parent && k == o.k; }
 };
 struct RequestKeyHash {
-  size_t operator()(const RequestKey& q) const { return std::hash<uintptr_t>()(q.pc) ^ (size_t(q.k) * 0x9E3779B97F4A7C15ULL); }
+  size_t operator()(const RequestKey& q) const {
+    return std::hash<uintptr_t>()(q.pc) ^ mix64((uint64_t(q.parent) << 32) | q.k);
+  }
 };
+struct PcInfo {
+  uint32_t mask = 0;          // lanes that execute the instruction
+  uint32_t min = 0, max = 0;  // executions per lane, over those lanes
+  uint32_t first = ~0u;       // earliest position in a lane's accesses
+  bool demoted = false;       // a candidate whose executions do not pair by index
+  bool mismatch = false;
+  bool candidate() const { return max - min <= 1; }
+  bool anchor() const { return !demoted && candidate(); }
+};
+struct RecentAnchor {
+  uintptr_t pc;
+  uint32_t mask, index, request;
+};
+// The context of an anchor's execution: the latest execution of an anchor (covering its lanes) before
+// it. Lanes that come from their last executions of anchors are in the same context, whatever those
+// were: past a loop they left after n or n + 1 trips, or past the last trip ending in different branches.
+struct Ref {
+  uintptr_t pc = 0;
+  uint32_t index = 0;
+  bool last = false;
+  bool set = false;
+};
+bool same_context(const Ref& a, const Ref& b) { return (a.last && b.last) || (a.pc == b.pc && a.index == b.index); }
 
 bool inside(uintptr_t a, const void* p, size_t n) { return a - reinterpret_cast<uintptr_t>(p) < n; }
 
@@ -678,52 +709,177 @@ void account(LaunchTrace& t, const Request& q, uint8_t space, std::vector<uint64
   }
 }
 
+// Warp-level state of trace_block, reused from warp to warp.
+struct WarpScratch {
+  std::unordered_map<uintptr_t, PcInfo> pcs;
+  std::unordered_map<uintptr_t, uint32_t> lane_totals[32];  // executions per instruction and lane
+  std::unordered_map<uintptr_t, uint32_t> counts;
+  std::unordered_map<uintptr_t, std::vector<Ref>> refs;
+  std::unordered_map<RequestKey, uint32_t, RequestKeyHash> since_anchor, index;
+  std::vector<RecentAnchor> recent;
+  std::vector<Request> requests;
+  std::vector<uint64_t> units;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+};
+
+// Moves anchor execution (pc, index) to the end of the lane's recent anchors.
+void touch(std::vector<RecentAnchor>& recent, uintptr_t pc, uint32_t mask, uint32_t index, uint32_t request) {
+  for (size_t j = 0; j < recent.size(); ++j) {
+    if (recent[j].pc == pc) {
+      recent.erase(recent.begin() + j);
+      break;
+    }
+  }
+  recent.push_back(RecentAnchor{pc, mask, index, request});
+}
+
+// The latest anchor execution whose lanes cover `mask`, or null.
+const RecentAnchor* covering(const std::vector<RecentAnchor>& recent, uint32_t mask) {
+  for (size_t j = recent.size(); j-- > 0;)
+    if ((recent[j].mask & mask) == mask) return &recent[j];
+  return nullptr;
+}
+
+// With the current anchors: do the k-th executions of each anchor (of `subject` only, when not 0)
+// follow the same context in every lane? Marks the ones that do not (mismatch); true when none.
+bool contexts_agree(const Runtime& r, int w0, int w1, WarpScratch& w, uintptr_t subject) {
+  w.refs.clear();
+  bool agree = true;
+  for (auto& [pc, p] : w.pcs) p.mismatch = false;
+  for (int i = w0; i < w1; ++i) {
+    w.recent.clear();
+    w.counts.clear();
+    const auto& totals = w.lane_totals[i - w0];
+    for (const Access& a : r.logs[i].log) {
+      if (a.space == kParam) continue;
+      PcInfo& p = w.pcs[a.pc];
+      if (!p.anchor()) continue;
+      const uint32_t index = w.counts[a.pc]++;
+      if ((subject == 0 || a.pc == subject) && !p.mismatch) {
+        Ref ref;
+        if (const RecentAnchor* c = covering(w.recent, p.mask))
+          ref = Ref{c->pc, c->index, c->index + 1 == totals.at(c->pc), true};
+        std::vector<Ref>& refs = w.refs[a.pc];
+        if (refs.size() < p.max) refs.resize(p.max);
+        if (!refs[index].set) {
+          refs[index] = ref;
+          refs[index].set = true;
+        } else if (!same_context(refs[index], ref)) {
+          p.mismatch = true;
+          agree = false;
+        }
+      }
+      touch(w.recent, a.pc, p.mask, index, 0);
+    }
+  }
+  return agree;
+}
+
+// Candidates whose contexts disagree are no anchors. Which ones: taken in order of first execution,
+// each is kept when its contexts agree given the ones kept before it. One pass over the warp per
+// candidate, only when the contexts of all candidates together disagree.
+void choose_anchors(const Runtime& r, int w0, int w1, WarpScratch& w) {
+  if (contexts_agree(r, w0, w1, w, 0)) return;
+  std::vector<std::pair<uint32_t, uintptr_t>> order;
+  for (auto& [pc, p] : w.pcs) {
+    p.demoted = true;
+    if (p.candidate()) order.emplace_back(p.first, pc);
+  }
+  std::sort(order.begin(), order.end());
+  for (const auto& [first, x] : order) {
+    PcInfo& p = w.pcs[x];
+    p.demoted = false;
+    p.demoted = !contexts_agree(r, w0, w1, w, x);
+  }
+}
+
 // After a block ran: its fibers' accesses, grouped warp by warp into requests and accounted per line.
+//
+// Lanes pair up by the k-th execution of an instruction, but not simply since the kernel's start: a lane
+// that skips a conditional access in one iteration of a loop would then pair its later executions with
+// other lanes' earlier iterations. So an anchor is an instruction that every lane executing it executes
+// equally often (or once more: the last trip of a strided loop), in the same contexts (as the accesses of
+// a loop body before any branch do; choose_anchors); the k-th executions of an anchor form one request.
+// Any other instruction's executions are counted since the lane's latest anchor execution among anchors
+// whose lanes cover the instruction's: a conditional access in a loop thus pairs by iteration, an inner
+// loop's trips by outer iteration.
 void trace_block() {
   Runtime& r = rt();
   LaunchTrace& t = r.launches.back();
   const int T = r.threads;
   ++t.blocks;
   t.threads += T;
-  static std::unordered_map<uintptr_t, uint32_t> occurrences;
-  static std::unordered_map<RequestKey, size_t, RequestKeyHash> index;
-  static std::vector<Request> requests;
-  static std::vector<uint64_t> units;
-  static std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  static WarpScratch w;
   for (int w0 = 0; w0 < T; w0 += 32) {
-    index.clear();
-    size_t used = 0;
-    for (int i = w0; i < std::min(T, w0 + 32); ++i) {
-      const FiberLog& l = r.logs[i];
+    const int w1 = std::min(T, w0 + 32);
+    // Address spaces, and which lanes execute each instruction how often.
+    w.pcs.clear();
+    for (int i = w0; i < w1; ++i) {
+      FiberLog& l = r.logs[i];
       t.local[0] += l.local[0];
       t.local[1] += l.local[1];
-      occurrences.clear();
-      for (const Access& a : l.log) {
-        uint8_t space = kGlobal;
+      auto& totals = w.lane_totals[i - w0];
+      totals.clear();
+      uint32_t position = 0;
+      for (Access& a : l.log) {
         if (inside(a.addr, r.static_arena, kMaxStaticShared) || inside(a.addr, r.dynamic_arena, kMaxSharedPerBlock)) {
-          space = kShared;
+          a.space = kShared;
         } else if (is_param(r, a.addr)) {
+          a.space = kParam;
           ++t.param[a.kind & 1];
           continue;
+        } else {
+          a.space = kGlobal;
         }
-        const uint32_t k = occurrences[a.pc]++;
-        const auto [it, fresh] = index.try_emplace(RequestKey{a.pc, k}, used);
+        if (totals[a.pc]++ == 0) {
+          PcInfo& p = w.pcs[a.pc];
+          p.first = std::min(p.first, position);
+        }
+        ++position;
+      }
+      for (const auto& [pc, n] : totals) {
+        PcInfo& p = w.pcs[pc];
+        p.min = p.mask ? std::min(p.min, n) : n;
+        p.max = p.mask ? std::max(p.max, n) : n;
+        p.mask |= 1u << (i - w0);
+      }
+    }
+    choose_anchors(r, w0, w1, w);
+    // Requests.
+    w.index.clear();
+    uint32_t used = 0;
+    for (int i = w0; i < w1; ++i) {
+      w.recent.clear();
+      w.since_anchor.clear();
+      w.counts.clear();
+      for (const Access& a : r.logs[i].log) {
+        if (a.space == kParam) continue;
+        const PcInfo& p = w.pcs[a.pc];
+        const uint32_t execution = w.counts[a.pc]++;
+        RequestKey key{a.pc, kAnchor, execution};
+        if (!p.anchor()) {
+          const RecentAnchor* c = covering(w.recent, p.mask);
+          key.parent = c ? c->request : kNoParent;
+          key.k = w.since_anchor[RequestKey{a.pc, key.parent, 0}]++;
+        }
+        const auto [it, fresh] = w.index.try_emplace(key, used);
         if (fresh) {
-          if (used == requests.size()) requests.emplace_back();
-          Request& q = requests[used++];
+          if (used == w.requests.size()) w.requests.emplace_back();
+          Request& q = w.requests[used++];
           q.pc = a.pc;
           q.kind = a.kind;
           q.lanes.clear();
         }
-        requests[it->second].lanes.push_back(LaneAccess{a.addr, a.size, space});
+        w.requests[it->second].lanes.push_back(LaneAccess{a.addr, a.size, a.space});
+        if (p.anchor()) touch(w.recent, a.pc, p.mask, execution, it->second);
       }
     }
-    for (size_t j = 0; j < used; ++j) {
-      const Request& q = requests[j];
+    for (uint32_t j = 0; j < used; ++j) {
+      const Request& q = w.requests[j];
       unsigned spaces = 0;
       for (const LaneAccess& l : q.lanes) spaces |= 1u << l.space;
       for (uint8_t sp = kGlobal; sp <= kShared; ++sp)
-        if (spaces & (1u << sp)) account(t, q, sp, units, ranges);
+        if (spaces & (1u << sp)) account(t, q, sp, w.units, w.ranges);
     }
   }
 }
