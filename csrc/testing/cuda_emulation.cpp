@@ -1,10 +1,12 @@
 // Runtime of the CUDA emulation (cuda_emulation.h): fibers, the block scheduler and its checks,
-// shared memory, launch checks and garbage-filled allocations.
+// shared memory, launch checks and garbage-filled allocations; in the traced build
+// (CONTRASTMASK_EMU_TRACE), the memory-access hooks and their warp-level accounting.
 #include "cuda_emulation.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -14,7 +16,15 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
+
+#if defined(CONTRASTMASK_EMU_TRACE)
+#define CM_EMU_TRACE 1
+#else
+#define CM_EMU_TRACE 0
+#endif
 
 #if defined(__x86_64__)
 #define CM_EMU_ASM_SWITCH 1
@@ -161,6 +171,72 @@ struct Stats {
   int64_t launches = 0, blocks = 0, fibers = 0, switches = 0, attribute_sets = 0;
 };
 
+#if CM_EMU_TRACE
+// ---------------------------------------------------------------- traced build: records
+
+// One load, store or atomic of a kernel thread, as its hook saw it (return address = the instruction).
+enum AccessKind : uint8_t { kLoad = 0, kStore = 1, kAtomic = 2 };
+enum Space : uint8_t { kGlobal = 0, kShared = 1, kParam = 2 };
+struct Access {
+  uintptr_t pc, addr;
+  uint32_t size;
+  uint8_t kind;
+  uint8_t space;  // set after the block
+};
+// The accesses of one fiber in the current block. Accesses to its own stack (locals, the host
+// compiler's register spills) are only counted: they have no GPU counterpart worth a model.
+struct FiberLog {
+  uintptr_t stack_lo = 0;
+  int suppress = 0;  // inside an atomic: its emulating load and store are not recorded
+  uint64_t local[2] = {0, 0};
+  std::vector<Access> log;
+};
+
+// Per launch and (instruction, address space): warp-level requests and what they cost.
+struct LineStats {
+  uint8_t kind = 0, space = 0;
+  uint64_t requests = 0, lanes = 0, bytes = 0;
+  uint64_t sectors = 0, ideal_sectors = 0, max_sectors = 0;  // global: 32-byte sectors per request
+  std::unordered_set<uint64_t> distinct;                      // global: sectors touched over the launch
+  uint64_t wavefronts = 0, ideal_wavefronts = 0, max_degree = 0;  // shared: bank-conflict degree
+  uint64_t same_address_max = 0;  // atomics: most lanes of one request on one address
+};
+struct LineKey {
+  uintptr_t pc;
+  uint8_t space;
+  bool operator==(const LineKey& o) const { return pc == o.pc && space == o.space; }
+};
+struct LineKeyHash {
+  size_t operator()(const LineKey& k) const { return std::hash<uintptr_t>()(k.pc * 4 + k.space); }
+};
+struct LaunchTrace {
+  std::string name, site;
+  dim3 grid, block;
+  size_t dynamic_shared = 0, static_shared = 0;
+  uintptr_t func = 0;
+  uint64_t blocks = 0, threads = 0, barriers = 0, warp_collectives = 0;
+  uint64_t local[2] = {0, 0}, param[2] = {0, 0};
+  std::map<std::string, uint64_t> barrier_sites;
+  std::unordered_map<LineKey, LineStats, LineKeyHash> lines;
+  std::unordered_set<uint64_t> distinct;  // global sectors over the launch
+};
+
+// The fiber whose accesses are recorded now, on this host thread (null outside a kernel or when not
+// tracing).
+thread_local FiberLog* tl_log = nullptr;
+
+inline void record(const void* p, size_t n, uint8_t kind, const void* pc) {
+  FiberLog* f = tl_log;
+  if (!f || f->suppress) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a - f->stack_lo < kStackSize) {
+    ++f->local[kind & 1];
+    return;
+  }
+  f->log.push_back(Access{reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n), kind, kGlobal});
+}
+#endif
+
 uint64_t mix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -199,6 +275,7 @@ struct Runtime {
   KernelInfo* kernel = nullptr;
   void (*body)(void*) = nullptr;
   void* context = nullptr;
+  size_t context_bytes = 0;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   std::vector<char*> stacks;
@@ -226,6 +303,11 @@ struct Runtime {
 #if CM_EMU_ASAN
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
+#endif
+#if CM_EMU_TRACE
+  bool tracing = false;
+  std::vector<FiberLog> logs;  // per thread of the current block
+  std::vector<LaunchTrace> launches;
 #endif
 
   Runtime() {
@@ -287,6 +369,9 @@ void resume(Fiber& f) {
   r.current = &f;
   threadIdx = f.tid;
   ++r.stats.switches;
+#if CM_EMU_TRACE
+  if (r.tracing) tl_log = &r.logs[f.linear];
+#endif
 #if CM_EMU_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack, kStackSize);
@@ -298,6 +383,9 @@ void resume(Fiber& f) {
 #endif
 #if CM_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+#if CM_EMU_TRACE
+  tl_log = nullptr;
 #endif
   r.current = nullptr;
 }
@@ -434,6 +522,18 @@ void run_block(uint64_t block_seed) {
     r.warps[w] = Warp();
     r.warps[w].size = std::min(32, T - static_cast<int>(w) * 32);
   }
+#if CM_EMU_TRACE
+  if (r.tracing) {
+    if (r.logs.size() < static_cast<size_t>(T)) r.logs.resize(T);
+    for (int i = 0; i < T; ++i) {
+      FiberLog& l = r.logs[i];
+      l.stack_lo = reinterpret_cast<uintptr_t>(r.fibers[i].stack);
+      l.suppress = 0;
+      l.local[0] = l.local[1] = 0;
+      l.log.clear();
+    }
+  }
+#endif
   r.ready = r.live = T;
   r.exited = r.at_barrier = 0;
   r.barrier_first = r.first_exited = -1;
@@ -454,6 +554,13 @@ void run_block(uint64_t block_seed) {
     if (r.live == 0) return;
     if (r.ready > 0) continue;
     if (r.at_barrier == r.live) {
+#if CM_EMU_TRACE
+      if (r.tracing) {
+        LaunchTrace& t = r.launches.back();
+        ++t.barriers;
+        ++t.barrier_sites[where(r.barrier_site)];
+      }
+#endif
       release_barrier();
       continue;
     }
@@ -483,6 +590,368 @@ std::string limit_hint() {
          "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) raised its limit, "
          "and at most " + std::to_string(kMaxSharedPerBlock) + " bytes in all";
 }
+
+#if CM_EMU_TRACE
+// ---------------------------------------------------------------- traced build: warp-level accounting
+
+// The lanes of a warp that execute one instruction (one hook call site) together form one request,
+// as a GPU's memory system sees a warp instruction; which executions go together is decided in
+// trace_block().
+struct LaneAccess {
+  uintptr_t addr;
+  uint32_t size;
+  uint8_t space;
+};
+struct Request {
+  uintptr_t pc;
+  uint8_t kind;
+  std::vector<LaneAccess> lanes;
+};
+constexpr uint32_t kNoParent = ~0u;  // before any anchor
+constexpr uint32_t kAnchor = ~0u - 1;  // an anchor's own k-th execution
+// The k-th execution of `pc` in a lane: of an anchor (parent kAnchor), or since the anchor execution
+// that formed request `parent`.
+struct RequestKey {
+  uintptr_t pc;
+  uint32_t parent, k;
+  bool operator==(const RequestKey& o) const { return pc == o.pc && parent == o.parent && k == o.k; }
+};
+struct RequestKeyHash {
+  size_t operator()(const RequestKey& q) const {
+    return std::hash<uintptr_t>()(q.pc) ^ mix64((uint64_t(q.parent) << 32) | q.k);
+  }
+};
+struct PcInfo {
+  uint32_t mask = 0;          // lanes that execute the instruction
+  uint32_t min = 0, max = 0;  // executions per lane, over those lanes
+  uint32_t first = ~0u;       // earliest position in a lane's accesses
+  bool demoted = false;       // a candidate whose executions do not pair by index
+  bool mismatch = false;
+  bool candidate() const { return max - min <= 1; }
+  bool anchor() const { return !demoted && candidate(); }
+};
+struct RecentAnchor {
+  uintptr_t pc;
+  uint32_t mask, index, request;
+};
+// The context of an anchor's execution: the latest execution of an anchor (covering its lanes) before
+// it. Lanes that come from their last executions of anchors are in the same context, whatever those
+// were: past a loop they left after n or n + 1 trips, or past the last trip ending in different branches.
+struct Ref {
+  uintptr_t pc = 0;
+  uint32_t index = 0;
+  bool last = false;
+  bool set = false;
+};
+bool same_context(const Ref& a, const Ref& b) { return (a.last && b.last) || (a.pc == b.pc && a.index == b.index); }
+
+bool inside(uintptr_t a, const void* p, size_t n) { return a - reinterpret_cast<uintptr_t>(p) < n; }
+
+// Kernel parameters (the launch's argument block) and the builtins threadIdx, blockIdx, blockDim and
+// gridDim: constant memory and special registers on a GPU, not global memory.
+bool is_param(const Runtime& r, uintptr_t a) {
+  return inside(a, r.context, r.context_bytes) || inside(a, &threadIdx, sizeof threadIdx) ||
+         inside(a, &blockIdx, sizeof blockIdx) || inside(a, &blockDim, sizeof blockDim) ||
+         inside(a, &gridDim, sizeof gridDim);
+}
+
+// Adds one request's lanes in `space` to its line: 32-byte sectors (global) or bank wavefronts (shared).
+void account(LaunchTrace& t, const Request& q, uint8_t space, std::vector<uint64_t>& units,
+             std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
+  LineStats& s = t.lines[LineKey{q.pc, space}];
+  s.kind = q.kind;
+  s.space = space;
+  ranges.clear();
+  for (const LaneAccess& l : q.lanes) {
+    if (l.space != space) continue;
+    s.bytes += l.size;
+    ranges.emplace_back(l.addr, l.addr + l.size);
+  }
+  ++s.requests;
+  s.lanes += ranges.size();
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t distinct_bytes = 0, same = 0, most = 0;
+  uintptr_t end = 0, last = ~uintptr_t(0);
+  for (const auto& [a, b] : ranges) {
+    if (b > end) {
+      distinct_bytes += b - std::max(a, end);
+      end = b;
+    }
+    same = a == last ? same + 1 : 1;
+    last = a;
+    most = std::max(most, same);
+  }
+  if (q.kind == kAtomic) s.same_address_max = std::max(s.same_address_max, most);
+  units.clear();
+  if (space == kGlobal) {
+    for (const auto& [a, b] : ranges)
+      for (uint64_t u = a >> 5; u <= (b - 1) >> 5; ++u) units.push_back(u);
+    std::sort(units.begin(), units.end());
+    units.erase(std::unique(units.begin(), units.end()), units.end());
+    s.sectors += units.size();
+    s.ideal_sectors += (distinct_bytes + 31) / 32;
+    s.max_sectors = std::max<uint64_t>(s.max_sectors, units.size());
+    s.distinct.insert(units.begin(), units.end());
+    t.distinct.insert(units.begin(), units.end());
+  } else {
+    // 32 banks of 4-byte words: lanes on the same word are one broadcast; the degree is the most
+    // distinct words any bank serves (1 = no conflict).
+    for (const auto& [a, b] : ranges)
+      for (uint64_t u = a >> 2; u <= (b - 1) >> 2; ++u) units.push_back(u);
+    std::sort(units.begin(), units.end());
+    units.erase(std::unique(units.begin(), units.end()), units.end());
+    uint32_t per_bank[32] = {0};
+    uint64_t degree = 0;
+    for (uint64_t u : units) degree = std::max<uint64_t>(degree, ++per_bank[u & 31]);
+    s.wavefronts += degree;
+    s.ideal_wavefronts += (units.size() + 31) / 32;
+    s.max_degree = std::max(s.max_degree, degree);
+  }
+}
+
+// Warp-level state of trace_block, reused from warp to warp.
+struct WarpScratch {
+  std::unordered_map<uintptr_t, PcInfo> pcs;
+  std::unordered_map<uintptr_t, uint32_t> lane_totals[32];  // executions per instruction and lane
+  std::unordered_map<uintptr_t, uint32_t> counts;
+  std::unordered_map<uintptr_t, std::vector<Ref>> refs;
+  std::unordered_map<RequestKey, uint32_t, RequestKeyHash> since_anchor, index;
+  std::vector<RecentAnchor> recent;
+  std::vector<Request> requests;
+  std::vector<uint64_t> units;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+};
+
+// Moves anchor execution (pc, index) to the end of the lane's recent anchors.
+void touch(std::vector<RecentAnchor>& recent, uintptr_t pc, uint32_t mask, uint32_t index, uint32_t request) {
+  for (size_t j = 0; j < recent.size(); ++j) {
+    if (recent[j].pc == pc) {
+      recent.erase(recent.begin() + j);
+      break;
+    }
+  }
+  recent.push_back(RecentAnchor{pc, mask, index, request});
+}
+
+// The latest anchor execution whose lanes cover `mask`, or null.
+const RecentAnchor* covering(const std::vector<RecentAnchor>& recent, uint32_t mask) {
+  for (size_t j = recent.size(); j-- > 0;)
+    if ((recent[j].mask & mask) == mask) return &recent[j];
+  return nullptr;
+}
+
+// With the current anchors: do the k-th executions of each anchor (of `subject` only, when not 0)
+// follow the same context in every lane? Marks the ones that do not (mismatch); true when none.
+bool contexts_agree(const Runtime& r, int w0, int w1, WarpScratch& w, uintptr_t subject) {
+  w.refs.clear();
+  bool agree = true;
+  for (auto& [pc, p] : w.pcs) p.mismatch = false;
+  for (int i = w0; i < w1; ++i) {
+    w.recent.clear();
+    w.counts.clear();
+    const auto& totals = w.lane_totals[i - w0];
+    for (const Access& a : r.logs[i].log) {
+      if (a.space == kParam) continue;
+      PcInfo& p = w.pcs[a.pc];
+      if (!p.anchor()) continue;
+      const uint32_t index = w.counts[a.pc]++;
+      if ((subject == 0 || a.pc == subject) && !p.mismatch) {
+        Ref ref;
+        if (const RecentAnchor* c = covering(w.recent, p.mask))
+          ref = Ref{c->pc, c->index, c->index + 1 == totals.at(c->pc), true};
+        std::vector<Ref>& refs = w.refs[a.pc];
+        if (refs.size() < p.max) refs.resize(p.max);
+        if (!refs[index].set) {
+          refs[index] = ref;
+          refs[index].set = true;
+        } else if (!same_context(refs[index], ref)) {
+          p.mismatch = true;
+          agree = false;
+        }
+      }
+      touch(w.recent, a.pc, p.mask, index, 0);
+    }
+  }
+  return agree;
+}
+
+// Candidates whose contexts disagree are no anchors. Which ones: taken in order of first execution,
+// each is kept when its contexts agree given the ones kept before it. One pass over the warp per
+// candidate, only when the contexts of all candidates together disagree.
+void choose_anchors(const Runtime& r, int w0, int w1, WarpScratch& w) {
+  if (contexts_agree(r, w0, w1, w, 0)) return;
+  std::vector<std::pair<uint32_t, uintptr_t>> order;
+  for (auto& [pc, p] : w.pcs) {
+    p.demoted = true;
+    if (p.candidate()) order.emplace_back(p.first, pc);
+  }
+  std::sort(order.begin(), order.end());
+  for (const auto& [first, x] : order) {
+    PcInfo& p = w.pcs[x];
+    p.demoted = false;
+    p.demoted = !contexts_agree(r, w0, w1, w, x);
+  }
+}
+
+// After a block ran: its fibers' accesses, grouped warp by warp into requests and accounted per line.
+//
+// Lanes pair up by the k-th execution of an instruction, but not simply since the kernel's start: a lane
+// that skips a conditional access in one iteration of a loop would then pair its later executions with
+// other lanes' earlier iterations. So an anchor is an instruction that every lane executing it executes
+// equally often (or once more: the last trip of a strided loop), in the same contexts (as the accesses of
+// a loop body before any branch do; choose_anchors); the k-th executions of an anchor form one request.
+// Any other instruction's executions are counted since the lane's latest anchor execution among anchors
+// whose lanes cover the instruction's: a conditional access in a loop thus pairs by iteration, an inner
+// loop's trips by outer iteration.
+void trace_block() {
+  Runtime& r = rt();
+  LaunchTrace& t = r.launches.back();
+  const int T = r.threads;
+  ++t.blocks;
+  t.threads += T;
+  static WarpScratch w;
+  for (int w0 = 0; w0 < T; w0 += 32) {
+    const int w1 = std::min(T, w0 + 32);
+    // Address spaces, and which lanes execute each instruction how often.
+    w.pcs.clear();
+    for (int i = w0; i < w1; ++i) {
+      FiberLog& l = r.logs[i];
+      t.local[0] += l.local[0];
+      t.local[1] += l.local[1];
+      auto& totals = w.lane_totals[i - w0];
+      totals.clear();
+      uint32_t position = 0;
+      for (Access& a : l.log) {
+        if (inside(a.addr, r.static_arena, kMaxStaticShared) || inside(a.addr, r.dynamic_arena, kMaxSharedPerBlock)) {
+          a.space = kShared;
+        } else if (is_param(r, a.addr)) {
+          a.space = kParam;
+          ++t.param[a.kind & 1];
+          continue;
+        } else {
+          a.space = kGlobal;
+        }
+        if (totals[a.pc]++ == 0) {
+          PcInfo& p = w.pcs[a.pc];
+          p.first = std::min(p.first, position);
+        }
+        ++position;
+      }
+      for (const auto& [pc, n] : totals) {
+        PcInfo& p = w.pcs[pc];
+        p.min = p.mask ? std::min(p.min, n) : n;
+        p.max = p.mask ? std::max(p.max, n) : n;
+        p.mask |= 1u << (i - w0);
+      }
+    }
+    choose_anchors(r, w0, w1, w);
+    // Requests.
+    w.index.clear();
+    uint32_t used = 0;
+    for (int i = w0; i < w1; ++i) {
+      w.recent.clear();
+      w.since_anchor.clear();
+      w.counts.clear();
+      for (const Access& a : r.logs[i].log) {
+        if (a.space == kParam) continue;
+        const PcInfo& p = w.pcs[a.pc];
+        const uint32_t execution = w.counts[a.pc]++;
+        RequestKey key{a.pc, kAnchor, execution};
+        if (!p.anchor()) {
+          const RecentAnchor* c = covering(w.recent, p.mask);
+          key.parent = c ? c->request : kNoParent;
+          key.k = w.since_anchor[RequestKey{a.pc, key.parent, 0}]++;
+        }
+        const auto [it, fresh] = w.index.try_emplace(key, used);
+        if (fresh) {
+          if (used == w.requests.size()) w.requests.emplace_back();
+          Request& q = w.requests[used++];
+          q.pc = a.pc;
+          q.kind = a.kind;
+          q.lanes.clear();
+        }
+        w.requests[it->second].lanes.push_back(LaneAccess{a.addr, a.size, a.space});
+        if (p.anchor()) touch(w.recent, a.pc, p.mask, execution, it->second);
+      }
+    }
+    for (uint32_t j = 0; j < used; ++j) {
+      const Request& q = w.requests[j];
+      unsigned spaces = 0;
+      for (const LaneAccess& l : q.lanes) spaces |= 1u << l.space;
+      for (uint8_t sp = kGlobal; sp <= kShared; ++sp)
+        if (spaces & (1u << sp)) account(t, q, sp, w.units, w.ranges);
+    }
+  }
+}
+
+std::string json_string(const std::string& v) {
+  std::string o = "\"";
+  for (const char ch : v) {
+    if (ch == '"' || ch == '\\') {
+      o += '\\';
+      o += ch;
+    } else if (static_cast<unsigned char>(ch) < 0x20) {
+      char buf[8];
+      snprintf(buf, sizeof buf, "\\u%04x", ch);
+      o += buf;
+    } else {
+      o += ch;
+    }
+  }
+  return o + "\"";
+}
+
+// The loaded library holding `pc` and pc's offset in it (for addr2line, in tests/gpu_trace.py).
+void module_offset(std::ostringstream& o, uintptr_t pc) {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(pc), &info) && info.dli_fname) {
+    o << "\"module\": " << json_string(info.dli_fname) << ", \"offset\": " << pc - reinterpret_cast<uintptr_t>(info.dli_fbase);
+  } else {
+    o << "\"module\": \"\", \"offset\": " << pc;
+  }
+}
+
+std::string trace_json(const std::vector<LaunchTrace>& launches) {
+  static const char* kinds[] = {"load", "store", "atomic"};
+  static const char* spaces[] = {"global", "shared"};
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < launches.size(); ++i) {
+    const LaunchTrace& t = launches[i];
+    o << (i ? ",\n" : "") << "{\"kernel\": " << json_string(t.name) << ", \"site\": " << json_string(t.site) << ", ";
+    o << "\"func\": {";
+    module_offset(o, t.func);
+    o << "}, \"grid\": [" << t.grid.x << ", " << t.grid.y << ", " << t.grid.z << "], \"block\": [" << t.block.x
+      << ", " << t.block.y << ", " << t.block.z << "], \"dynamic_shared\": " << t.dynamic_shared
+      << ", \"static_shared\": " << t.static_shared << ", \"blocks\": " << t.blocks << ", \"threads\": " << t.threads
+      << ", \"barriers\": " << t.barriers << ", \"warp_collectives\": " << t.warp_collectives
+      << ", \"local_loads\": " << t.local[0] << ", \"local_stores\": " << t.local[1]
+      << ", \"param_loads\": " << t.param[0] << ", \"param_stores\": " << t.param[1]
+      << ", \"distinct_sectors\": " << t.distinct.size() << ", \"barrier_sites\": {";
+    bool first = true;
+    for (const auto& [site, n] : t.barrier_sites) {
+      o << (first ? "" : ", ") << json_string(site) << ": " << n;
+      first = false;
+    }
+    o << "}, \"lines\": [";
+    first = true;
+    for (const auto& [key, s] : t.lines) {
+      o << (first ? "\n" : ",\n") << "  {";
+      first = false;
+      module_offset(o, key.pc);
+      o << ", \"kind\": \"" << kinds[s.kind] << "\", \"space\": \"" << spaces[s.space] << "\", \"requests\": "
+        << s.requests << ", \"lanes\": " << s.lanes << ", \"bytes\": " << s.bytes << ", \"sectors\": " << s.sectors
+        << ", \"ideal_sectors\": " << s.ideal_sectors << ", \"max_sectors\": " << s.max_sectors
+        << ", \"distinct_sectors\": " << s.distinct.size() << ", \"wavefronts\": " << s.wavefronts
+        << ", \"ideal_wavefronts\": " << s.ideal_wavefronts << ", \"max_degree\": " << s.max_degree
+        << ", \"same_address_max\": " << s.same_address_max << "}";
+    }
+    o << "]}";
+  }
+  o << "]";
+  return o.str();
+}
+#endif
 
 }  // namespace
 
@@ -660,12 +1129,15 @@ uint64_t warp_collective(const char* file, int line, WarpOp op, unsigned mask, u
     r.ready += 32;
     w.arrived = 0;
     w.first = -1;
+#if CM_EMU_TRACE
+    if (r.tracing) ++r.launches.back().warp_collectives;
+#endif
   }
   yield();
   return f.out;
 }
 
-void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
+void run_launch(const LaunchConfig& c, void (*body)(void*), void* context, size_t context_bytes) {
   Runtime& r = rt();
   TORCH_CHECK(!r.current, "CUDA emulation: kernel launch from inside a kernel (", c.name, ")");
   std::lock_guard<std::mutex> lock(r.launch_mutex);
@@ -693,6 +1165,7 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
   r.kernel = &k;
   r.body = body;
   r.context = context;
+  r.context_bytes = context_bytes;
   r.failed = false;
   r.error.clear();
 #if CM_EMU_ASM_SWITCH
@@ -705,12 +1178,28 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
   gridDim = g;
   blockDim = b;
   ++r.stats.launches;
+#if CM_EMU_TRACE
+  if (r.tracing) {
+    r.launches.emplace_back();
+    LaunchTrace& t = r.launches.back();
+    t.name = c.name;
+    t.site = where(Site{c.file, c.line});
+    t.grid = g;
+    t.block = b;
+    t.dynamic_shared = c.dynamic_shared;
+    t.func = reinterpret_cast<uintptr_t>(c.func);
+  }
+#endif
   const uint64_t launch_seed = mix64(r.seed ^ mix64(++r.launch_index));
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) {
         blockIdx = uint3{x, y, z};
         run_block(mix64(launch_seed ^ (uint64_t(z) << 48 | uint64_t(y) << 32 | x)));
+#if CM_EMU_TRACE
+        if (r.tracing && !r.failed) trace_block();
+        if (r.tracing && r.failed) r.launches.pop_back();  // a failed launch leaves no record
+#endif
         if (r.failed) {
           r.config = nullptr;
           for (int i = 0; i < T; ++i) CM_EMU_UNPOISON(r.stacks[i], kStackSize);
@@ -719,8 +1208,38 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context) {
                       r.error);
         }
       }
+#if CM_EMU_TRACE
+  if (r.tracing) r.launches.back().static_shared = k.static_bytes;
+#endif
   r.config = nullptr;
 }
+
+#if CM_EMU_TRACE
+void trace_atomic_begin(const void* p, size_t bytes) {
+  record(p, bytes, kAtomic, __builtin_return_address(0));
+  if (tl_log) ++tl_log->suppress;
+}
+
+void trace_atomic_end() {
+  if (tl_log) --tl_log->suppress;
+}
+
+void trace_begin() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  r.launches.clear();
+  r.tracing = true;
+}
+
+std::string trace_end() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.launch_mutex);
+  r.tracing = false;
+  std::string out = trace_json(r.launches);
+  r.launches.clear();
+  return out;
+}
+#endif
 
 // ---------------------------------------------------------------- garbage-filled allocations
 
@@ -763,3 +1282,31 @@ GarbageAllocations::~GarbageAllocations() { --garbage_depth; }
 
 }  // namespace emu
 }  // namespace contrastmask
+
+#if CM_EMU_TRACE
+// The hooks of -fsanitize=kernel-address (with asan-instrumentation-with-call-threshold=0): every load
+// and store of an instrumented translation unit calls one, before the access, with its address. No
+// AddressSanitizer runtime is linked; these only record, and only while a kernel thread runs.
+#define CM_EMU_TRACE_HOOKS(n)                                                                     \
+  extern "C" void __asan_load##n##_noabort(void* p) {                                             \
+    contrastmask::emu::record(p, n, contrastmask::emu::kLoad, __builtin_return_address(0));       \
+  }                                                                                               \
+  extern "C" void __asan_store##n##_noabort(void* p) {                                            \
+    contrastmask::emu::record(p, n, contrastmask::emu::kStore, __builtin_return_address(0));      \
+  }
+CM_EMU_TRACE_HOOKS(1)
+CM_EMU_TRACE_HOOKS(2)
+CM_EMU_TRACE_HOOKS(4)
+CM_EMU_TRACE_HOOKS(8)
+CM_EMU_TRACE_HOOKS(16)
+extern "C" void __asan_loadN_noabort(void* p, size_t n) {
+  contrastmask::emu::record(p, n, contrastmask::emu::kLoad, __builtin_return_address(0));
+}
+extern "C" void __asan_storeN_noabort(void* p, size_t n) {
+  contrastmask::emu::record(p, n, contrastmask::emu::kStore, __builtin_return_address(0));
+}
+// The rest of what the instrumented code calls: nothing to do without shadow memory.
+extern "C" void __asan_handle_no_return() {}
+extern "C" void __asan_before_dynamic_init(const char*) {}
+extern "C" void __asan_after_dynamic_init() {}
+#endif

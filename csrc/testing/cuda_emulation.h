@@ -13,6 +13,10 @@
 //
 // The .cu sources use the macros of csrc/cuda/platform.cuh for what plain C++ cannot parse: kernel
 // launches (CM_LAUNCH) and shared arrays (CM_SHARED, CM_DYNAMIC_SHARED).
+//
+// With CONTRASTMASK_EMU_TRACE defined (the traced build of tests/gpu_trace.py) the runtime also records
+// the memory accesses of the kernels, which that build compiles with -fsanitize=kernel-address: every
+// load and store calls a hook the runtime defines (docs/DESIGN.md, "Memory-traffic trace").
 #pragma once
 
 #include <ATen/ATen.h>
@@ -117,7 +121,9 @@ struct LaunchConfig {
   const char* file;
   int line;
 };
-void run_launch(const LaunchConfig& config, void (*body)(void*), void* context);
+// `context` (context_bytes long) holds the kernel's arguments: the traced build counts reads of it as
+// parameter accesses (constant memory on a GPU), not global ones.
+void run_launch(const LaunchConfig& config, void (*body)(void*), void* context, size_t context_bytes);
 
 void* static_shared(const void* site, size_t bytes, size_t align);
 void* dynamic_shared();
@@ -168,7 +174,7 @@ struct Launch {
     run_launch(config, [](void* p) {
       auto* c = static_cast<Context*>(p);
       std::apply(c->kernel, c->params);
-    }, &context);
+    }, &context, sizeof(context));
   }
 };
 
@@ -194,6 +200,16 @@ T& shared_object(const void* site) {
                 "__shared__ variables must be trivially constructible");
   return *static_cast<T*>(static_shared(site, sizeof(T), alignof(T)));
 }
+
+#if defined(CONTRASTMASK_EMU_TRACE)
+// Traced build: an atomic is recorded as one access of its own kind (at the caller's line: the atomics
+// below are always inlined), and the plain load and store that emulate it are not recorded.
+void trace_atomic_begin(const void* p, size_t bytes);
+void trace_atomic_end();
+// Tracing on: clears the records; off: returns them as JSON (tests/gpu_trace.py reads it).
+void trace_begin();
+std::string trace_end();
+#endif
 
 // Garbage-filled host allocations (NaN in every float dtype) while an emulated CUDA host op runs.
 struct GarbageAllocations {
@@ -227,46 +243,69 @@ struct GarbageAllocations {
   CM_EMU_SHFL(::contrastmask::emu::kShflXor, mask, v, lane_mask, __VA_ARGS__)
 
 // Atomics: fibers never switch inside one, so plain read-modify-write is atomic here.
+#if defined(CONTRASTMASK_EMU_TRACE)
+#define CM_EMU_ATOMIC inline __attribute__((always_inline))
+#define CM_EMU_ATOMIC_BEGIN(p) ::contrastmask::emu::trace_atomic_begin((p), sizeof(*(p)))
+#define CM_EMU_ATOMIC_END() ::contrastmask::emu::trace_atomic_end()
+#else
+#define CM_EMU_ATOMIC inline
+#define CM_EMU_ATOMIC_BEGIN(p) ((void)0)
+#define CM_EMU_ATOMIC_END() ((void)0)
+#endif
 template <typename T>
-inline T atomicAdd(T* p, T v) {
+CM_EMU_ATOMIC T atomicAdd(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = old + v;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicOr(T* p, T v) {
+CM_EMU_ATOMIC T atomicOr(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = old | v;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicAnd(T* p, T v) {
+CM_EMU_ATOMIC T atomicAnd(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = old & v;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicMax(T* p, T v) {
+CM_EMU_ATOMIC T atomicMax(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = old < v ? v : old;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicMin(T* p, T v) {
+CM_EMU_ATOMIC T atomicMin(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = v < old ? v : old;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicExch(T* p, T v) {
+CM_EMU_ATOMIC T atomicExch(T* p, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   *p = v;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 template <typename T>
-inline T atomicCAS(T* p, T compare, T v) {
+CM_EMU_ATOMIC T atomicCAS(T* p, T compare, T v) {
+  CM_EMU_ATOMIC_BEGIN(p);
   const T old = *p;
   if (old == compare) *p = v;
+  CM_EMU_ATOMIC_END();
   return old;
 }
 

@@ -1,12 +1,24 @@
 // The emulation build's operator library (tests only): torch.ops.contrastmask_emu holds the same
 // schemas as torch.ops.contrastmask (csrc/ops/*.cpp compiled with CONTRASTMASK_LIBRARY=contrastmask_emu)
 // and the CUDA kernels registered for CPU tensors; torch.ops.contrastmask_emulator controls the
-// emulator (fiber order and seed, statistics).
+// emulator (fiber order and seed, statistics). The traced build (tests/gpu_trace.py) uses its own
+// namespaces (CONTRASTMASK_LIBRARY=contrastmask_emu_trace, CONTRASTMASK_EMULATOR_LIBRARY=
+// contrastmask_emulator_trace), so both libraries can be loaded in one process, and adds trace_begin
+// and trace_end.
 #include <torch/library.h>
 
 #include "cuda_emulation.h"
 
-TORCH_LIBRARY(contrastmask_emu, m) {}
+#ifndef CONTRASTMASK_LIBRARY
+#define CONTRASTMASK_LIBRARY contrastmask_emu
+#endif
+#ifndef CONTRASTMASK_EMULATOR_LIBRARY
+#define CONTRASTMASK_EMULATOR_LIBRARY contrastmask_emulator
+#endif
+// TORCH_LIBRARY pastes its namespace argument: one more level expands the macros first.
+#define CM_EMU_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+CM_EMU_TORCH_LIBRARY(CONTRASTMASK_LIBRARY, m) {}
 
 namespace {
 
@@ -18,7 +30,11 @@ std::vector<int64_t> stats() { return contrastmask::emu::stats(); }
 
 }  // namespace
 
-TORCH_LIBRARY(contrastmask_emulator, m) {
+CM_EMU_TORCH_LIBRARY(CONTRASTMASK_EMULATOR_LIBRARY, m) {
   m.def("set_schedule(int order, int seed) -> ()", &set_schedule);
   m.def("stats() -> int[]", &stats);
+#if defined(CONTRASTMASK_EMU_TRACE)
+  m.def("trace_begin() -> ()", [] { contrastmask::emu::trace_begin(); });
+  m.def("trace_end() -> str", [] { return contrastmask::emu::trace_end(); });
+#endif
 }
