@@ -1,9 +1,16 @@
+import os
+import tempfile
 import zlib
 
-import pytest
-import torch
+# torch.compile's on-disk caches default to one folder under /tmp that outlives a build: an entry traced
+# with an older fake kernel would replay its output shapes. Each test session gets a fresh one (set
+# before torch is imported; spawned test processes inherit it).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="contrastmask-inductor-"))
 
-import devices
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import devices  # noqa: E402
 
 # tests/ is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so shared helpers
 # (blobs.py, cases.py, devices.py, cuda_emu.py) import as plain modules.
