@@ -462,7 +462,9 @@ class LossStats(NamedTuple):
 
 
 def loss_stats(keys: Tensor, keep: Tensor, queries: Tensor, share_queries: bool) -> LossStats:
-    """LossStats from the key bits, keep and the queries (G, 2, C). Masks with keep instead of indexing
+    """LossStats from the key bits, keep and the queries (G, 2, C), or the compiled op's (G, 4, C) whose rows
+    2 and 3 are the lo parts of q+ and q- (left out here: q_pos and q_neg are the queries rounded to the
+    accumulation dtype). Masks with keep instead of indexing
     with it, so nothing waits for the device (no host sync) and the shapes do not depend on the data."""
     n, h, w = keys.shape
     bits = torch.arange(4, device=keys.device, dtype=torch.uint8).view(1, 4, 1)

@@ -42,7 +42,8 @@ def _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation):
 def _saved_shapes(z, share_queries):
     n, c, h, w = z.shape
     groups = 1 if share_queries else n
-    return {"queries": (groups, 2, c), "pixstats": (n, 4, h * w), "termstats": (groups, 4, 4)}
+    # queries: q+, q- and their lo parts (csrc/contrastmask/loss_math.h, kQueryRows; DESIGN, "Saved tensors")
+    return {"queries": (groups, 4, c), "pixstats": (n, 4, h * w), "termstats": (groups, 4, 4)}
 
 
 def register(namespace: str = "contrastmask"):

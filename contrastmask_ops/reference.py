@@ -282,18 +282,24 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
     zt = z.reshape(n, c, h * w).transpose(1, 2).to(acc)
     zf = torch.where(used[:, :, None], zt, torch.zeros((), dtype=acc, device=z.device)).contiguous()
 
-    # Step 5: partition means, then (share_queries) their mean over the ROIs that have that partition.
-    parts = torch.stack((pos_part, neg_part), dim=1).to(acc)  # (N, 2, P)
+    # Step 5: partition means, then (share_queries) their mean over the ROIs that have that partition, in
+    # float64 whatever z's dtype; the query is that rounded to acc, and q_lo what the rounding dropped (0 for
+    # float64 z): a "released" key is formed as (z - q) - q_lo, z - q to acc's precision of the key itself
+    # (DESIGN, "Collapsed features"; csrc/contrastmask/loss_math.h, split_query). q_lo is a constant correction
+    # (detached): the gradient reaches the float64 means through q.
+    parts = torch.stack((pos_part, neg_part), dim=1).to(torch.float64)  # (N, 2, P)
     part_count = parts.sum(dim=2)  # (N, 2)
-    mu = torch.bmm(parts, zf) / part_count.clamp_min(1)[:, :, None]  # (N, 2, C); 0 for an empty partition
+    mu = torch.bmm(parts, zf.to(torch.float64)) / part_count.clamp_min(1)[:, :, None]  # (N, 2, C); 0 if empty
     if share_queries:
-        has = (part_count > 0).to(acc)
+        has = (part_count > 0).to(torch.float64)
         mu_sum, has_count = reducer.sum((mu * has[:, :, None]).sum(dim=0, keepdim=True), has.sum(dim=0))
-        queries = mu_sum / has_count.clamp_min(1)[None, :, None]
-        q_per_roi = queries.expand(n, 2, c)
+        q64 = mu_sum / has_count.clamp_min(1)[None, :, None]
     else:
-        queries = mu
-        q_per_roi = mu
+        q64 = mu
+    queries = q64.to(acc)
+    queries_lo = (q64.detach() - queries.detach().to(torch.float64)).to(acc)
+    q_per_roi = queries.expand(n, 2, c)
+    q_lo_per_roi = queries_lo.expand(n, 2, c)
 
     # Cosines s[n, side, p] of each pixel with the ROI's two queries. A cosine does not change when one of
     # its vectors is scaled: each query is taken as q * cq and each pixel's key vector (z, or z - q) as
@@ -312,18 +318,21 @@ def _loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau
         if share_queries:  # one query pair, one scale
             dots = (zs @ (queries[0] * _feature_scale(queries[0].abs().amax(dim=1))[:, None]).T).transpose(1, 2)
         else:
-            dots = torch.bmm(mu * cq[:, :, None], zs.transpose(1, 2))
+            dots = torch.bmm(queries * cq[:, :, None], zs.transpose(1, 2))
         pix_norm = torch.linalg.vector_norm(zs, dim=2)[:, None, :]  # (N, 1, P)
     else:
-        # "released": keys centred on the query, s = cos(q, z - q). z - q is formed first (exact for z near
-        # q) and both the dot and the norm are taken of it: q.z - |q|^2 would cancel for z near q. Its scale
-        # comes from z - q itself (a key whose large components cancel keeps its digits), or from |z| + |q|
-        # where z - q overflows; z and q are scaled before the subtraction, which is exact either way.
+        # "released": keys centred on the query, s = cos(q, z - q). z - q is formed first, as (z - q) - q_lo
+        # (exact for z near q, and q's float64 digits kept), and both the dot and the norm are taken of it:
+        # q.z - |q|^2 would cancel for z near q. Its scale comes from z - q itself (a key whose large
+        # components cancel keeps its digits), or from |z| + |q| where z - q overflows; z and q are scaled
+        # before the subtraction, which is exact either way.
         with torch.no_grad():
-            d_max = (zf[:, None, :, :] - q_per_roi[:, :, None, :]).abs_().amax(dim=3)  # (N, 2, P)
+            d_max = ((zf[:, None, :, :] - q_per_roi[:, :, None, :]).sub_(q_lo_per_roi[:, :, None, :])
+                     .abs_().amax(dim=3))  # (N, 2, P)
             bound = torch.where(torch.isfinite(d_max), d_max, torch.maximum(z_max[:, None, :], q_max[:, :, None]))
             ck = _feature_scale(bound)
-        centred = (zf[:, None, :, :] * ck[..., None]).sub_(q_per_roi[:, :, None, :] * ck[..., None])  # (N, 2, P, C)
+        centred = ((zf[:, None, :, :] * ck[..., None]).sub_(q_per_roi[:, :, None, :] * ck[..., None])
+                   .sub_(q_lo_per_roi[:, :, None, :] * ck[..., None]))  # (N, 2, P, C)
         dots = torch.matmul(centred, (q_per_roi * cq[:, :, None])[:, :, :, None]).squeeze(3)  # (N, 2, P)
         pix_norm = torch.linalg.vector_norm(centred, dim=3)
     sims = dots / (torch.maximum(q_norm, NORM_EPS * cq)[:, :, None] * torch.maximum(pix_norm, NORM_EPS * ck))

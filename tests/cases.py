@@ -56,3 +56,66 @@ def extreme_feature_cases():
     paper = dict(tau_easy=0.7, tau_hard=0.3, share_queries=False, formulation="paper")
     cases.append(("near_the_limit", z, labels, keys, keep, paper))
     return cases
+
+
+# "released" keys on collapsed features (issue 22, item 5; DESIGN, "Collapsed features"): float32 against
+# float64. The loss within COLLAPSED_LOSS_RTOL (relative); dz: max|dz32 - dz64| <= grad_rel * max|dz64|, grad_rel
+# given with each case. At a key whose z - q is 0 (or below the 1e-8 clamp) dz is the clamp's slope, dL/ds / 1e-8,
+# minus the same terms of the other keys through the query: a difference of terms that are 1e2 to 1e3 times the
+# result, so float32 resolves it to about 2^-24 times that ratio, which grows with the keys sharing a query.
+COLLAPSED_LOSS_RTOL = 1e-5
+COLLAPSED_GRAD_REL = 2e-4        # 6 ROIs (measured: at most 6e-5 on cpu, cuda-emu and the reference)
+COLLAPSED_GRAD_REL_LARGE = 1e-2  # 32 ROIs of 28 x 28, one shared query pair (measured: 2.3e-3 cpu, 6e-4 cuda-emu)
+
+
+def collapsed_feature_cases():
+    """Batches (name, z in float64 holding float32 values, labels, keys, keep, loss kwargs, grad_rel) whose
+    "released" keys z - q are exactly 0 (a partition or the whole batch constant: the query is that constant) or
+    a few float32 units in the last place of q (nearly constant), where float32 once returned rounding noise
+    whose direction decided the cosines (reported: loss 9.14 for 9.36, dz 3.3e7 for 4.5e6). The plans are the
+    reference's: 6 ROIs of 20 x 20 with 8 channels (min_keys 5), and 32 ROIs of 28 x 28 for the large case."""
+    from blobs import blob_batch
+    from contrastmask_ops import reference as ref
+
+    def plan(b, seed):
+        labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
+        keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(b["masks"]), b["is_novel"], seed=seed)
+        return labels, keys, keep
+
+    b = blob_batch(6, 20, 20, 8, seed=4)
+    labels, keys, keep = plan(b, 3)
+    assert int(keep.sum()) >= 3
+    roi = int(keep.nonzero()[1])  # a kept ROI that is not the first
+    g = torch.Generator().manual_seed(5)
+    vector = torch.randn(8, generator=g).float().double()  # one feature vector for every pixel
+    ulp = torch.finfo(torch.float32).eps * vector.abs().max()
+
+    def released(share_queries):
+        return dict(tau_easy=0.3, tau_hard=0.7, share_queries=share_queries, formulation="released")
+
+    def near(z):  # z plus -1.5 to 1.5 float32 ulps of the vector's largest component, per element
+        steps = torch.randint(-3, 4, z.shape, generator=g).double()
+        return z + steps * ulp / 2
+
+    plan6 = (labels, keys, keep)
+    small = COLLAPSED_GRAD_REL
+    cases = []
+    z = b["z"].double()
+    z[roi] = 0.3  # the reported case: one ROI constant 0.3, no sharing
+    cases.append(("roi_constant_0.3", z, *plan6, released(False), small))
+    cases.append(("batch_constant_0.3_shared", torch.full_like(z, 0.3), *plan6, released(True), small))
+    z = b["z"].double()
+    z[roi] = vector[:, None, None]
+    cases.append(("roi_constant_vector", z, *plan6, released(False), small))
+    z = vector[None, :, None, None].expand_as(z).clone()
+    cases.append(("batch_constant_vector_shared", z, *plan6, released(True), small))
+    z = b["z"].double()
+    z[roi] = near(vector[:, None, None].expand_as(z[roi]))
+    cases.append(("roi_nearly_constant", z, *plan6, released(False), small))
+    z = near(vector[None, :, None, None].expand_as(z))
+    cases.append(("batch_nearly_constant_shared", z, *plan6, released(True), small))
+    cases.append(("batch_nearly_constant", z, *plan6, released(False), small))
+    b = blob_batch(32, 28, 28, 8, seed=1)
+    z = torch.full_like(b["z"], 0.3).double()
+    cases.append(("large_batch_constant_0.3_shared", z, *plan(b, 1), released(True), COLLAPSED_GRAD_REL_LARGE))
+    return [(name, z.float().double(), *rest) for name, z, *rest in cases]  # float32 values

@@ -131,6 +131,32 @@ CM_HD acc_t feature_scale(acc_t max_abs) {
 template <typename acc_t>
 CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps ? n : eps; }
 
+// Queries in two parts (DESIGN, "Collapsed features"). The partition sums and means behind a query are taken in
+// double whatever z's dtype: for float32 features their rounding is 2^29 times smaller than float32's,
+// and a constant partition's sum k * c is exact (c has 24 significant bits, k <= 4096 adds 12), so its
+// mean sum / k is c exactly, as is the shared query's mean of ROI means that all equal c. Each query q
+// is kept as hi + lo: hi = q rounded to acc_t, lo = q - hi rounded to acc_t (0 for float64
+// z, whose acc_t is double). The saved tensor `queries` (G, kQueryRows, C) holds rows q+ hi, q- hi,
+// q+ lo, q- lo. Cosines and norms use hi; a centred key ("released") is formed as (z - hi) - lo, where
+// z - hi is exact whenever z lies within a factor 2 of hi (Sterbenz), i.e. whenever z - q is small
+// enough for q's rounding to matter: the key is z - q to acc_t's precision of the key itself, as float64
+// computes it, instead of z - round(q), whose rounding error (|q| * 2^-24 in float32) can exceed the
+// key and decide its direction (a constant partition gave keys of pure rounding noise).
+constexpr int kQueryRows = 4;
+enum QueryRow : int { kQueryPos = 0, kQueryNeg = 1, kQueryPosLo = 2, kQueryNegLo = 3 };
+
+template <typename acc_t>
+CM_HD void split_query(double q, acc_t* hi, acc_t* lo) {
+  const acc_t h = static_cast<acc_t>(q);
+  *hi = h;
+  // hi beyond acc_t's range (inf) or NaN: no residual (a NaN query stays NaN through hi).
+  *lo = is_finite(h) ? static_cast<acc_t>(q - static_cast<double>(h)) : acc_t(0);
+}
+
+// A component of the centred key z - q, with q = hi + lo.
+template <typename acc_t>
+CM_HD acc_t centred_component(acc_t v, acc_t hi, acc_t lo) { return (v - hi) - lo; }
+
 // A row of n values (a query) measured on a scale that cannot overflow: feature_scale of its largest
 // |x_i|. |x| = scaled_norm / scale (inf beyond the dtype's range), and the unit vector
 // x / max(|x|, eps) = (x_i * scale) * unit(), which stays finite whatever |x| is.
@@ -176,10 +202,11 @@ CM_HD bool pixel_cosines_from_sums(acc_t dot_p, acc_t dot_m, acc_t kk_p, acc_t k
 // key vector k (z, or z - q) as k * ck, cq and ck from feature_scale of the vector's own largest
 // component, and the clamp eps scales with each. The query norms are summed here on that scale too (a
 // norm can overflow where its components do not). zi[k * stride], k < C: the pixel's features; qp, qm:
-// the group's queries.
+// the group's queries (hi parts); qp_lo, qm_lo: their lo parts (read with centred keys only).
 template <typename scalar_t, typename acc_t>
 CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t stride, int64_t C, const acc_t* qp,
-                                                 const acc_t* qm, bool centred_keys) {
+                                                 const acc_t* qm, const acc_t* qp_lo, const acc_t* qm_lo,
+                                                 bool centred_keys) {
   // Largest |component| of z, q+, q- and, with centred keys, of z - q+ and z - q- (inf where it overflows).
   acc_t mz = acc_t(0), mp = acc_t(0), mm = acc_t(0), mdp = acc_t(0), mdm = acc_t(0);
   for (int64_t k = 0; k < C; ++k) {
@@ -188,8 +215,8 @@ CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t str
     mp = nan_max(mp, abs_value(qp[k]));
     mm = nan_max(mm, abs_value(qm[k]));
     if (centred_keys) {
-      mdp = nan_max(mdp, abs_value(v - qp[k]));
-      mdm = nan_max(mdm, abs_value(v - qm[k]));
+      mdp = nan_max(mdp, abs_value(centred_component(v, qp[k], qp_lo[k])));
+      mdm = nan_max(mdm, abs_value(centred_component(v, qm[k], qm_lo[k])));
     }
   }
   const acc_t cqp = feature_scale(mp), cqm = feature_scale(mm);
@@ -204,7 +231,9 @@ CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t str
     qq_p += a * a;
     qq_m += b * b;
     if (centred_keys) {
-      const acc_t up = v * ckp - qp[k] * ckp, um = v * ckm - qm[k] * ckm;
+      // Power-of-two scales are exact, so this is centred_component on the key's scale.
+      const acc_t up = centred_component(v * ckp, qp[k] * ckp, qp_lo[k] * ckp);
+      const acc_t um = centred_component(v * ckm, qm[k] * ckm, qm_lo[k] * ckm);
       dot_p += a * up;
       dot_m += b * um;
       kk_p += up * up;

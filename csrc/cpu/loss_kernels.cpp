@@ -43,19 +43,32 @@ struct LossJob {
   const int8_t* labels = nullptr;
   const uint8_t* keys = nullptr;
   const bool* keep = nullptr;
-  acc_t* queries = nullptr;    // (G, 2, C)
+  acc_t* queries = nullptr;    // (G, kQueryRows, C): q+, q- and their lo parts (loss_math.h, split_query)
   acc_t* pixstats = nullptr;   // (N, 4, P): s+, s-, |k+|, |k-|
   acc_t* termstats = nullptr;  // (G, 4, kNumTermStats)
   int64_t group(int64_t n) const { return share_queries ? 0 : n; }
   const scalar_t* z_row(int64_t n, int64_t c) const { return z + (n * C + c) * P; }
+  // Row `row` (QueryRow) of group g's queries.
+  acc_t* query(int64_t g, int row) const { return queries + (g * kQueryRows + row) * C; }
 };
 
-// Weight w[n][side] with q_side(group) = sum_n w * (sum of z over ROI n's partition `side`):
-// mean of partition means over kept ROIs whose partition is non-empty (DESIGN, "Queries for kept ROIs with an empty partition").
+// The partitions' pixel counts count[n][side] of kept ROIs, the number of kept ROIs with a non-empty
+// partition `side` (rois_with), and the weights w[n][side] = dq_side(group) / dz of a pixel of that partition:
+// a query is the mean of partition means over kept ROIs whose partition is non-empty (DESIGN, "Queries for
+// kept ROIs with an empty partition").
+template <typename acc_t>
+struct QueryWeights {
+  std::vector<int64_t> count;
+  int64_t rois_with[2] = {0, 0};
+  std::vector<acc_t> w;
+};
+
 template <typename Job, typename acc_t>
-void query_weights(const Job& job, std::vector<acc_t>& w) {
+void query_weights(const Job& job, QueryWeights<acc_t>& qw) {
+  std::vector<acc_t>& w = qw.w;
+  std::vector<int64_t>& count = qw.count;
   w.assign(job.N * 2, acc_t(0));
-  std::vector<int64_t> count(job.N * 2, 0);
+  count.assign(job.N * 2, 0);
   at::parallel_for(0, job.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
@@ -66,7 +79,7 @@ void query_weights(const Job& job, std::vector<acc_t>& w) {
       }
     }
   });
-  int64_t rois_with[2] = {0, 0};
+  int64_t* rois_with = qw.rois_with;
   for (int64_t n = 0; n < job.N * 2; ++n) rois_with[n % 2] += count[n] > 0;
   for (int64_t n = 0; n < job.N * 2; ++n) {
     if (count[n] == 0) continue;
@@ -75,14 +88,14 @@ void query_weights(const Job& job, std::vector<acc_t>& w) {
   }
 }
 
-// |q+|, |q-| of each group, summed on a scale (loss_math.h, row_norm); and, for the backward, the unit
-// queries q / |q|, which stay finite where |q| is beyond the dtype's range.
+// |q+|, |q-| of each group (their hi parts), summed on a scale (loss_math.h, row_norm); and, for the
+// backward, the unit queries q / |q|, which stay finite where |q| is beyond the dtype's range.
 template <typename Job, typename acc_t>
 void query_norms(const Job& job, std::vector<acc_t>& norms, std::vector<acc_t>* unit_queries = nullptr) {
   norms.assign(job.G * 2, acc_t(0));
   if (unit_queries) unit_queries->resize(job.G * 2 * job.C);
   for (int64_t gs = 0; gs < job.G * 2; ++gs) {
-    const acc_t* q = job.queries + gs * job.C;
+    const acc_t* q = job.query(gs / 2, static_cast<int>(gs % 2));
     const RowNorm<acc_t> r = row_norm(q, job.C);
     norms[gs] = r.norm();
     if (unit_queries)
@@ -93,41 +106,55 @@ void query_norms(const Job& job, std::vector<acc_t>& norms, std::vector<acc_t>* 
 // The forward's stages, named as in the CUDA file: partition sums (the queries), cosines, the
 // negatives' log-sum-exp per group and term, the positives' sums, and the group terms.
 
-// Pass 1 over z: weighted partition sums per ROI, then the queries summed in ROI order.
+// Pass 1 over z: partition means per ROI in double, their sums per group in ROI order, and the queries
+// (the sums divided by the number of ROIs that have the partition) split into hi and lo parts (loss_math.h).
 template <typename scalar_t, typename acc_t>
-void partition_sums(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& w) {
+void partition_means(const LossJob<scalar_t, acc_t>& job, const QueryWeights<acc_t>& qw) {
   const int64_t N = job.N, C = job.C, P = job.P;
-  std::vector<acc_t> roi_sums(N * 2 * C, acc_t(0));
+  std::vector<double> roi_means(N * 2 * C, 0.0);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
       const int8_t* lab = job.labels + n * P;
+      const int64_t nf = qw.count[n * 2], nb = qw.count[n * 2 + 1];
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
         // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN, "NaN").
-        acc_t fg[kLanes] = {}, bg[kLanes] = {};
+        double fg[kLanes] = {}, bg[kLanes] = {};
         for_each_lane(P, [&](int j, int64_t i) {
-          const acc_t v = static_cast<acc_t>(row[i]);
-          fg[j] += lab[i] == kForeground ? v : acc_t(0);
-          bg[j] += lab[i] == kBackground ? v : acc_t(0);
+          const double v = static_cast<double>(static_cast<acc_t>(row[i]));
+          fg[j] += lab[i] == kForeground ? v : 0.0;
+          bg[j] += lab[i] == kBackground ? v : 0.0;
         });
-        roi_sums[(n * 2) * C + c] = combine_lanes(fg) * w[n * 2];
-        roi_sums[(n * 2 + 1) * C + c] = combine_lanes(bg) * w[n * 2 + 1];
+        roi_means[(n * 2) * C + c] = nf > 0 ? combine_lanes(fg) / static_cast<double>(nf) : 0.0;
+        roi_means[(n * 2 + 1) * C + c] = nb > 0 ? combine_lanes(bg) / static_cast<double>(nb) : 0.0;
       }
     }
   });
+  std::vector<double> sums(job.G * 2 * C, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     if (!job.keep[n]) continue;
-    acc_t* q = job.queries + job.group(n) * 2 * C;
-    for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_sums[n * 2 * C + k];
+    double* q = sums.data() + job.group(n) * 2 * C;
+    for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_means[n * 2 * C + k];
   }
+  for (int64_t g = 0; g < job.G; ++g)
+    for (int side = 0; side < 2; ++side) {
+      const int64_t rois = job.share_queries ? qw.rois_with[side] : 1;
+      acc_t* hi = job.query(g, kQueryPos + side);
+      acc_t* lo = job.query(g, kQueryPosLo + side);
+      for (int64_t c = 0; c < C; ++c) {
+        const double s = sums[(g * 2 + side) * C + c];
+        split_query(rois > 0 ? s / static_cast<double>(rois) : 0.0, &hi[c], &lo[c]);
+      }
+    }
 }
 
 // Out of line: the rare path (|z| beyond ~1e18) inlined into cosines() slows its vectorised loops.
 template <typename scalar_t, typename acc_t>
 [[gnu::noinline, gnu::cold]] PixelCosines<acc_t> rescaled_cosines(const scalar_t* zi, int64_t P, int64_t C,
-                                                                  const acc_t* qp, const acc_t* qm, bool centred) {
-  return rescaled_pixel_cosines(zi, P, C, qp, qm, centred);
+                                                                  const acc_t* qp, const acc_t* qm, const acc_t* qp_lo,
+                                                                  const acc_t* qm_lo, bool centred) {
+  return rescaled_pixel_cosines(zi, P, C, qp, qm, qp_lo, qm_lo, centred);
 }
 
 // Pass 2 over z: cosines of every pixel of kept ROIs with both queries of its group, and the norms of
@@ -141,19 +168,19 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
       const int64_t g = job.group(n);
-      const acc_t* qp = job.queries + g * 2 * C;
-      const acc_t* qm = qp + C;
+      const acc_t *qp = job.query(g, kQueryPos), *qm = job.query(g, kQueryNeg);
+      const acc_t *qp_lo = job.query(g, kQueryPosLo), *qm_lo = job.query(g, kQueryNegLo);
       std::fill(dot_p.begin(), dot_p.end(), acc_t(0));
       std::fill(dot_m.begin(), dot_m.end(), acc_t(0));
       std::fill(kk_p.begin(), kk_p.end(), acc_t(0));
       std::fill(kk_m.begin(), kk_m.end(), acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
-        const acc_t a = qp[c], b = qm[c];
+        const acc_t a = qp[c], b = qm[c], a_lo = qp_lo[c], b_lo = qm_lo[c];
         if (centred) {
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
-            const acc_t up = v - a, um = v - b;
+            const acc_t up = centred_component(v, a, a_lo), um = centred_component(v, b, b_lo);
             dot_p[i] += a * up;
             dot_m[i] += b * um;
             kk_p[i] += up * up;
@@ -172,7 +199,7 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
       for (int64_t i = 0; i < P; ++i) {
         PixelCosines<acc_t> r;
         if (!pixel_cosines_from_sums(dot_p[i], dot_m[i], kk_p[i], kk_m[i], qnorm[g * 2], qnorm[g * 2 + 1], centred, &r))
-          r = rescaled_cosines(job.z_row(n, 0) + i, P, C, qp, qm, centred);
+          r = rescaled_cosines(job.z_row(n, 0) + i, P, C, qp, qm, qp_lo, qm_lo, centred);
         st[i] = r.s_pos;
         st[P + i] = r.s_neg;
         st[2 * P + i] = r.kn_pos;
@@ -266,9 +293,10 @@ acc_t group_terms(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>&
 
 template <typename scalar_t, typename acc_t>
 acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
-  std::vector<acc_t> w, qnorm;
-  query_weights(job, w);
-  partition_sums(job, w);
+  QueryWeights<acc_t> qw;
+  std::vector<acc_t> qnorm;
+  query_weights(job, qw);
+  partition_means(job, qw);
   query_norms(job, qnorm);
   cosines(job, qnorm);
   group_lse(job);
@@ -276,7 +304,7 @@ acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
 }
 
 // The backward in the unit vectors of cosine_backward (loss_math.h): u = (z - q) / |z - q| with centred
-// keys, else z / |z|, and q^ = q / |q|.
+// keys (z - q formed as centred_component, from q's hi and lo parts), else z / |z|, and q^ = q / |q|.
 template <typename scalar_t, typename acc_t>
 void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz) {
   const int64_t N = job.N, C = job.C, P = job.P;
@@ -285,16 +313,21 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   for (int64_t n = 0; n < N; ++n) kept += job.keep[n];
   // Upstream gradient times the groups' weight in the loss (mean over ROIs without sharing).
   const acc_t scale = job.share_queries ? grad : (kept > 0 ? grad / acc_t(kept) : acc_t(0));
-  std::vector<acc_t> w, qnorm, unit_queries;
-  query_weights(job, w);
+  QueryWeights<acc_t> qw;
+  std::vector<acc_t> qnorm, unit_queries;
+  query_weights(job, qw);
+  const std::vector<acc_t>& w = qw.w;
   query_norms(job, qnorm, &unit_queries);
 
-  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i a_i u_i and sum_i beta_i.
+  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i a_i u_i and sum_i beta_i (the latter in double:
+  // a key at its query has beta_i ~ dL/ds / eps, which cancels against gamma_i in dz; DESIGN, "Collapsed
+  // features").
   // kInFg/kInBg: 1 where the pixel is in the foreground/background partition (floats, so that pass 2
   // is one vectorisable loop over float arrays). kInvP/kInvM: 1 / |k| of each side's key vector.
   enum { kAP, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kInFg, kInBg, kNumCoef };
   std::vector<acc_t> coef(N * kNumCoef * P, acc_t(0));
-  std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0)), roi_beta(N * 2, acc_t(0));
+  std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0));
+  std::vector<double> roi_beta(N * 2, 0.0);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
@@ -308,7 +341,7 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         cf[kInFg * P + i] = lab[i] == kForeground ? acc_t(1) : acc_t(0);
         cf[kInBg * P + i] = lab[i] == kBackground ? acc_t(1) : acc_t(0);
       }
-      acc_t beta[2] = {0, 0};
+      double beta[2] = {0, 0};
       for (int64_t i = 0; i < P; ++i) {
         if (!key[i]) continue;
         acc_t gs[2];
@@ -326,14 +359,17 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       roi_beta[n * 2] = beta[0];
       roi_beta[n * 2 + 1] = beta[1];
       const acc_t *ap = cf + kAP * P, *am = cf + kAM * P, *ip = cf + kInvP * P, *im = cf + kInvM * P;
-      const acc_t* q = job.queries + g * 2 * C;
+      const acc_t *q_pos = job.query(g, kQueryPos), *q_neg = job.query(g, kQueryNeg);
+      const acc_t *q_pos_lo = job.query(g, kQueryPosLo), *q_neg_lo = job.query(g, kQueryNegLo);
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
-        const acc_t qp = centred ? q[c] : acc_t(0), qm = centred ? q[C + c] : acc_t(0);
+        const acc_t qp = centred ? q_pos[c] : acc_t(0), qm = centred ? q_neg[c] : acc_t(0);
+        const acc_t qp_lo = centred ? q_pos_lo[c] : acc_t(0), qm_lo = centred ? q_neg_lo[c] : acc_t(0);
         acc_t sp[kLanes] = {}, sm[kLanes] = {};
         for_each_lane(P, [&](int j, int64_t i) {
           const acc_t v = static_cast<acc_t>(row[i]);
-          const acc_t up = (v - qp) * ip[i] * ap[i], um = (v - qm) * im[i] * am[i];
+          const acc_t up = centred_component(v, qp, qp_lo) * ip[i] * ap[i];
+          const acc_t um = centred_component(v, qm, qm_lo) * im[i] * am[i];
           sp[j] += ap[i] != acc_t(0) ? up : acc_t(0);
           sm[j] += am[i] != acc_t(0) ? um : acc_t(0);
         });
@@ -343,7 +379,8 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
     }
   });
   // dL/dq per group, in ROI order: sum_n (sum_i a_i u_i) + (sum_n beta_n) q^.
-  std::vector<acc_t> dq(job.G * 2 * C, acc_t(0)), beta(job.G * 2, acc_t(0));
+  std::vector<acc_t> dq(job.G * 2 * C, acc_t(0));
+  std::vector<double> beta(job.G * 2, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     if (!job.keep[n]) continue;
     const int64_t g = job.group(n);
@@ -352,7 +389,7 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
     beta[g * 2 + 1] += roi_beta[n * 2 + 1];
   }
   for (int64_t gs = 0; gs < job.G * 2; ++gs)
-    for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += beta[gs] * unit_queries[gs * C + c];
+    for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += static_cast<acc_t>(beta[gs]) * unit_queries[gs * C + c];
 
   // Pass 2 over z: dz = partition term (through the queries) + cosine terms of key pixels.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -367,7 +404,8 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       const acc_t *in_fg = cf + kInFg * P, *in_bg = cf + kInBg * P;
       const acc_t *gp = cf + kGammaP * P, *gm = cf + kGammaM * P, *bp = cf + kBP * P, *bm = cf + kBM * P;
       const acc_t *ip = cf + kInvP * P, *im = cf + kInvM * P;
-      const acc_t* q = job.queries + g * 2 * C;
+      const acc_t *q_pos = job.query(g, kQueryPos), *q_neg = job.query(g, kQueryNeg);
+      const acc_t *q_pos_lo = job.query(g, kQueryPosLo), *q_neg_lo = job.query(g, kQueryNegLo);
       const acc_t* hat_p = unit_queries.data() + g * 2 * C;
       const acc_t* hat_m = hat_p + C;
       const acc_t* dqp = dq.data() + g * 2 * C;
@@ -376,14 +414,16 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         const scalar_t* row = job.z_row(n, c);
         scalar_t* orow = out + c * P;
         const acc_t pf = w[n * 2] * dqp[c], pb = w[n * 2 + 1] * dqm[c], hp = hat_p[c], hm = hat_m[c];
-        const acc_t qp = centred ? q[c] : acc_t(0), qm = centred ? q[C + c] : acc_t(0);
+        const acc_t qp = centred ? q_pos[c] : acc_t(0), qm = centred ? q_neg[c] : acc_t(0);
+        const acc_t qp_lo = centred ? q_pos_lo[c] : acc_t(0), qm_lo = centred ? q_neg_lo[c] : acc_t(0);
         // Selects, not products, keep a NaN in an ignored non-key pixel out of dz (DESIGN, "NaN"); one of
         // the two partition selects is 0, so d equals the partition term exactly.
         // Products are taken unconditionally and then selected: a conditional product is a branch the
         // compiler may not turn into vector blends (it could trap where the branch would not).
         for (int64_t i = 0; i < P; ++i) {
           const acc_t v = static_cast<acc_t>(row[i]);
-          const acc_t up = bp[i] * ((v - qp) * ip[i]), um = bm[i] * ((v - qm) * im[i]);
+          const acc_t up = bp[i] * (centred_component(v, qp, qp_lo) * ip[i]);
+          const acc_t um = bm[i] * (centred_component(v, qm, qm_lo) * im[i]);
           acc_t d = (in_fg[i] != acc_t(0) ? pf : acc_t(0)) + (in_bg[i] != acc_t(0) ? pb : acc_t(0));
           d += gp[i] * hp + gm[i] * hm;
           d += (bp[i] != acc_t(0) ? up : acc_t(0)) + (bm[i] != acc_t(0) ? um : acc_t(0));
@@ -414,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
   const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  at::Tensor queries = at::zeros({in.G, 2, in.C}, in.acc_options());
+  at::Tensor queries = at::zeros({in.G, kQueryRows, in.C}, in.acc_options());
   at::Tensor pixstats = at::zeros({in.N, 4, in.P}, in.acc_options());
   at::Tensor termstats = at::zeros({in.G, kNumTerms, kNumTermStats}, in.acc_options());
   at::Tensor loss = at::zeros({}, in.acc_options());

@@ -3,9 +3,11 @@
 //
 // Forward, all on the current stream, no host sync (N = 0 included):
 //   roi_counts     block per ROI          label-1 / label-0 pixels of kept ROIs
-//   roi_weights    one block              w[n][side] (DESIGN, "Queries for kept ROIs with an empty partition"), kept count, loss scale
-//   partition_sums block per (ROI, 32 ch)  pass 1 over z: w * sum of z over each partition
-//   sum_over_rois  fixed-shape tree        queries (G, 2, C)
+//   roi_weights    one block              w[n][side] (DESIGN, "Queries for kept ROIs with an empty partition"),
+//                                          kept count, ROIs with each partition, loss scale
+//   partition_sums block per (ROI, 32 ch)  pass 1 over z: mean of z over each partition, in double
+//   sum_over_rois  fixed-shape tree        the means' sums per group (G, 2, C), in double
+//   split_queries  thread per value       queries (G, 4, C): q+, q- rounded to acc_t and their lo parts
 //   query_norms    warp per query         |q+|, |q-| of each group
 //   cosines        block per (ROI, 256 px) pass 2 over z: pixstats (a pixel whose sums overflow is computed
 //                                          again rescaled, loss_math.h), per-block log-sum-exp partials
@@ -80,10 +82,11 @@ __global__ void __launch_bounds__(kThreads) roi_counts_kernel(const int8_t* labe
 
 // w[n][side] = 1 / (rois * count) as query_weights() of the CPU kernels; kept = number of kept ROIs;
 // scale = upstream gradient times the groups' weight in the loss (backward only, grad may be null).
+// rois_out[side] (forward only, may be null): kept ROIs whose partition `side` is non-empty.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const bool* keep, int64_t N,
                                                                bool share_queries, const acc_t* grad, acc_t* w,
-                                                               int64_t* kept_out, acc_t* scale_out) {
+                                                               int64_t* kept_out, int64_t* rois_out, acc_t* scale_out) {
   CM_SHARED(long long, scratch, [kMaxBlockWarps]);
   long long kept = 0, with_fg = 0, with_bg = 0;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
@@ -106,6 +109,10 @@ __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* co
   }
   if (threadIdx.x == 0) {
     *kept_out = totals[0];
+    if (rois_out) {
+      rois_out[0] = totals[1];
+      rois_out[1] = totals[2];
+    }
     if (grad) {
       const acc_t g = *grad;
       *scale_out = share_queries ? g : (totals[0] > 0 ? g / acc_t(totals[0]) : acc_t(0));
@@ -115,12 +122,13 @@ __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* co
 
 // ---------------------------------------------------------------- channel sums (passes 1)
 
-// Forward pass 1: sums[n][side][c] = w[n][side] * (sum of z[n, c, i] over the pixels labelled
-// 1 (side 0) or 0 (side 1)). A warp owns kChannelsPerWarp channels, lanes stride over pixels.
+// Forward pass 1: means[n][side][c] = (sum of z[n, c, i] over the pixels labelled 1 (side 0) or 0
+// (side 1)) / their count, in double (loss_math.h, split_query); 0 for an empty partition. A warp owns
+// kChannelsPerWarp channels, lanes stride over pixels.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t* z, const int8_t* labels,
-                                                                  const bool* keep, const acc_t* w, int64_t C,
-                                                                  int64_t P, int64_t channel_blocks, acc_t* sums) {
+                                                                  const bool* keep, const int32_t* counts, int64_t C,
+                                                                  int64_t P, int64_t channel_blocks, double* means) {
   CM_DYNAMIC_SHARED(int8_t, lab_s, 16);
   const int64_t n = blockIdx.x / channel_blocks;
   if (!keep[n]) return;  // dropped ROIs are skipped by the reduction
@@ -129,34 +137,49 @@ __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t c0 = (blockIdx.x % channel_blocks) * kChannelsPerBlock + warp * kChannelsPerWarp;
   if (c0 >= C) return;  // no block-wide barrier below
-  acc_t fg[kChannelsPerWarp], bg[kChannelsPerWarp];
+  double fg[kChannelsPerWarp], bg[kChannelsPerWarp];
   const scalar_t* rows[kChannelsPerWarp];
 #pragma unroll
   for (int j = 0; j < kChannelsPerWarp; ++j) {
-    fg[j] = bg[j] = acc_t(0);
+    fg[j] = bg[j] = 0.0;
     rows[j] = z + (n * C + (c0 + j < C ? c0 + j : C - 1)) * P;
   }
   for (int64_t i = lane; i < P; i += kWarp) {
     const int8_t l = lab_s[i];
 #pragma unroll
     for (int j = 0; j < kChannelsPerWarp; ++j) {
-      const acc_t v = static_cast<acc_t>(rows[j][i]);
-      fg[j] += l == kForeground ? v : acc_t(0);
-      bg[j] += l == kBackground ? v : acc_t(0);
+      const double v = static_cast<double>(static_cast<acc_t>(rows[j][i]));
+      fg[j] += l == kForeground ? v : 0.0;
+      bg[j] += l == kBackground ? v : 0.0;
     }
   }
+  const int32_t nf = counts[n * 2], nb = counts[n * 2 + 1];
 #pragma unroll
   for (int j = 0; j < kChannelsPerWarp; ++j) {
-    const acc_t f = warp_sum(fg[j]), b = warp_sum(bg[j]);
+    const double f = warp_sum(fg[j]), b = warp_sum(bg[j]);
     if (lane == 0 && c0 + j < C) {
-      sums[(n * 2) * C + c0 + j] = f * w[n * 2];
-      sums[(n * 2 + 1) * C + c0 + j] = b * w[n * 2 + 1];
+      means[(n * 2) * C + c0 + j] = nf > 0 ? f / static_cast<double>(nf) : 0.0;
+      means[(n * 2 + 1) * C + c0 + j] = nb > 0 ? b / static_cast<double>(nb) : 0.0;
     }
   }
 }
 
+// queries[g][side] = sums[g][side] / (ROIs with that partition, or 1 without sharing; 0 when none),
+// rounded to acc_t, and queries[g][2 + side] its lo part (loss_math.h, split_query); a thread per value.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* sums, const int64_t* rois, int64_t G,
+                                                                 int64_t C, bool share_queries, acc_t* queries) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= G * 2 * C) return;
+  const int64_t g = e / (2 * C), side = (e / C) % 2, c = e % C;
+  const int64_t r = share_queries ? rois[side] : 1;
+  acc_t* q = queries + g * kQueryRows * C;
+  split_query(r > 0 ? sums[e] / static_cast<double>(r) : 0.0, &q[side * C + c], &q[(2 + side) * C + c]);
+}
+
 // Backward pass 1: out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
-// keys, else z / |z| (terms with a = 0 left out, as on the CPU, so a NaN in an unused pixel stays out).
+// keys (z - q from q's hi and lo parts, loss_math.h), else z / |z| (terms with a = 0 left out, as on the
+// CPU, so a NaN in an unused pixel stays out).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t* z, const acc_t* coef,
                                                                  const bool* keep, const acc_t* queries,
@@ -168,16 +191,19 @@ __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t*
   const int64_t c0 = (blockIdx.x % channel_blocks) * kChannelsPerBlock + warp * kChannelsPerWarp;
   if (c0 >= C) return;
   const acc_t* cf = coef + n * kNumCoef * P;
-  const acc_t* q = queries + (share_queries ? 0 : n) * 2 * C;
+  const acc_t* q = queries + (share_queries ? 0 : n) * kQueryRows * C;
   acc_t sp[kChannelsPerWarp], sm[kChannelsPerWarp], qp[kChannelsPerWarp], qm[kChannelsPerWarp];
+  acc_t qp_lo[kChannelsPerWarp], qm_lo[kChannelsPerWarp];
   const scalar_t* rows[kChannelsPerWarp];
 #pragma unroll
   for (int j = 0; j < kChannelsPerWarp; ++j) {
     sp[j] = sm[j] = acc_t(0);
     const int64_t c = c0 + j < C ? c0 + j : C - 1;
     rows[j] = z + (n * C + c) * P;
-    qp[j] = centred_keys ? q[c] : acc_t(0);
-    qm[j] = centred_keys ? q[C + c] : acc_t(0);
+    qp[j] = centred_keys ? q[kQueryPos * C + c] : acc_t(0);
+    qm[j] = centred_keys ? q[kQueryNeg * C + c] : acc_t(0);
+    qp_lo[j] = centred_keys ? q[kQueryPosLo * C + c] : acc_t(0);
+    qm_lo[j] = centred_keys ? q[kQueryNegLo * C + c] : acc_t(0);
   }
   for (int64_t i = lane; i < P; i += kWarp) {
     const acc_t ap = cf[kAP * P + i], am = cf[kAM * P + i];
@@ -186,8 +212,8 @@ __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t*
 #pragma unroll
     for (int j = 0; j < kChannelsPerWarp; ++j) {
       const acc_t v = static_cast<acc_t>(rows[j][i]);
-      sp[j] += ap != acc_t(0) ? (v - qp[j]) * ip * ap : acc_t(0);
-      sm[j] += am != acc_t(0) ? (v - qm[j]) * im * am : acc_t(0);
+      sp[j] += ap != acc_t(0) ? centred_component(v, qp[j], qp_lo[j]) * ip * ap : acc_t(0);
+      sm[j] += am != acc_t(0) ? centred_component(v, qm[j], qm_lo[j]) * im * am : acc_t(0);
     }
   }
 #pragma unroll
@@ -332,7 +358,7 @@ void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// norms[row] = |queries[row]| for the G * 2 rows of length C; a warp per row. The squares are summed
+// norms[row] = |q| for the G * 2 queries q (the hi rows of queries (G, 4, C)); a warp per row. The squares are summed
 // on the row times feature_scale of its largest |q| (loss_math.h, row_norm), so they do not overflow;
 // unit (backward, may be null) gets the row's (scale, unit()) pair: q^ = (q * scale) * unit().
 template <typename acc_t>
@@ -341,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) query_norms_kernel(const acc_t* quer
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;  // whole warps leave together
-  const acc_t* q = queries + row * C;
+  const acc_t* q = queries + ((row / 2) * kQueryRows + row % 2) * C;
   acc_t m = acc_t(0);
   for (int64_t c = lane; c < C; c += kWarp) m = nan_max(m, abs_value(q[c]));
   const acc_t scale = feature_scale(cuda::warp_max(m));
@@ -380,8 +406,10 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
     return;
   }
   const int64_t g = share_queries ? 0 : n;
-  const acc_t* qp = queries + g * 2 * C;
-  const acc_t* qm = qp + C;
+  const acc_t* qp = queries + g * kQueryRows * C;
+  const acc_t* qm = qp + kQueryNeg * C;
+  const acc_t* qp_lo = qp + kQueryPosLo * C;
+  const acc_t* qm_lo = qp + kQueryNegLo * C;
   const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   LseAcc<acc_t> lse[kNumTerms];
   if (i < P) {
@@ -391,7 +419,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(zi[c * P]);
         const acc_t a = qp[c], b = qm[c];
-        const acc_t up = v - a, um = v - b;
+        const acc_t up = centred_component(v, a, qp_lo[c]), um = centred_component(v, b, qm_lo[c]);
         dot_p += a * up;
         dot_m += b * um;
         kk_p += up * up;
@@ -407,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
     }
     PixelCosines<acc_t> r;
     if (!pixel_cosines_from_sums(dot_p, dot_m, kk_p, kk_m, qnorms[g * 2], qnorms[g * 2 + 1], params.centred_keys(), &r))
-      r = rescaled_pixel_cosines(zi, P, C, qp, qm, params.centred_keys());
+      r = rescaled_pixel_cosines(zi, P, C, qp, qm, qp_lo, qm_lo, params.centred_keys());
     const acc_t s_pos = r.s_pos, s_neg = r.s_neg;
     acc_t* st = pixstats + n * 4 * P + i;
     st[0] = s_pos;
@@ -547,22 +575,23 @@ __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* terms
 // ---------------------------------------------------------------- backward
 
 // Per key pixel of kept ROIs: dL/ds from similarity_grads, then the cosine's backward coefficients
-// (coef (N, kNumCoef, P), zero on other pixels); per block the sums of beta for each query side.
+// (coef (N, kNumCoef, P), zero on other pixels); per block the sums of beta for each query side, in double
+// (a key at its query has beta ~ dL/ds / eps, cancelling against its gamma in dz; DESIGN, "Collapsed features").
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     const uint8_t* keys, const bool* keep, const acc_t* pixstats, const acc_t* termstats, const acc_t* qnorms,
     const acc_t* scale_ptr, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
-    acc_t* coef, acc_t* beta_part) {
-  CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
+    acc_t* coef, double* beta_part) {
+  CM_SHARED(double, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
-  acc_t* bp = beta_part + int64_t(blockIdx.x) * 2;
+  double* bp = beta_part + int64_t(blockIdx.x) * 2;
   if (!keep[n]) {
-    if (threadIdx.x < 2) bp[threadIdx.x] = acc_t(0);
+    if (threadIdx.x < 2) bp[threadIdx.x] = 0.0;
     return;
   }
   const int64_t g = share_queries ? 0 : n;
   const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
-  acc_t beta[2] = {acc_t(0), acc_t(0)};
+  double beta[2] = {0.0, 0.0};
   if (i < P) {
     acc_t a[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b[2] = {acc_t(0), acc_t(0)},
           inv[2] = {acc_t(0), acc_t(0)};
@@ -593,9 +622,9 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     cf[kInvP * P] = inv[0];
     cf[kInvM * P] = inv[1];
   }
-  const acc_t b0 = block_sum(beta[0], scratch);
+  const double b0 = block_sum(beta[0], scratch);
   if (threadIdx.x == 0) bp[0] = b0;
-  const acc_t b1 = block_sum(beta[1], scratch);
+  const double b1 = block_sum(beta[1], scratch);
   if (threadIdx.x == 0) bp[1] = b1;
 }
 
@@ -606,7 +635,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, const int8_t* labels, const bool* keep,
                                                             const acc_t* coef, const acc_t* queries,
                                                             const acc_t* qunit, const acc_t* dq_sums,
-                                                            const acc_t* beta, const acc_t* w, int64_t C, int64_t P,
+                                                            const double* beta, const acc_t* w, int64_t C, int64_t P,
                                                             int64_t pixel_blocks, bool share_queries,
                                                             bool centred_keys, scalar_t* dz) {
   const int64_t n = blockIdx.x / pixel_blocks;
@@ -618,11 +647,13 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
     return;
   }
   const int64_t g = share_queries ? 0 : n;
-  const acc_t* qp = queries + g * 2 * C;
-  const acc_t* qm = qp + C;
+  const acc_t* qp = queries + g * kQueryRows * C;
+  const acc_t* qm = qp + kQueryNeg * C;
+  const acc_t* qp_lo = qp + kQueryPosLo * C;
+  const acc_t* qm_lo = qp + kQueryNegLo * C;
   const acc_t* sp = dq_sums + g * 2 * C;
   const acc_t* sm = sp + C;
-  const acc_t beta_p = beta[g * 2], beta_m = beta[g * 2 + 1];
+  const acc_t beta_p = static_cast<acc_t>(beta[g * 2]), beta_m = static_cast<acc_t>(beta[g * 2 + 1]);
   const acc_t scale_p = qunit[g * 4], unit_p = qunit[g * 4 + 1], scale_m = qunit[g * 4 + 2], unit_m = qunit[g * 4 + 3];
   const int8_t label = labels[n * P + i];
   // Weight of this pixel's partition in its query (0 for ignored pixels).
@@ -641,7 +672,9 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
     if (b_p != acc_t(0) || b_m != acc_t(0)) {
       const acc_t v = static_cast<acc_t>(zi[c * P]);
       const acc_t cp = centred_keys ? qp[c] : acc_t(0), cm = centred_keys ? qm[c] : acc_t(0);
-      d += (b_p != acc_t(0) ? b_p * ((v - cp) * inv_p) : acc_t(0)) + (b_m != acc_t(0) ? b_m * ((v - cm) * inv_m) : acc_t(0));
+      const acc_t cp_lo = centred_keys ? qp_lo[c] : acc_t(0), cm_lo = centred_keys ? qm_lo[c] : acc_t(0);
+      d += (b_p != acc_t(0) ? b_p * (centred_component(v, cp, cp_lo) * inv_p) : acc_t(0)) +
+           (b_m != acc_t(0) ? b_m * (centred_component(v, cm, cm_lo) * inv_m) : acc_t(0));
     }
     out[c * P] = static_cast<scalar_t>(d);
   }
@@ -670,7 +703,7 @@ Shapes shapes_of(const LossInputs& in) {
 template <typename acc_t>
 void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor& keep, bool share_queries,
                     const acc_t* grad, const at::Tensor& counts, const at::Tensor& w, const at::Tensor& kept,
-                    const at::Tensor& scale) {
+                    const at::Tensor& rois, const at::Tensor& scale) {
   if (s.N > 0) {
     CM_LAUNCH(static_cast<unsigned>(s.N), kThreads, 0, stream(), roi_counts_kernel)(
         labels.data_ptr<int8_t>(), keep.data_ptr<bool>(), s.P, counts.data_ptr<int32_t>());
@@ -678,7 +711,8 @@ void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor&
   }
   CM_LAUNCH(1, kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
       counts.data_ptr<int32_t>(), keep.data_ptr<bool>(), s.N, share_queries, grad, w.data_ptr<acc_t>(),
-      kept.data_ptr<int64_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
+      kept.data_ptr<int64_t>(), rois.defined() ? rois.data_ptr<int64_t>() : nullptr,
+      scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -704,14 +738,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
   const Shapes s = shapes_of(in);
   const auto acc_opts = in.acc_options();
   const auto int_opts = z.options().dtype(at::kInt);
-  at::Tensor queries = at::zeros({s.G, 2, s.C}, acc_opts);
+  at::Tensor queries = at::zeros({s.G, kQueryRows, s.C}, acc_opts);
   at::Tensor pixstats = at::zeros({s.N, 4, s.P}, acc_opts);
   at::Tensor termstats = at::zeros({s.G, kNumTerms, kNumTermStats}, acc_opts);
   at::Tensor loss = at::empty({}, z.options());
   at::Tensor counts = at::empty({s.N, 2}, int_opts);
   at::Tensor w = at::empty({s.N, 2}, acc_opts);
   at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
-  at::Tensor roi_sums = at::empty({s.N, 2, s.C}, acc_opts);
+  at::Tensor rois = at::empty({2}, z.options().dtype(at::kLong));
+  const auto double_opts = z.options().dtype(at::kDouble);
+  at::Tensor roi_means = at::empty({s.N, 2, s.C}, double_opts);
+  at::Tensor query_sums = at::zeros({s.G, 2, s.C}, double_opts);
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
   at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
@@ -722,18 +759,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda
     using acc_t = at::opmath_type<scalar_t>;
     const LossParams<acc_t> params = in.params<acc_t>();
     const bool* keep_p = keep_c.data_ptr<bool>();
-    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, nullptr, counts, w, kept, at::Tensor());
+    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, nullptr, counts, w, kept, rois, at::Tensor());
 
-    // Pass 1 over z and the queries.
+    // Pass 1 over z and the queries: partition means and their sums over ROIs in double, then hi and lo.
     if (s.N > 0) {
       CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
                 partition_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p,
-                                                        w.data_ptr<acc_t>(), s.C, s.P, s.channel_blocks,
-                                                        roi_sums.data_ptr<acc_t>());
+                                                        counts.data_ptr<int32_t>(), s.C, s.P, s.channel_blocks,
+                                                        roi_means.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    launch_sum_over_rois<acc_t>(roi_sums.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                queries.data_ptr<acc_t>(), acc_opts);
+    launch_sum_over_rois<double>(roi_means.data_ptr<double>(), keep_p, s.N, 1, 2 * s.C, share_queries,
+                                 query_sums.data_ptr<double>(), double_opts);
+    if (s.G * s.C > 0) {
+      const int64_t blocks = ceil_div(s.G * 2 * s.C, kThreads);
+      check_grid(blocks);
+      CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
+          query_sums.data_ptr<double>(), rois.data_ptr<int64_t>(), s.G, s.C, share_queries, queries.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     launch_query_norms<acc_t>(s, queries, qnorms);
 
     // Pass 2 over z, then the term statistics.
@@ -806,22 +850,24 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
   at::Tensor coef = at::empty({s.N, kNumCoef, s.P}, acc_opts);
-  at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, acc_opts);
+  const auto double_opts = z.options().dtype(at::kDouble);
+  at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, double_opts);
   at::Tensor roi_dq = at::empty({s.N, 2, s.C}, acc_opts);
   at::Tensor dq_sums = at::empty({s.G, 2, s.C}, acc_opts);
-  at::Tensor beta = at::empty({s.G, 2}, acc_opts);
+  at::Tensor beta = at::empty({s.G, 2}, double_opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LossParams<acc_t> params = in.params<acc_t>();
     const bool* keep_p = keep_c.data_ptr<bool>();
-    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, scale);
+    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, at::Tensor(),
+                          scale);
     launch_query_norms<acc_t>(s, queries_c, qnorms, qunit);
 
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
         keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
         qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, share_queries, params,
-        coef.data_ptr<acc_t>(), beta_part.data_ptr<acc_t>());
+        coef.data_ptr<acc_t>(), beta_part.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Pass 1 over z: per-ROI sum_i a_i u_i; then dL/dq's parts per group, in a fixed order.
@@ -833,13 +879,13 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
                                 dq_sums.data_ptr<acc_t>(), acc_opts);
-    launch_sum_over_rois<acc_t>(beta_part.data_ptr<acc_t>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
-                                beta.data_ptr<acc_t>(), acc_opts);
+    launch_sum_over_rois<double>(beta_part.data_ptr<double>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
+                                 beta.data_ptr<double>(), double_opts);
 
     // Pass 2 over z: dz.
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
         z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
-        queries_c.data_ptr<acc_t>(), qunit.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+        queries_c.data_ptr<acc_t>(), qunit.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<double>(),
         w.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params.centred_keys(), dz.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -75,7 +75,7 @@ inline void check_backward_inputs(const LossInputs& in, const at::Tensor& grad, 
   TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()), "grad: expected a floating-point dtype, got ",
                     grad.scalar_type());
   check_same_device(grad, "grad", in.z, "z");  // read on the host (CPU) or copied (CUDA): never a meta tensor
-  check_saved(queries, "queries", {in.G, 2, in.C}, in);
+  check_saved(queries, "queries", {in.G, kQueryRows, in.C}, in);
   check_saved(pixstats, "pixstats", {in.N, 4, in.P}, in);
   check_saved(termstats, "termstats", {in.G, kNumTerms, kNumTermStats}, in);
 }
