@@ -23,15 +23,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "model", "configs", "demo.json")
 WARMUP = 10
-# (label, threads, OMP_WAIT_POLICY or None for the runtime's default)
-SETTINGS = [("2 threads, default wait", 2, None), ("2 threads, passive wait", 2, "PASSIVE"),
-            ("1 thread", 1, None)]
+# (label, threads, environment: OMP_WAIT_POLICY / GOMP_SPINCOUNT; nothing for the runtime's default)
+SETTINGS = [("2 threads, default wait", 2, {}), ("2 threads, passive wait", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+            ("2 threads, short spin", 2, {"GOMP_SPINCOUNT": "10000"}), ("1 thread", 1, {})]
 
 
-def train_seconds_per_iter(threads, policy, iters, out_dir):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+def train_seconds_per_iter(threads, wait_env, iters, out_dir):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(wait_env)
     env["CONTRASTMASK_KEEP_WAIT_POLICY"] = "1"  # model/__init__.py leaves the environment as given
     cmd = [sys.executable, "-m", "model.train", "--config", CONFIG, "--threads", str(threads), "--no-progress",
            "--output-dir", out_dir, "--set", f"train.length={iters}", "train.log_every=1",
@@ -52,6 +51,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", help="default: benchmarks/results/cpu-<date>-shared-machine.json")
+    p.add_argument("--settings", nargs="*", type=int, help="indices into SETTINGS (default: all)")
     args = p.parse_args(argv)
     if args.iters <= WARMUP:
         p.error(f"--iters must exceed the {WARMUP} warm-up iterations")
@@ -59,19 +59,21 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-c", "from model.config import load_config; from model.data.build import "
                         f"prepare_data; prepare_data(load_config({CONFIG!r})['data'])"], cwd=ROOT, check=True)
-        for label, threads, policy in SETTINGS:
+        for index, (label, threads, wait_env) in enumerate(SETTINGS):
+            if args.settings is not None and index not in args.settings:
+                continue
             for beside in (0, 1):
                 times = []
                 for repeat in range(args.repeats):
                     other = busy_core() if beside else None
                     try:
-                        times.append(train_seconds_per_iter(threads, policy, args.iters,
-                                                            os.path.join(tmp, f"{threads}-{policy}-{beside}-{repeat}")))
+                        times.append(train_seconds_per_iter(threads, wait_env, args.iters,
+                                                            os.path.join(tmp, f"{index}-{beside}-{repeat}")))
                     finally:
                         if other:
                             other.kill()
                             other.wait()
-                rows.append({"setting": label, "threads": threads, "omp_wait_policy": policy,
+                rows.append({"setting": label, "threads": threads, "environment": wait_env,
                              "busy_processes_beside": beside, "sec_per_iter": times})
                 print(f"{label:26s} beside {beside} busy: {min(times):.2f}-{max(times):.2f} s/iter", flush=True)
     record = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -1,4 +1,5 @@
 """nn.Module wrapper holding the loss's parameters."""
+import copy
 from typing import Optional
 
 from torch import Tensor, nn
@@ -39,8 +40,35 @@ class QuerySharingContrastiveLoss(nn.Module):
             share_queries=self.share_queries, formulation=self.formulation, seed=seed, return_stats=return_stats,
             process_group=self.process_group, check_inputs=self.check_inputs)
 
+    # A process group is this process's handle on a communicator: a deep copy shares it (as a copy of a model
+    # under DDP shares the default group), and pickling refuses with the remedy instead of pickle's own error.
+    def __deepcopy__(self, memo):
+        group, self.process_group = self.process_group, None
+        try:
+            clone = _plain_deepcopy(self, memo)
+        finally:
+            self.process_group = group
+        clone.process_group = group
+        return clone
+
+    def __getstate__(self):
+        if self.process_group is not None:
+            raise TypeError("QuerySharingContrastiveLoss: a module holding a process_group cannot be pickled (the "
+                            "group is this process's communicator); pickle one built with process_group=None and "
+                            "set its process_group after loading, or rebuild it in each process")
+        return super().__getstate__()
+
     def extra_repr(self) -> str:
         return (f"delta={self.delta}, sigma={self.sigma}, tau_easy={self.tau_easy}, tau_hard={self.tau_hard}, "
                 f"hard_sqdist={self.hard_sqdist}, min_keys={self.min_keys}, share_queries={self.share_queries}, "
                 f"formulation={self.formulation!r}" + (", process_group=set" if self.process_group is not None else "")
                 + ("" if self.check_inputs else ", check_inputs=False"))
+
+
+def _plain_deepcopy(module, memo):
+    """copy.deepcopy's default for an object, for a class that defines __deepcopy__ itself."""
+    cls = module.__class__
+    clone = cls.__new__(cls)
+    memo[id(module)] = clone
+    clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in module.__dict__.items()})
+    return clone

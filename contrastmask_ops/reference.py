@@ -195,6 +195,15 @@ def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: floa
     return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
+def _host_array(t: Tensor) -> np.ndarray:
+    """t's values as a numpy array. Under torch.func's transforms every tensor made inside is wrapped and has
+    no storage for numpy to read: those are copied through Python lists (the sampler's integer sets and counts,
+    which nothing differentiates; a slow path for torch.func.grad only)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return np.asarray(t.tolist(), dtype=np.dtype(str(t.dtype).removeprefix("torch.")))
+    return t.numpy()
+
+
 def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
                  seed: common.Seed, roi_offset: int = 0):
     seed = draw_seed() if seed is None else int(seed)  # a tensor seed is read here: the hash runs in numpy
@@ -212,8 +221,8 @@ def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float,
     rois = np.arange(roi_offset, roi_offset + n, dtype=np.uint64)
     r = key_hash(seed, rois.reshape(n, 1, 1), np.arange(4).reshape(1, 4, 1), np.arange(p).reshape(1, 1, p))
     # Candidates first, then by hash; lexsort is stable, so equal hashes stay in pixel-index order.
-    order = np.lexsort((r, ~cand.numpy()), axis=-1)
-    rank_picked = np.arange(p).reshape(1, 1, p) < k.numpy()[:, :, None]
+    order = np.lexsort((r, ~_host_array(cand)), axis=-1)
+    rank_picked = np.arange(p).reshape(1, 1, p) < _host_array(k)[:, :, None]
     picked = np.zeros((n, 4, p), dtype=bool)
     np.put_along_axis(picked, order, rank_picked, axis=-1)
 

@@ -187,6 +187,26 @@ def _rank_errors_of_one_rank(rank):
     return out
 
 
+def _rank_module_copy(rank):
+    """A module holding a process group: a deep copy shares the group and gives the same loss; pickling refuses."""
+    import copy
+    import pickle
+
+    z, masks, cams, novel = whole_batch()
+    rows = rank_rows("uneven", rank)
+    criterion = cm.QuerySharingContrastiveLoss(process_group=dist.group.WORLD, min_keys=2)
+    clone = copy.deepcopy(criterion)
+    try:
+        pickle.dumps(criterion)
+        refused = "no error"
+    except TypeError as e:
+        refused = str(e)
+    return {"same_group": clone.process_group is criterion.process_group, "refused": refused,
+            "loss": criterion(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
+            "clone_loss": clone(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
+            "plain_pickles": len(pickle.dumps(cm.QuerySharingContrastiveLoss(min_keys=2))) > 0}
+
+
 def _rank_edges(rank):
     """Double backward, torch.compile and meta tensors through process_group."""
     z, masks, cams, novel = whole_batch()
@@ -248,6 +268,7 @@ def _worker(rank, init_file, out_dir):
                                                                process_group=dist.group.WORLD)
         out["errors"] = _rank_errors(rank)
         out["one_rank_errors"] = _rank_errors_of_one_rank(rank)
+        out["module_copy"] = _rank_module_copy(rank)
         out["edges"] = _rank_edges(rank)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -365,6 +386,15 @@ def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it
         assert torch.equal(edges["compiled"], edges["eager"])
         assert edges["fullgraph"].startswith("Unsupported") and "compile without fullgraph=True" in edges["fullgraph"], \
             edges["fullgraph"][:500]
+
+
+def test_a_module_holding_a_group_deep_copies_with_it_and_refuses_pickling_clearly(ranks):
+    for results in ranks:
+        got = results["module_copy"]
+        assert got["same_group"] and got["plain_pickles"]
+        assert torch.equal(got["loss"], got["clone_loss"])
+        assert got["refused"].startswith("QuerySharingContrastiveLoss: a module holding a process_group cannot be "
+                                         "pickled"), got["refused"]
 
 
 def test_process_group_needs_torch_distributed():

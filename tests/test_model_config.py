@@ -347,3 +347,23 @@ def test_sampler_seed_is_a_pure_int64_function_of_seed_iteration_and_rank():
     assert len(seeds) == 600
     assert all(-2**63 <= x < 2**63 for x in seeds)
     assert sampler_seed(5, 7, 1) == sampler_seed(5, 7, 1)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({}, "10000"),                                           # the short spin by default
+    ({"GOMP_SPINCOUNT": "300000"}, "300000"),                # the user's spin count wins
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, None),                   # as does the user's wait policy
+    ({"CONTRASTMASK_KEEP_WAIT_POLICY": "1"}, None),          # and the opt-out
+])
+def test_the_model_package_sets_a_short_openmp_spin_unless_told_otherwise(given, expected):
+    # benchmarks/shared_machine.py: libgomp's long spin makes training 7x slower beside one busy process
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "CONTRASTMASK_KEEP_WAIT_POLICY")}
+    env.update(given)
+    out = subprocess.run([sys.executable, "-c", "import os, model; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         cwd=os.path.dirname(os.path.dirname(CONFIGS)), env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)

@@ -725,3 +725,20 @@ def test_released_cosine_is_exact_for_keys_near_the_query(scale, noise, share):
     want = exact_released_loss(z, keys, keep, stats.q_pos, stats.q_neg, **kw)
     assert loss.dtype == torch.float64
     assert abs(loss.item() - want) <= 1e-13 * abs(want), (loss.item(), want)
+
+
+def test_torch_func_grad_of_any_order_matches_autograd():
+    # torch.func's transforms wrap every tensor made inside them (no storage for the sampler's numpy hash)
+    from blobs import blob_batch
+
+    b = blob_batch(4, 12, 12, 6, seed=1, dtype=torch.float64)
+
+    def loss(z):
+        return ref.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=3, min_keys=1)
+
+    z = b["z"].clone().requires_grad_(True)
+    (dz,) = torch.autograd.grad(loss(z), z, create_graph=True)
+    (ddz,) = torch.autograd.grad(dz.pow(2).sum(), z)
+    torch.testing.assert_close(torch.func.grad(loss)(b["z"]), dz.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.func.grad(lambda z: torch.func.grad(loss)(z).pow(2).sum())(b["z"]), ddz,
+                               rtol=1e-10, atol=1e-14)
