@@ -729,8 +729,6 @@ def test_released_cosine_is_exact_for_keys_near_the_query(scale, noise, share):
 
 def test_torch_func_grad_of_any_order_matches_autograd():
     # torch.func's transforms wrap every tensor made inside them (no storage for the sampler's numpy hash)
-    from blobs import blob_batch
-
     b = blob_batch(4, 12, 12, 6, seed=1, dtype=torch.float64)
 
     def loss(z):
