@@ -144,3 +144,23 @@ def test_a_quick_run_predicts_every_kernel_and_the_reference(capsys):
         assert f["line"].startswith("csrc/") and f["share"] >= gpu_model.HOT_SHARE
         assert f["efficiency"] < 0.5 or f["degree"] > 2
     assert math.isfinite(sum(r["reference_loss_us"] for r in records))
+
+
+def test_profiler_names_and_traced_names_pair_up():
+    from benchmarks import gpu_measure
+
+    profiler = "void contrastmask::(anonymous namespace)::cosines_kernel<float, float>(contrastmask::(anonymous " \
+               "namespace)::CosineArgs<float, float>)"
+    traced = "contrastmask::(anonymous namespace)::cosines_kernel<float, float>(contrastmask::(anonymous " \
+             "namespace)::CosineArgs<float, float>)"
+    assert gpu_measure.kernel_short_name(profiler) == gpu_measure.kernel_short_name(traced) == \
+        "cosines_kernel<float, float>"
+    predicted = [{"phase": "forward", "kernel": "a", "predicted_us": {"H100": 3.0}},
+                 {"phase": "backward", "kernel": "b", "predicted_us": {"H100": 5.0}},
+                 {"phase": "backward", "kernel": "a", "predicted_us": {"H100": 4.0}}]
+    measured = [("a", 6.0), ("fill", 1.0), ("b", 10.0), ("a", 8.0), ("a", 2.0)]
+    rows, unmatched, others = gpu_measure.pair(predicted, measured)
+    assert [r["measured_us"] for r in rows] == [6.0, 10.0, 8.0]  # the k-th launch of a kernel with the k-th
+    assert unmatched == {"a": 2.0} and others == {"fill": 1.0}
+    text = gpu_measure.table(rows, "H100", unmatched, others)
+    assert "| all | (our kernels) | 12.0 | 24.0 | 2.00 |" in text
