@@ -178,8 +178,8 @@ def test_plan_launches_around_48kb_when_fresh(kind, h, w):
 
     if kind == "cuda" and not torch.cuda.is_available():
         pytest.skip("no GPU")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    path = [cuda_emu.HERE, cuda_emu.ROOT, os.environ.get("PYTHONPATH", "")]  # cuda_emu.py, the package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PLAN, kind, str(h), str(w)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from model import ablate
-from tiny_model import TINY_CONFIG
+from tiny_model import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -91,8 +91,7 @@ def test_decision_rule():
 def test_results_match_their_report_and_readme():
     # The README's ablation table is what `python -m model.ablate --report-only` prints from the
     # committed results file, and the committed .md is that report: neither may drift from the data.
-    root = os.path.join(os.path.dirname(__file__), os.pardir)
-    stem = os.path.join(root, "model", "results", "ablation-shapes-category-v2")
+    stem = os.path.join(REPO, "model", "results", "ablation-shapes-category-v2")
     with open(stem + ".json") as f:
         record = json.load(f)
     arms = list(record["arms"])
@@ -102,7 +101,7 @@ def test_results_match_their_report_and_readme():
         assert f.read() == report
     table = [line for line in report.splitlines() if line.startswith("| ") and " ± " in line]
     assert len(table) == len(arms)
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     for line in table:
         assert line in readme, f"README's ablation table is out of date: {line}"

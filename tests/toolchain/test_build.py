@@ -38,23 +38,20 @@ def test_no_fallback_warning_when_built():
         cm.boundary_sqdist(masks)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def declared_operators():
+def declared_operators(repo):
     """Every operator (overload included) declared by an m.def in csrc/ops/*.cpp."""
     names = set()
-    for path in glob.glob(os.path.join(REPO, "csrc", "ops", "*.cpp")):
+    for path in glob.glob(str(repo / "csrc" / "ops" / "*.cpp")):
         with open(path) as f:
             text = f.read()
         names |= set(re.findall(r'm\.def\(\s*"([\w.]+)\(', text))
     return names
 
 
-def test_readme_lists_every_operator():
-    ops = declared_operators()
+def test_readme_lists_every_operator(repo):
+    ops = declared_operators(repo)
     assert {"partition", "roi_plan.int_seed", "contrastive_loss_backward"} <= ops
-    with open(os.path.join(REPO, "README.md")) as f:
+    with open(repo / "README.md") as f:
         paragraph = f.read().split("The compiled operators behind these functions", 1)[1].split("\n\n", 1)[0]
     listed = set(re.findall(r"`(?:torch\.ops\.contrastmask\.)?([\w.]+)`", paragraph)) - {"torch.compile"}
     assert listed == ops

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import contrastmask_ops as cm
 import find_cuda  # tools/find_cuda.py (pytest pythonpath)
 from blobs import blob_batch
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = [
@@ -48,11 +46,11 @@ def _run(cmd, **kwargs):
     return proc
 
 
-def test_cmake_library_registers_the_same_ops(tmp_path):
+def test_cmake_library_registers_the_same_ops(repo, tmp_path):
     build = tmp_path / "build"
     # No CUDA_HOME: CMakeLists.txt finds the toolkit a CUDA libtorch needs by itself (tools/find_cuda.py).
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
-    configured = _run(["cmake", "-S", REPO, "-B", build, "-DCONTRASTMASK_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+    configured = _run(["cmake", "-S", repo, "-B", build, "-DCONTRASTMASK_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
                        "-DCONTRASTMASK_BUILD_TESTS=ON",
                        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], env=env)
     # The default arch list is setup.py's, read from tools/find_cuda.py.

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 import find_cuda as fc  # tools/find_cuda.py (pytest pythonpath)
@@ -224,7 +223,7 @@ def test_default_arch_list_is_valid_and_has_t4():
             assert any(m == major and n <= minor for m, n in ours), sm
 
 
-def test_cmake_reads_the_same_default():
-    text = (REPO / "CMakeLists.txt").read_text()
+def test_cmake_reads_the_same_default(repo):
+    text = (repo / "CMakeLists.txt").read_text()
     assert "DEFAULT_CUDA_ARCHS" in text and "tools/find_cuda.py" in text
     assert fc.DEFAULT_CUDA_ARCHS not in text  # one definition

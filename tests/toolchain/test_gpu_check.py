@@ -2,18 +2,16 @@
 says that no GPU is present, lists every GPU step as not run, and exits with status 2."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: make gpu-check runs everything there")
-def test_without_a_gpu_it_stops_with_status_2():
-    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--skip-build"], cwd=REPO, capture_output=True,
+def test_without_a_gpu_it_stops_with_status_2(repo):
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--skip-build"], cwd=repo, capture_output=True,
                           text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out

@@ -4,11 +4,9 @@ config names another torch (the compiled library, if any, is copied too: it must
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import warnings
@@ -37,9 +35,9 @@ print(messages[0])
 """
 
 
-def test_another_torchs_build_falls_back(tmp_path):
+def test_another_torchs_build_falls_back(repo, tmp_path):
     package = tmp_path / "contrastmask_ops"
-    shutil.copytree(REPO / "contrastmask_ops", package,
+    shutil.copytree(repo / "contrastmask_ops", package,
                     ignore=shutil.ignore_patterns("__pycache__", "_build_config.py"))
     (package / "_build_config.py").write_text(
         "BUILD_CONFIG = {'built_with_torch': '1.0.0+other', 'cuda_arch_list': None}\n")
