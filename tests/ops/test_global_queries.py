@@ -163,13 +163,17 @@ def _rank_errors(rank):
     return errors
 
 
+def _public_apis():
+    """(impl, the module whose query_sharing_contrastive_loss it runs) for each of IMPLS."""
+    return [(impl, ref if impl == "reference" else cm) for impl in IMPLS]
+
+
 def _rank_errors_of_one_rank(rank):
     """Errors that only rank 1 makes (a bad value, a bad argument): every rank must raise, then both go on."""
     z, masks, cams, novel = whole_batch()
     rows = rank_rows("uneven", rank)
     out = {}
-    for impl in IMPLS:
-        api = ref if impl == "reference" else cm
+    for impl, api in _public_apis():
         bad_masks = masks[rows].double()  # (bool masks cannot hold a 3)
         if rank == 1:
             bad_masks[0, 0, 0] = 3
@@ -212,8 +216,7 @@ def _rank_edges(rank):
     z, masks, cams, novel = whole_batch()
     rows = rank_rows("uneven", rank)
     out = {}
-    for impl in IMPLS:
-        api = ref if impl == "reference" else cm
+    for impl, api in _public_apis():
         zz = z[rows].clone().requires_grad_(True)
         loss = api.query_sharing_contrastive_loss(zz, masks[rows], cams[rows], novel[rows], seed=SEED,
                                                   process_group=dist.group.WORLD)

@@ -252,54 +252,23 @@ struct GarbageAllocations {
 #define CM_EMU_ATOMIC_BEGIN(p) ((void)0)
 #define CM_EMU_ATOMIC_END() ((void)0)
 #endif
-template <typename T>
-CM_EMU_ATOMIC T atomicAdd(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = old + v;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
-template <typename T>
-CM_EMU_ATOMIC T atomicOr(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = old | v;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
-template <typename T>
-CM_EMU_ATOMIC T atomicAnd(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = old & v;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
-template <typename T>
-CM_EMU_ATOMIC T atomicMax(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = old < v ? v : old;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
-template <typename T>
-CM_EMU_ATOMIC T atomicMin(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = v < old ? v : old;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
-template <typename T>
-CM_EMU_ATOMIC T atomicExch(T* p, T v) {
-  CM_EMU_ATOMIC_BEGIN(p);
-  const T old = *p;
-  *p = v;
-  CM_EMU_ATOMIC_END();
-  return old;
-}
+// One read-modify-write per atomic: `old` is the value read, `updated` the value written.
+#define CM_EMU_DEFINE_ATOMIC(name, updated) \
+  template <typename T>                     \
+  CM_EMU_ATOMIC T name(T* p, T v) {         \
+    CM_EMU_ATOMIC_BEGIN(p);                 \
+    const T old = *p;                       \
+    *p = (updated);                         \
+    CM_EMU_ATOMIC_END();                    \
+    return old;                             \
+  }
+CM_EMU_DEFINE_ATOMIC(atomicAdd, old + v)
+CM_EMU_DEFINE_ATOMIC(atomicOr, old | v)
+CM_EMU_DEFINE_ATOMIC(atomicAnd, old & v)
+CM_EMU_DEFINE_ATOMIC(atomicMax, old < v ? v : old)
+CM_EMU_DEFINE_ATOMIC(atomicMin, v < old ? v : old)
+CM_EMU_DEFINE_ATOMIC(atomicExch, v)
+#undef CM_EMU_DEFINE_ATOMIC
 template <typename T>
 CM_EMU_ATOMIC T atomicCAS(T* p, T compare, T v) {
   CM_EMU_ATOMIC_BEGIN(p);
