@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 SOURCES += tools/find_cuda.py
 
-.PHONY: venv build emu test test-cuda test-emu-asan demo bench clean
+.PHONY: venv build emu test test-cuda test-emu-asan demo bench gpu-model clean
 
 $(VENV)/.installed: requirements.txt requirements-no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ demo: build
 
 bench: build
 	$(PY) -m benchmarks.run
+
+# Predicted GPU times (H100, H200) of the fused kernels and of the reference, from the traced emulation build's
+# memory traffic and nvcc --resource-usage: no GPU needed (benchmarks/README.md, "Predicted GPU time").
+gpu-model: build
+	$(PY) -m benchmarks.gpu_model
 
 clean:
 	rm -rf build *.egg-info contrastmask_ops/_C*.so contrastmask_ops/_build_config.py $(VENV)/.built

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import torch
 from torch.utils import cpp_extension
@@ -246,19 +247,13 @@ def trace(fn):
 
 
 def short_name(launch):
-    name = launch["function"]
-    name = name.replace("contrastmask::(anonymous namespace)::", "").replace("(anonymous namespace)::", "")
-    depth, out = 0, []
-    for ch in name:  # drop the parameter list, keep template arguments
-        if ch == "(" and depth == 0:
-            break
-        depth += ch == "<"
-        depth -= ch == ">"
-        out.append(ch)
-    name = "".join(out)
-    if name.startswith("void "):  # template instances are printed with their return type
-        name = name[len("void "):]
-    return name or launch["kernel"]
+    """The kernel's name without namespaces, return type and parameters (as benchmarks/gpu_measure.py names
+    the profiler's kernels, so predicted and measured launches pair up)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.gpu_measure import kernel_short_name
+
+    return kernel_short_name(launch["function"]) or launch["kernel"]
 
 
 def table(launches, lines: bool = False) -> str:
@@ -294,8 +289,6 @@ def table(launches, lines: bool = False) -> str:
 
 def trace_pipeline(n: int = 8, c: int = 32, h: int = 28, w: int = 28, seed: int = 0, backward: bool = True):
     """Traces the public pipeline (roi_plan, then the loss forward and backward) on a blob batch."""
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from blobs import blob_batch
     from contrastmask_ops import functional
@@ -325,8 +318,6 @@ if __name__ == "__main__":
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    import sys
-
     sys.path.insert(0, ROOT)  # contrastmask_ops, when run as a script
     print("traced emulation library:", build(verbose=args.verbose))
     if not args.build_only:

@@ -20,5 +20,5 @@ def test_gpu_check_without_gpu_stops_with_status_2():
     assert "gpu-check summary" in out and "NO GPU" in out
     if torch.version.cuda is not None:
         for step in ("pytest -m cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
-                     "benchmark sweep + model step"):
+                     "benchmark sweep + model step", "kernels: measured vs predicted"):
             assert any(line.startswith(step) and "NOT RUN" in line for line in out.splitlines()), (step, out)

@@ -166,3 +166,17 @@ def test_the_real_kernels_at_a_tiny_shape():
     plan = launches[names.index(next(n for n in names if n.startswith("roi_plan_kernel")))]
     assert plan["shared_requests"] > 0 and plan["barriers_per_block"] >= 2
     assert gpu_trace.table(launches, lines=True).count("\n") > len(launches)
+
+
+def test_the_radix_scan_of_the_plan_is_free_of_bank_conflicts():
+    # Warp 0 scans the 256-bin histogram, 8 bins a lane: unpadded that was an 8-way conflict (the plan's
+    # hottest shared line in the gpu model); hist_slot pads one word per 32 bins.
+    source = os.path.join(gpu_trace.ROOT, "csrc", "cuda", "plan_kernels.cu")
+    with open(source) as f:
+        numbers = [i + 1 for i, text in enumerate(f) if "hist[hist_slot(tid * kPerLane + q)]" in text]
+    assert len(numbers) == 1
+    launches = gpu_trace.trace_pipeline(n=4, c=8, h=28, w=28, backward=False)
+    plan = next(t for t in launches if gpu_trace.short_name(t).startswith("roi_plan_kernel"))
+    scan = [r for r in plan["lines"] if r["file"] == "csrc/cuda/plan_kernels.cu" and r["line"] == numbers[0]
+            and r["space"] == "shared" and r["kind"] == "load"]
+    assert scan and scan[0]["requests"] > 0 and scan[0]["max_degree"] == 1, scan

@@ -14,7 +14,9 @@ Steps (each reported in the summary at the end, with its log under build/gpu-che
      the emulated `cuda-emu` cases and the toolkit-search tests left out);
   4. compute-sanitizer memcheck and racecheck over tools/gpu_sanitize_ops.py (when compute-sanitizer exists);
   5. the benchmark sweep on CUDA with the model-step benchmark (python -m benchmarks.run --device cuda):
-     benchmarks/results/cuda-<gpu>-<date>.json and its plots.
+     benchmarks/results/cuda-<gpu>-<date>.json and its plots;
+  6. measured beside predicted per kernel (python -m benchmarks.gpu_measure: the newest committed
+     benchmarks/results/gpu-model-*.json against torch.profiler): benchmarks/results/cuda-<gpu>-<date>-kernels.json.
 Exit status: 0 all steps that ran passed (steps skipped for a missing package or tool are listed),
 1 a step failed, 2 no GPU visible (steps 1-2 ran; nothing GPU-side was checked).
 """
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     # 3.- everything below needs a GPU
     if not gpus:
         rest = ["pytest -m cuda", "pytest device=cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
-                "benchmark sweep + model step"]
+                "benchmark sweep + model step", "kernels: measured vs predicted"]
         for name in rest:
             steps.add(name, "NOT RUN", "no GPU")
         print(steps.summary(extra + [
@@ -264,6 +266,15 @@ def main(argv=None) -> int:
                   detail + ("" if rc == 0 else f"; exit {rc}"))
         if wrote:
             extra += bench_summary(REPO / wrote[-1].split()[1].rstrip(","))
+
+    # 6. the memory-traffic model's prediction beside the measurement, per kernel (calibrates the model)
+    rc = run([sys.executable, "-m", "benchmarks.gpu_measure"], "gpu-measure")
+    log = (LOGS / "gpu-measure.log").read_text()
+    wrote = [line for line in log.splitlines() if line.startswith("wrote ")]
+    total = [line for line in log.splitlines() if line.startswith("| all |")]
+    steps.add("kernels: measured vs predicted", "PASS" if rc == 0 else "FAIL",
+              (wrote[-1] if wrote else "no results written") + (f"; {total[-1]}" if total else "")
+              + ("" if rc == 0 else f"; exit {rc}"))
 
     extra.append(f"gpu-check took {time.time() - started:.0f} s; logs in {LOGS.relative_to(REPO)}/")
     print(steps.summary(extra))

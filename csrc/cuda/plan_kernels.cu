@@ -80,11 +80,16 @@ __device__ __forceinline__ double mask_value<c10::BFloat16>(c10::BFloat16 v) {
 
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
+// The histogram lives padded, one spare word after every 32 bins: warp 0's scan has lane l read bins
+// 8l..8l+7, which unpadded fall in 4 banks (an 8-way conflict, the hottest line of the plan in the
+// memory-traffic model); with the pad, lane l's bin 8l+q sits at 8l+q+l/4, 32 distinct banks.
+constexpr int kHistWords = kRadixBins + kRadixBins / cuda::kWarp;
+__device__ __forceinline__ int hist_slot(int bin) { return bin + bin / cuda::kWarp; }
 // Static __shared__ arrays of roi_plan_kernel (counts, list_len, roi_errors, hist, sel) as an upper bound in
 // bytes, rounded up to 256 for the compiler's alignment: a GPU's default 48 KB limit counts static and dynamic
 // shared memory together. allow_plan_shared_memory checks the kernel's real figure against it.
 constexpr size_t kPlanStaticSharedBound =
-    (sizeof(int) * ((kNumSets + 2) + kNumSets + 1 + kRadixBins + 3) + 255) / 256 * 256;
+    (sizeof(int) * ((kNumSets + 2) + kNumSets + 1 + kHistWords + 3) + 255) / 256 * 256;
 
 // Samples set s: sets bit s in keys_s for the k smallest (hash, pixel) pairs of its c candidates
 // (0 < k < c), in time linear in c. The candidates' pairs are compacted into a list (their order does
@@ -104,7 +109,7 @@ __device__ void select_k_smallest(const uint8_t* cand_s, int s, int P, int c, in
       const int pos = atomicAdd(&list_len[s], 1);
       hash_s[pos] = h;
       idx_s[pos] = static_cast<int16_t>(i);
-      atomicAdd(&hist[h >> shift], 1);
+      atomicAdd(&hist[hist_slot(static_cast<int>(h >> shift))], 1);
     }
   }
   __syncthreads();  // the list and its histogram are complete
@@ -116,7 +121,7 @@ __device__ void select_k_smallest(const uint8_t* cand_s, int s, int P, int c, in
     if (tid < cuda::kWarp) {
       constexpr int kPerLane = kRadixBins / cuda::kWarp;
       int local[kPerLane], sum = 0;
-      for (int q = 0; q < kPerLane; ++q) sum += local[q] = hist[tid * kPerLane + q];
+      for (int q = 0; q < kPerLane; ++q) sum += local[q] = hist[hist_slot(tid * kPerLane + q)];
       int incl = sum;
       for (int offset = 1; offset < cuda::kWarp; offset *= 2) {
         const int v = __shfl_up_sync(cuda::kFullMask, incl, offset);
@@ -136,13 +141,13 @@ __device__ void select_k_smallest(const uint8_t* cand_s, int s, int P, int c, in
     rest -= sel[1];
     in_bucket = sel[2];
     if (in_bucket == rest || shift == 0) break;
-    for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
+    for (int j = tid; j < kHistWords; j += T) hist[j] = 0;
     __syncthreads();  // every thread has read sel and warp 0 the histogram
     const uint64_t decided = ~0ull << shift;
     shift -= kRadixBits;
     for (int e = tid; e < c; e += T) {
       const uint64_t h = hash_s[e];
-      if ((h & decided) == prefix) atomicAdd(&hist[(h >> shift) & (kRadixBins - 1)], 1);
+      if ((h & decided) == prefix) atomicAdd(&hist[hist_slot(static_cast<int>((h >> shift) & (kRadixBins - 1)))], 1);
     }
     __syncthreads();
   }
@@ -172,7 +177,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
   CM_SHARED(int, counts, [kNumSets + 2]);  // candidate sets, then foreground and background pixels
   CM_SHARED(int, list_len, [kNumSets]);
   CM_SHARED(int, roi_errors);
-  CM_SHARED(int, hist, [kRadixBins]);  // radix select: candidates per digit
+  CM_SHARED(int, hist, [kHistWords]);  // radix select: candidates per digit (padded: hist_slot)
   CM_SHARED(int, sel, [3]);            // radix select: the chosen digit, candidates below it, in it
 
   const int64_t n = blockIdx.x;
@@ -268,7 +273,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
       }
       for (int k = 0; k < kNumSets + 2; ++k)
         if (local[k]) atomicAdd(&counts[k], local[k]);
-      for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
+      for (int j = tid; j < kHistWords; j += T) hist[j] = 0;
       __syncthreads();
       kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
       if (kept) {
@@ -286,7 +291,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
                               list_len, hist, sel, keys_s);
           }
           // Before the next set reuses the list and the histogram (zeroed here for it).
-          for (int j = tid; j < kRadixBins; j += T) hist[j] = 0;
+          for (int j = tid; j < kHistWords; j += T) hist[j] = 0;
           __syncthreads();
         }
       }
