@@ -338,6 +338,20 @@ def _rank_no_sync(rank):
     return out
 
 
+FLOAT32_CASES = [(impl, formulation, share_queries) for impl in IMPLS[1:] + EMU_IMPLS[:1]
+                 for formulation in FORMULATIONS for share_queries in (True, False)]
+
+
+def _float32_loss(impl, formulation, share_queries, rows=slice(0, N), group=None):
+    z, masks, cams, novel = whole_batch()
+    z = z[rows].float().clone().requires_grad_(True)
+    with _emulated(impl):
+        loss = cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows], seed=SEED, process_group=group,
+                                                 **loss_kwargs(formulation, share_queries))
+        (dz,) = torch.autograd.grad(loss, z)
+    return loss.detach(), dz
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD,
@@ -363,6 +377,8 @@ def _worker(rank, init_file, out_dir):
                                                                seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
                                                                process_group=dist.group.WORLD)
         out["no_sync"] = _rank_no_sync(rank)
+        out["float32"] = {case: _float32_loss(*case, rows=rank_rows("uneven", rank), group=dist.group.WORLD)
+                          for case in FLOAT32_CASES}
         out["errors"] = _rank_errors(rank)
         out["one_rank_errors"] = _rank_errors_of_one_rank(rank)
         out["module_copy"] = _rank_module_copy(rank)
@@ -414,6 +430,20 @@ def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, i
                        ranks[1][(split, impl, formulation, share_queries)]["loss"])
     if split == "rank1_all_dropped":
         assert not ranks[1][(split, impl, formulation, share_queries)]["keep"].any()
+
+
+@pytest.mark.parametrize("impl,formulation,share_queries",
+                         [pytest.param(*case, marks=[pytest.mark.cuda_emu] if case[0].startswith("emu-") else [])
+                          for case in FLOAT32_CASES])
+def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl, formulation, share_queries):
+    loss, dz = _float32_loss(impl, formulation, share_queries)
+    for rank, results in enumerate(ranks):
+        got_loss, got_dz = results["float32"][(impl, formulation, share_queries)]
+        assert got_loss.dtype == torch.float32
+        torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-7)
+        _assert_close(got_dz, dz[rank_rows("uneven", rank)], 1e-4, dz.abs().max().item())
+    assert torch.equal(ranks[0]["float32"][(impl, formulation, share_queries)][0],
+                       ranks[1]["float32"][(impl, formulation, share_queries)][0])
 
 
 def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
