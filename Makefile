@@ -30,7 +30,7 @@ build: $(VENV)/.built
 # The CUDA kernels compiled by the host compiler into a test-only emulation library (build/cuda-emu/,
 # never installed); the op tests run on it as device cuda-emu (docs/DESIGN.md, "CUDA emulation").
 emu: build
-	$(PY) tests/cuda_emu.py
+	$(PY) tests/emulator/cuda_emu.py
 
 # The build test fails unless the extension (and, where a usable CUDA toolkit exists, its CUDA part) was compiled.
 test: build emu
@@ -45,7 +45,7 @@ test-cuda: build
 ASAN_ENV = CONTRASTMASK_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
   LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)"
 test-emu-asan: build
-	$(ASAN_ENV) $(PY) tests/cuda_emu.py --asan
+	$(ASAN_ENV) $(PY) tests/emulator/cuda_emu.py --asan
 	$(ASAN_ENV) $(PY) -m pytest tests -q -ra -m cuda_emu
 
 demo: build

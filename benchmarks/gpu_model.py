@@ -1,6 +1,6 @@
 """Predicted GPU time of the fused kernels and of the pure-PyTorch reference, without a GPU: a roofline model
-fed by the memory traffic of the traced emulation build (tests/gpu_trace.py) and by the reference's aten
-operator sequence (benchmarks/aten_trace.py). Everything it prints is a *prediction*.
+fed by the memory traffic of the traced emulation build (tests/emulator/gpu_trace.py) and by the reference's
+aten operator sequence (benchmarks/aten_trace.py). Everything it prints is a *prediction*.
 
     make gpu-model                               # = python -m benchmarks.gpu_model
     python -m benchmarks.gpu_model --quick       # tiny shapes, no nvcc, nothing written (part of make test)
@@ -15,7 +15,8 @@ assumptions are in benchmarks/gpu_specs.py.
 
 The traced build runs every CUDA thread on the CPU, so it is traced at two small batch sizes (N_a, N_b) at
 the real C and H x W, and each launch's counts are extrapolated linearly in N (per-ROI kernels are linear in
-N; the check is `test_gpu_model.py`). Trees over ROIs gain one level (one launch) each time N grows 256-fold.
+N; the check is `tests/emulator/test_gpu_model.py`). Trees over ROIs gain one level (one launch) each time N
+grows 256-fold.
 Writes benchmarks/results/gpu-model-<date>.json and prints the per-kernel and pipeline tables.
 """
 from __future__ import annotations
@@ -49,9 +50,9 @@ HOT_SHARE = 0.05  # a line taking at least this share of its kernel's predicted 
 
 
 def _gpu_trace():
-    tests = os.path.join(REPO_ROOT, "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
+    emulator = os.path.join(REPO_ROOT, "tests", "emulator")  # gpu_trace.py and the cuda_emu.py it imports
+    if emulator not in sys.path:
+        sys.path.insert(0, emulator)
     import gpu_trace
 
     return gpu_trace

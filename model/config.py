@@ -2,7 +2,7 @@
 
 Every key a config may set is listed in DEFAULTS (a typo is an error, not a silent no-op). The
 defaults are the paper's ContrastMask R-50-FPN settings; configs state only what they change
-(tests/test_model_config.py holds the shipped ones to it, and lists the few fixed files that restate a key).
+(tests/model/test_config.py holds the shipped ones to it, and lists the few fixed files that restate a key).
 A key added later defaults to null only where null means the behaviour from before the key existed
 (model/ablation/digest.py's config digest leaves nulls out, so results recorded before stay valid).
 

@@ -1,7 +1,7 @@
 // What the CUDA sources need from CUDA and c10::cuda, plus three macros for the constructs plain C++
-// cannot parse. With nvcc they expand to CUDA; in the emulation build (tests/cuda_emu.py defines
+// cannot parse. With nvcc they expand to CUDA; in the emulation build (tests/emulator/cuda_emu.py defines
 // CONTRASTMASK_CUDA_EMULATION) the same source text compiles with the host compiler against
-// csrc/testing/cuda_emulation.h and runs on the CPU.
+// tests/emulator/csrc/cuda_emulation.h and runs on the CPU.
 //   CM_LAUNCH(grid, block, smem, stream, kernel)(args...)  kernel<<<grid, block, smem, stream>>>(args...)
 //   CM_SHARED(T, name, [dims]...);                         __shared__ T name[dims]...;
 //   CM_DYNAMIC_SHARED(T, name, align);                     extern __shared__ __align__(align) T name[];
@@ -9,7 +9,7 @@
 #pragma once
 
 #if defined(CONTRASTMASK_CUDA_EMULATION)
-#include "../testing/cuda_emulation.h"
+#include "cuda_emulation.h"  // tests/emulator/csrc, on the emulation builds' include path
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,2 +1,0 @@
-// The CUDA loss kernels, compiled by the host compiler for the emulation build (tests only).
-#include "../cuda/loss_kernels.cu"

@@ -1,2 +1,0 @@
-// The CUDA plan kernels, compiled by the host compiler for the emulation build (tests only).
-#include "../cuda/plan_kernels.cu"

@@ -1,0 +1,22 @@
+"""`make gpu-check` (tools/gpu_check.py) on a machine without a GPU: it reports the environment and the build,
+says that no GPU is present, lists every GPU step as not run, and exits with status 2."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: make gpu-check runs everything there")
+def test_without_a_gpu_it_stops_with_status_2(repo):
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--skip-build"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "gpu-check summary" in out and "NO GPU" in out
+    if torch.version.cuda is not None:
+        for step in ("pytest -m cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
+                     "benchmark sweep + model step", "kernels: measured vs predicted"):
+            assert any(line.startswith(step) and "NOT RUN" in line for line in out.splitlines()), (step, out)
