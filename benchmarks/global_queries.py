@@ -7,8 +7,8 @@ against global queries (process_group=...).
 
 Three columns, timed in turns so that load from other processes falls on all of them alike:
 - per_process: query_sharing_contrastive_loss without a process group (fused plan and loss kernels);
-- global_1rank: the global path with a group of one rank (kernels' plan, the loss math in PyTorch ops with
-  its collectives, which then have nobody to wait for): the cost of the loss math of the global path;
+- global_1rank: the global path with a group of one rank (the same kernels, run as the loss's stage ops, with
+  its collectives, which then have nobody to wait for): the cost of the global path's own work;
 - global: the global path over both processes: the above plus the collectives with the other process.
 A step's time is the slower rank's (the step ends when both have their gradient); each step starts after
 a barrier. Prints the medians and writes benchmarks/results/cpu-<date>-global-queries.json (device,
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     steps = {mode: [max(ts) for ts in zip(*(r[mode] for r in per_rank))] for mode in MODES}
     medians = {mode: statistics.median(ts) * 1e3 for mode, ts in steps.items()}
     added = {"global - per_process": medians["global"] - medians["per_process"],
-             "of which loss math (global_1rank - per_process)": medians["global_1rank"] - medians["per_process"],
+             "of which the global path's own work (global_1rank - per_process)":
+                 medians["global_1rank"] - medians["per_process"],
              "of which communication (global - global_1rank)": medians["global"] - medians["global_1rank"]}
 
     print(f"{WORLD} processes x N = {args.n} ROIs, C = {args.c}, 28x28, float32, gloo, 1 thread each; "
@@ -111,13 +112,15 @@ def main(argv=None) -> int:
     for mode in MODES:
         print(f"  {mode:14s} {medians[mode]:9.1f} ms")
     for name, ms in added.items():
-        print(f"  added: {name:48s} {ms:+9.1f} ms")
+        print(f"  added: {name:60s} {ms:+9.1f} ms")
+    print(f"  ratio global / per_process: {medians['global'] / medians['per_process']:.2f}")
     print(f"load average before {meta['load_average_before'][0]:.1f}, after {meta['load_average_after'][0]:.1f} "
           f"({os.cpu_count()} CPUs)")
     if not args.no_save:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         path = args.out_dir / f"cpu-{meta['date'][:10]}-global-queries.json"
         path.write_text(json.dumps({"meta": meta, "median_ms": medians, "added_ms": added,
+                                    "ratio_global_per_process": medians["global"] / medians["per_process"],
                                     "step_ms": {m: [t * 1e3 for t in ts] for m, ts in steps.items()},
                                     "rank_step_ms": [{m: [t * 1e3 for t in r[m]] for m in MODES} for r in per_rank]},
                                    indent=1))

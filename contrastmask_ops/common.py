@@ -476,3 +476,13 @@ def loss_stats(keys: Tensor, keep: Tensor, queries: Tensor, share_queries: bool)
     else:
         q_pos, q_neg = queries[:, 0], queries[:, 1]
     return LossStats(kept=keep.sum(dtype=torch.int64), keys_per_set=per_set, q_pos=q_pos, q_neg=q_neg)
+
+
+def draw_seed() -> int:
+    """DESIGN, "Seed": seed=None draws from torch's default CPU generator. Not under torch.compile: the draw
+    is a host read, which would break the graph (or fail with fullgraph=True inside dynamo)."""
+    if torch.compiler.is_compiling():
+        from ._compile_checks import refuse_drawing_a_seed
+
+        refuse_drawing_a_seed()
+    return int(torch.randint(0, 2**63 - 1, ()).item())

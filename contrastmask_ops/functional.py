@@ -30,7 +30,7 @@ def _use_kernels(x) -> bool:
 def _plan_seed(seed: common.Seed):
     """The seed as the plan ops take it (after common.seed_param): a 0-dim int64 tensor as it is, else an int;
     None draws one from torch's default generator, so torch.manual_seed makes the sampler reproducible."""
-    return reference.draw_seed() if seed is None else seed
+    return common.draw_seed() if seed is None else seed
 
 
 def _seeded(op, seed):
@@ -148,37 +148,32 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
     return loss
 
 
-# Outside any compiled graph (a graph break; fullgraph=True refuses it): the join reads the gathered rows on
-# the host, and the collectives run eagerly (README, "Several processes").
+# Outside any compiled graph (a graph break; fullgraph=True refuses it): the collectives run eagerly (README,
+# "Several processes").
 @torch.compiler.disable(reason="process_group: the global loss runs eagerly, outside the graph (its collectives "
                                "and the join's host read); compile without fullgraph=True to use it")
 def _global_loss(group, z, masks, cams, is_novel, valid, options, check_inputs):
     """The loss over the ROIs of every rank of group. The plan is per ROI (the kernels, at this rank's ROI
-    offset); the loss pools partial sums over the ranks, in the reference's PyTorch ops with the group's
-    reducer. An error of one rank is raised on every rank (global_batch, "Errors"). Meta tensors hold no
-    data to share: they get the local loss's shapes, without collectives."""
-    try:
-        plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
-        check_inputs = common.flag("check_inputs", check_inputs)
-    except (TypeError, ValueError) as error:
-        global_batch.fail_together(group, z, error)
-    if z.device.type == "meta" or is_fake(z):
-        reducer, roi_offset, seed = global_batch.LOCAL, 0, 0 if plan.seed is None else plan.seed
-    else:
-        reducer, roi_offset, seed = global_batch.join(group, z, plan, params, reference.draw_seed)
-    error = None
-    try:
-        labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
-                                                          plan.hard_sqdist, plan.min_keys, seed, roi_offset,
-                                                          check_inputs)
+    offset); the loss runs the fused kernels' stages with sums over the ranks in between (global_batch,
+    GlobalLoss). An error of one rank is raised on every rank (global_batch, "Errors"). Meta and fake tensors
+    hold no data to share: they get the local loss's shapes, without collectives."""
+    ops = _ops  # read once: the tests swap in the emulation's namespace
+
+    def plan(plan_params, check_inputs, seed, roi_offset):
+        # A tensor offset (join's no-sync path, whose seed is a tensor too) is read where it lives.
+        op = ops.roi_plan.offset_tensor if isinstance(roi_offset, Tensor) else _seeded(ops.roi_plan, seed)
+        labels, keys, keep = op(masks, cams, is_novel, valid, plan_params.delta,
+                                                         plan_params.sigma, plan_params.hard_sqdist,
+                                                         plan_params.min_keys, seed, roi_offset, check_inputs)
         _check_cam_values(cams, is_novel, check_inputs)
-    except ValueError as e:
-        error = e
-    if check_inputs and reducer is not global_batch.LOCAL:
-        global_batch.raise_together(group, z.device, error)
-    elif error is not None:
-        raise error
-    loss, queries = reference._loss(z, labels, keys, keep, params, reducer)
+        return labels, keys, keep
+
+    params, membership, labels, keys, keep = global_batch.plan_together(
+        group, z, masks, cams, is_novel, valid, options, check_inputs, plan, common.draw_seed)
+    if membership is None:  # meta or fake tensors
+        loss, queries, _, _ = ops.contrastive_loss(z, labels, keys, keep, *params)
+    else:
+        loss, queries = global_batch.kernel_loss(group, ops, z, labels, keys, keep, params)
     if options["return_stats"]:
         return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

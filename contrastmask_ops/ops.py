@@ -46,6 +46,44 @@ def _saved_shapes(z, share_queries):
     return {"queries": (groups, 4, c), "pixstats": (n, 4, h * w), "termstats": (groups, 4, 4)}
 
 
+def _stage_shapes(z, share_queries):
+    """Shapes of the tensors between the loss's stages (csrc/ops/loss_inputs.h, stage_tensors; DESIGN, "Global
+    query sharing"): name -> (shape, dtype)."""
+    n, c, h, w = z.shape
+    groups = 1 if share_queries else n
+    acc = _acc_dtype(z)
+    saved = _saved_shapes(z, share_queries)
+    return {"query_sums": ((groups, 2, c), torch.float64), "counts": ((3,), torch.float64),
+            "queries": (saved["queries"], acc), "pixstats": (saved["pixstats"], acc), "lse": ((groups, 4, 2), acc),
+            "termstats": (saved["termstats"], acc), "pos_sums": ((groups, 4, 3), acc),
+            "coef": ((n, 8, h * w), acc), "dq": ((groups, 2, c), acc), "beta": ((groups, 2), torch.float64)}
+
+
+def _check_stage(z, share_queries, **tensors):
+    shapes = _stage_shapes(z, share_queries)
+    for name, t in tensors.items():
+        shape, dtype = shapes[name]
+        common.check_tensor(name, t, len(shape), str(shape))
+        common._require(tuple(t.shape) == shape, ValueError,
+                        lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} (what the previous "
+                                                            f"stage returns for this z), got {tuple(t.shape)}")
+        common.check_dtype(name, t, (dtype,), str(dtype))
+        common.check_same_device(name, t, "z", z)
+
+
+def _check_grad(name, grad, z):
+    common._require(grad.dim() == 0, ValueError,
+                    lambda: f"{name} must be the gradient of a scalar loss (shape ()), got shape {tuple(grad.shape)}")
+    common._require(grad.is_floating_point(), ValueError,
+                    lambda: f"{name} must have a floating-point dtype, got {grad.dtype}")
+    common.check_same_device(name, grad, "z", z)
+
+
+def _stage_outputs(z, share_queries, *names):
+    shapes = _stage_shapes(z, share_queries)
+    return tuple(z.new_empty(shapes[name][0], dtype=shapes[name][1]) for name in names)
+
+
 def register(namespace: str = "contrastmask"):
     """Fake kernels and autocast for the operators of torch.ops.<namespace>."""
 
@@ -74,6 +112,24 @@ def register(namespace: str = "contrastmask"):
         common.flag("check_inputs", check_inputs)
         _check_sampling(sigma, min_keys, roi_offset, masks.shape[0])
         _check_seed(seed, "masks", masks)
+        return (
+            masks.new_empty(masks.shape, dtype=torch.int8),
+            masks.new_empty(masks.shape, dtype=torch.uint8),
+            masks.new_empty(masks.shape[:1], dtype=torch.bool),
+        )
+
+    @torch.library.register_fake(namespace + "::roi_plan.offset_tensor")
+    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset, check_inputs=True):
+        common.partition_args(masks, cams, is_novel, valid, delta)
+        common.flag("check_inputs", check_inputs)
+        _check_sampling(sigma, min_keys, 0, masks.shape[0])
+        _check_seed(seed, "masks", masks)
+        common._require(isinstance(roi_offset, torch.Tensor) and roi_offset.dim() == 0
+                        and roi_offset.dtype == torch.int64, ValueError,
+                        lambda: "roi_offset must be a 0-dim int64 tensor")
+        common._require(roi_offset.device.type == "cpu" or roi_offset.device == masks.device, ValueError,
+                        lambda: f"roi_offset is on {roi_offset.device} but masks is on {masks.device}; it must be on "
+                                "the CPU or on the device of masks")
         return (
             masks.new_empty(masks.shape, dtype=torch.int8),
             masks.new_empty(masks.shape, dtype=torch.uint8),
@@ -110,6 +166,46 @@ def register(namespace: str = "contrastmask"):
                                                                 f"share_queries), got {tuple(t.shape)}")
             common.check_dtype(name, t, (acc,), str(acc))
             common.check_same_device(name, t, "z", z)
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    # The loss's stages (the global loss runs them with collectives in between).
+    @torch.library.register_fake(namespace + "::contrastive_loss_query_sums")
+    def _(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        return _stage_outputs(z, share_queries, "query_sums", "counts")
+
+    @torch.library.register_fake(namespace + "::contrastive_loss_cosines")
+    def _(z, labels, keys, keep, query_sums, counts, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        _check_stage(z, share_queries, query_sums=query_sums, counts=counts)
+        return _stage_outputs(z, share_queries, "queries", "pixstats", "lse")
+
+    @torch.library.register_fake(namespace + "::contrastive_loss_terms")
+    def _(z, labels, keys, keep, pixstats, lse, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        _check_stage(z, share_queries, pixstats=pixstats, lse=lse)
+        return _stage_outputs(z, share_queries, "termstats", "pos_sums")
+
+    @torch.library.register_fake(namespace + "::contrastive_loss_finish")
+    def _(z, labels, keys, keep, termstats, pos_sums, counts, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        _check_stage(z, share_queries, termstats=termstats, pos_sums=pos_sums, counts=counts)
+        return z.new_empty((), dtype=_acc_dtype(z)), torch.empty_like(termstats)
+
+    @torch.library.register_fake(namespace + "::contrastive_loss_query_grads")
+    def _(grad, neg_grad, z, labels, keys, keep, queries, pixstats, termstats, counts, tau_easy, tau_hard,
+          share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        _check_grad("grad", grad, z)
+        if neg_grad is not None:
+            _check_grad("neg_grad", neg_grad, z)
+        _check_stage(z, share_queries, queries=queries, pixstats=pixstats, termstats=termstats, counts=counts)
+        return _stage_outputs(z, share_queries, "coef", "dq", "beta")
+
+    @torch.library.register_fake(namespace + "::contrastive_loss_dz")
+    def _(z, labels, keys, keep, queries, coef, dq, beta, counts, tau_easy, tau_hard, share_queries, formulation):
+        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+        _check_stage(z, share_queries, queries=queries, coef=coef, dq=dq, beta=beta, counts=counts)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     # ---------------------------------------------------------------------------------------------

@@ -85,11 +85,15 @@ CM_HD acc_t positive_log_denominator(acc_t s, acc_t lse_negatives, const LossPar
 }
 
 // dL/ds+ and dL/ds- of one pixel, summed over every term and role the pixel's key bits give it.
-// `stats` points at the group's kNumTerms * kNumTermStats values; `scale` = upstream grad * weight.
+// `stats` points at the group's kNumTerms * kNumTermStats values; `scale` = upstream grad * weight of the
+// pixel's roles as a positive, `neg_scale` that of its roles as a negative. They differ only in the global
+// loss (DESIGN, "Global query sharing"), whose kRatio already holds the ranks' upstream gradients; when
+// they are equal the pixel's gradient is formed as it always was, (positives + negatives) * scale.
 template <typename acc_t>
 CM_HD void similarity_grads(uint8_t bits, acc_t s_pos, acc_t s_neg, const acc_t* stats,
-                            const LossParams<acc_t>& p, acc_t scale, acc_t* g_pos, acc_t* g_neg) {
-  acc_t g[2] = {acc_t(0), acc_t(0)};
+                            const LossParams<acc_t>& p, acc_t scale, acc_t neg_scale, acc_t* g_pos, acc_t* g_neg) {
+  acc_t g[2] = {acc_t(0), acc_t(0)}, gn[2] = {acc_t(0), acc_t(0)};
+  const bool same = scale == neg_scale;
   for (int t = 0; t < kNumTerms; ++t) {
     const acc_t* st = stats + t * kNumTermStats;
     const acc_t s = term_side(t) == 0 ? s_pos : s_neg;
@@ -100,12 +104,19 @@ CM_HD void similarity_grads(uint8_t bits, acc_t s_pos, acc_t s_neg, const acc_t*
       g[term_side(t)] += st[kInvPositives] * (cm_exp(s / ptau - L) / ptau - acc_t(1) / tau);
     }
     if ((bits >> term_negative_set(t)) & 1) {
-      g[term_side(t)] += cm_exp(s / tau - st[kLse]) * st[kRatio] / tau;
+      (same ? g : gn)[term_side(t)] += cm_exp(s / tau - st[kLse]) * st[kRatio] / tau;
     }
   }
-  *g_pos = g[0] * scale;
-  *g_neg = g[1] * scale;
+  *g_pos = same ? g[0] * scale : g[0] * scale + gn[0] * neg_scale;
+  *g_neg = same ? g[1] * scale : g[1] * scale + gn[1] * neg_scale;
 }
+
+// The loss's reduction points (DESIGN, "Global query sharing"), between the stages of the forward and the
+// backward. counts (kNumCounts doubles): kept ROIs with a non-empty foreground / background partition (a
+// shared query's divisor), and kept ROIs (the mean's divisor without shared queries).
+enum QueryCount : int { kWithFg = 0, kWithBg = 1, kKept = 2, kNumCounts = 3 };
+// Per group and term, the positives' sums: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|.
+enum PosStat : int { kPosLoss = 0, kPosRatio = 1, kPosCount = 2, kNumPosStats = 3 };
 
 // Large features (DESIGN, "Numerics"). Squares and products of float32 features overflow once |z|
 // reaches about 1e18. A pixel whose cosines overflow is computed again with its key vector and each query

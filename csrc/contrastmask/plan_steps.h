@@ -23,7 +23,8 @@ struct PlanSteps {
   int64_t hard_sqdist = 2, min_keys = 5;
   uint64_t mixed_seed = 0;              // splitmix64(seed), mixed on the host ...
   const int64_t* seed_on_device = nullptr;  // ... or (CUDA) the seed tensor on the device, mixed in the kernel
-  int64_t roi_offset = 0;               // ROI n hashes as n + roi_offset (global index across processes)
+  int64_t roi_offset = 0;               // ROI n hashes as n + roi_offset (global index across processes) ...
+  const int64_t* roi_offset_on_device = nullptr;  // ... or (CUDA) roi_offset read from a tensor on the device
 };
 
 }  // namespace contrastmask

@@ -52,23 +52,13 @@ struct LossJob {
   acc_t* query(int64_t g, int row) const { return queries + (g * kQueryRows + row) * C; }
 };
 
-// The partitions' pixel counts count[n][side] of kept ROIs, the number of kept ROIs with a non-empty
-// partition `side` (rois_with), and the weights w[n][side] = dq_side(group) / dz of a pixel of that partition:
-// a query is the mean of partition means over kept ROIs whose partition is non-empty (DESIGN, "Queries for
-// kept ROIs with an empty partition").
-template <typename acc_t>
-struct QueryWeights {
-  std::vector<int64_t> count;
-  int64_t rois_with[2] = {0, 0};
-  std::vector<acc_t> w;
-};
 
-template <typename Job, typename acc_t>
-void query_weights(const Job& job, QueryWeights<acc_t>& qw) {
-  std::vector<acc_t>& w = qw.w;
-  std::vector<int64_t>& count = qw.count;
-  w.assign(job.N * 2, acc_t(0));
-  count.assign(job.N * 2, 0);
+// ---------------------------------------------------------------- counts and weights
+
+// count[n][side]: pixels labelled 1 (side 0) and 0 (side 1) of kept ROIs, 0 for dropped ones.
+template <typename Job>
+std::vector<int64_t> roi_counts(const Job& job) {
+  std::vector<int64_t> count(job.N * 2, 0);
   at::parallel_for(0, job.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
@@ -79,13 +69,32 @@ void query_weights(const Job& job, QueryWeights<acc_t>& qw) {
       }
     }
   });
-  int64_t* rois_with = qw.rois_with;
-  for (int64_t n = 0; n < job.N * 2; ++n) rois_with[n % 2] += count[n] > 0;
+  return count;
+}
+
+// counts[kWithFg], counts[kWithBg]: kept ROIs whose partition is non-empty; counts[kKept]: kept ROIs.
+template <typename Job>
+void query_counts(const Job& job, const std::vector<int64_t>& count, double* counts) {
+  int64_t with[2] = {0, 0}, kept = 0;
+  for (int64_t n = 0; n < job.N * 2; ++n) with[n % 2] += count[n] > 0;
+  for (int64_t n = 0; n < job.N; ++n) kept += job.keep[n];
+  counts[kWithFg] = static_cast<double>(with[0]);
+  counts[kWithBg] = static_cast<double>(with[1]);
+  counts[kKept] = static_cast<double>(kept);
+}
+
+// w[n][side] = dq_side(group) / dz of a pixel of that partition: a query is the mean of partition means over
+// kept ROIs whose partition is non-empty (DESIGN, "Queries for kept ROIs with an empty partition"); counts
+// are the batch's (every rank's, for the global loss).
+template <typename Job, typename acc_t>
+std::vector<acc_t> query_weights(const Job& job, const std::vector<int64_t>& count, const double* counts) {
+  std::vector<acc_t> w(job.N * 2, acc_t(0));
   for (int64_t n = 0; n < job.N * 2; ++n) {
     if (count[n] == 0) continue;
-    const acc_t rois = job.share_queries ? acc_t(rois_with[n % 2]) : acc_t(1);
+    const acc_t rois = job.share_queries ? acc_t(counts[kWithFg + n % 2]) : acc_t(1);
     w[n] = acc_t(1) / (rois * acc_t(count[n]));
   }
+  return w;
 }
 
 // |q+|, |q-| of each group (their hi parts), summed on a scale (loss_math.h, row_norm); and, for the
@@ -103,20 +112,24 @@ void query_norms(const Job& job, std::vector<acc_t>& norms, std::vector<acc_t>* 
   }
 }
 
-// The forward's stages, named as in the CUDA file: partition sums (the queries), cosines, the
-// negatives' log-sum-exp per group and term, the positives' sums, and the group terms.
+// The forward's stages (DESIGN, "Global query sharing"), each ending at a reduction point: query sums and
+// counts; queries, cosines and the negatives' log-sum-exp pairs; the positives' sums; the group terms and
+// the loss. The local loss runs them one after the other, the global loss sums or merges each stage's
+// output over the ranks in between.
 
-// Pass 1 over z: partition means per ROI in double, their sums per group in ROI order, and the queries
-// (the sums divided by the number of ROIs that have the partition) split into hi and lo parts (loss_math.h).
+// Stage 1, pass 1 over z: partition means per ROI in double and their sums per group in ROI order
+// (sums (G, 2, C); without shared queries the ROI's own means), and the counts.
 template <typename scalar_t, typename acc_t>
-void partition_means(const LossJob<scalar_t, acc_t>& job, const QueryWeights<acc_t>& qw) {
+void query_sums(const LossJob<scalar_t, acc_t>& job, double* sums, double* counts) {
   const int64_t N = job.N, C = job.C, P = job.P;
+  const std::vector<int64_t> count = roi_counts(job);
+  query_counts(job, count, counts);
   std::vector<double> roi_means(N * 2 * C, 0.0);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
       const int8_t* lab = job.labels + n * P;
-      const int64_t nf = qw.count[n * 2], nb = qw.count[n * 2 + 1];
+      const int64_t nf = count[n * 2], nb = count[n * 2 + 1];
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = job.z_row(n, c);
         // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN, "NaN").
@@ -131,20 +144,26 @@ void partition_means(const LossJob<scalar_t, acc_t>& job, const QueryWeights<acc
       }
     }
   });
-  std::vector<double> sums(job.G * 2 * C, 0.0);
+  std::fill(sums, sums + job.G * 2 * C, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     if (!job.keep[n]) continue;
-    double* q = sums.data() + job.group(n) * 2 * C;
+    double* q = sums + job.group(n) * 2 * C;
     for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_means[n * 2 * C + k];
   }
+}
+
+// The queries (the sums divided by the number of ROIs that have the partition) split into hi and lo parts
+// (loss_math.h).
+template <typename scalar_t, typename acc_t>
+void make_queries(const LossJob<scalar_t, acc_t>& job, const double* sums, const double* counts) {
   for (int64_t g = 0; g < job.G; ++g)
     for (int side = 0; side < 2; ++side) {
-      const int64_t rois = job.share_queries ? qw.rois_with[side] : 1;
+      const double rois = job.share_queries ? counts[kWithFg + side] : 1.0;
       acc_t* hi = job.query(g, kQueryPos + side);
       acc_t* lo = job.query(g, kQueryPosLo + side);
-      for (int64_t c = 0; c < C; ++c) {
-        const double s = sums[(g * 2 + side) * C + c];
-        split_query(rois > 0 ? s / static_cast<double>(rois) : 0.0, &hi[c], &lo[c]);
+      for (int64_t c = 0; c < job.C; ++c) {
+        const double s = sums[(g * 2 + side) * job.C + c];
+        split_query(rois > 0 ? s / rois : 0.0, &hi[c], &lo[c]);
       }
     }
 }
@@ -209,9 +228,10 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
   });
 }
 
-// Log-sum-exp of each term's negatives per group (termstats kLse): per-ROI partials merged in ROI order.
+// Log-sum-exp of each term's negatives per group as (max, sum of exp(x - max)) pairs, lse (G, 4, 2):
+// per-ROI partials merged in ROI order.
 template <typename scalar_t, typename acc_t>
-void group_lse(const LossJob<scalar_t, acc_t>& job) {
+void group_lse(const LossJob<scalar_t, acc_t>& job, acc_t* lse_out) {
   const int64_t N = job.N, P = job.P;
   std::vector<LseAcc<acc_t>> roi_lse(N * kNumTerms);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -230,102 +250,89 @@ void group_lse(const LossJob<scalar_t, acc_t>& job) {
   std::vector<LseAcc<acc_t>> lse(job.G * kNumTerms);
   for (int64_t n = 0; n < N; ++n)
     for (int t = 0; t < kNumTerms; ++t) lse[job.group(n) * kNumTerms + t].merge(roi_lse[n * kNumTerms + t]);
-  for (int64_t g = 0; g < job.G; ++g)
-    for (int t = 0; t < kNumTerms; ++t)
-      job.termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = lse[g * kNumTerms + t].value();
+  for (int64_t k = 0; k < job.G * kNumTerms; ++k) {
+    lse_out[k * 2] = lse[k].max;
+    lse_out[k * 2 + 1] = lse[k].sum;
+  }
 }
 
-constexpr int kPosStats = 3;  // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), number of positives
-
-// Per group and term, the positives' sums (kPosStats values), from per-ROI partials summed in ROI order.
+// Stage 3: termstats[.., kLse] from the (merged) pairs, and per group and term the positives' sums
+// pos_sums (G, 4, kNumPosStats), from per-ROI partials summed in ROI order.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> positive_sums(const LossJob<scalar_t, acc_t>& job) {
+void positive_sums(const LossJob<scalar_t, acc_t>& job, const acc_t* lse, acc_t* sums) {
   const int64_t N = job.N, P = job.P;
-  std::vector<acc_t> roi_pos(N * kNumTerms * kPosStats, acc_t(0));
+  for (int64_t k = 0; k < job.G * kNumTerms; ++k) {
+    LseAcc<acc_t> acc;
+    acc.max = lse[k * 2];
+    acc.sum = lse[k * 2 + 1];
+    job.termstats[k * kNumTermStats + kLse] = acc.value();
+  }
+  std::vector<acc_t> roi_pos(N * kNumTerms * kNumPosStats, acc_t(0));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       if (!job.keep[n]) continue;
       const uint8_t* key = job.keys + n * P;
       const acc_t* st = job.pixstats + n * 4 * P;
       const acc_t* ts = job.termstats + job.group(n) * kNumTerms * kNumTermStats;
-      acc_t* out = roi_pos.data() + n * kNumTerms * kPosStats;
+      acc_t* out = roi_pos.data() + n * kNumTerms * kNumPosStats;
       for (int64_t i = 0; i < P; ++i) {
         if (!key[i]) continue;
         for (int t = 0; t < kNumTerms; ++t) {
           if (!((key[i] >> term_positive_set(t)) & 1)) continue;
           const acc_t s = st[term_side(t) * P + i];
-          const acc_t lse = ts[t * kNumTermStats + kLse];
-          const acc_t L = positive_log_denominator(s, lse, job.params, t);
-          out[t * kPosStats] += L - s / job.params.tau(t);
-          out[t * kPosStats + 1] += cm_exp(lse - L);
-          out[t * kPosStats + 2] += acc_t(1);
+          const acc_t lse_t = ts[t * kNumTermStats + kLse];
+          const acc_t L = positive_log_denominator(s, lse_t, job.params, t);
+          out[t * kNumPosStats + kPosLoss] += L - s / job.params.tau(t);
+          out[t * kNumPosStats + kPosRatio] += cm_exp(lse_t - L);
+          out[t * kNumPosStats + kPosCount] += acc_t(1);
         }
       }
     }
   });
-  std::vector<acc_t> sums(job.G * kNumTerms * kPosStats, acc_t(0));
+  std::fill(sums, sums + job.G * kNumTerms * kNumPosStats, acc_t(0));
   for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < kNumTerms * kPosStats; ++k)
-      sums[job.group(n) * kNumTerms * kPosStats + k] += roi_pos[n * kNumTerms * kPosStats + k];
-  return sums;
+    for (int k = 0; k < kNumTerms * kNumPosStats; ++k)
+      sums[job.group(n) * kNumTerms * kNumPosStats + k] += roi_pos[n * kNumTerms * kNumPosStats + k];
 }
 
-// The terms' statistics the backward reads (termstats), and the loss: the sum of the group's four
-// terms, or without sharing their mean over kept ROIs.
+// Stage 4: the terms' statistics the backward reads (termstats), and the loss: the sum of the group's
+// four terms, or without sharing their sum over this batch's ROIs divided by the kept count.
 template <typename scalar_t, typename acc_t>
-acc_t group_terms(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& pos_sums) {
+acc_t group_terms(const LossJob<scalar_t, acc_t>& job, const acc_t* pos_sums, const double* counts) {
   acc_t loss = 0;
   for (int64_t g = 0; g < job.G; ++g)
     for (int t = 0; t < kNumTerms; ++t) {
-      const acc_t* sums = pos_sums.data() + (g * kNumTerms + t) * kPosStats;
+      const acc_t* sums = pos_sums + (g * kNumTerms + t) * kNumPosStats;
       acc_t* ts = job.termstats + (g * kNumTerms + t) * kNumTermStats;
-      const acc_t inv = sums[2] > 0 ? acc_t(1) / sums[2] : acc_t(0);
-      ts[kRatio] = sums[1] * inv;
+      const acc_t inv = sums[kPosCount] > 0 ? acc_t(1) / sums[kPosCount] : acc_t(0);
+      ts[kRatio] = sums[kPosRatio] * inv;
       ts[kInvPositives] = inv;
-      ts[kValue] = sums[0] * inv;
+      ts[kValue] = sums[kPosLoss] * inv;
       loss += ts[kValue];
     }
   if (job.share_queries) return loss;
-  int64_t kept = 0;
-  for (int64_t n = 0; n < job.N; ++n) kept += job.keep[n];
+  const double kept = counts[kKept];
   return kept > 0 ? loss / acc_t(kept) : acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t>
-acc_t loss_forward(const LossJob<scalar_t, acc_t>& job) {
-  QueryWeights<acc_t> qw;
-  std::vector<acc_t> qnorm;
-  query_weights(job, qw);
-  partition_means(job, qw);
-  query_norms(job, qnorm);
-  cosines(job, qnorm);
-  group_lse(job);
-  return group_terms(job, positive_sums(job));
-}
+// Per key pixel and side: coefficients of cosine_backward and 1 / |k| of the side's key vector
+// (coef (N, kNumCoef, P), the layout of the CUDA kernels).
+enum Coef : int { kAP = 0, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kNumCoef };
 
-// The backward in the unit vectors of cosine_backward (loss_math.h): u = (z - q) / |z - q| with centred
+// Backward stage 1, in the unit vectors of cosine_backward (loss_math.h): u = (z - q) / |z - q| with centred
 // keys (z - q formed as centred_component, from q's hi and lo parts), else z / |z|, and q^ = q / |q|.
+// Per-pixel coefficients, and pass 1 over z: per group sum_n sum_i a_i u_i (dq (G, 2, C)) and sum of beta_i
+// (beta (G, 2), in double: a key at its query has beta_i ~ dL/ds / eps, which cancels against gamma_i in
+// dz; DESIGN, "Collapsed features"), both in ROI order. scale: upstream gradient (divided by the kept count
+// without sharing) for the pixels' roles as positives, neg_scale for their roles as negatives.
 template <typename scalar_t, typename acc_t>
-void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz) {
+void query_grads(const LossJob<scalar_t, acc_t>& job, acc_t scale, acc_t neg_scale, acc_t* coef, acc_t* dq,
+                 double* beta_out) {
   const int64_t N = job.N, C = job.C, P = job.P;
   const bool centred = job.params.centred_keys();
-  int64_t kept = 0;
-  for (int64_t n = 0; n < N; ++n) kept += job.keep[n];
-  // Upstream gradient times the groups' weight in the loss (mean over ROIs without sharing).
-  const acc_t scale = job.share_queries ? grad : (kept > 0 ? grad / acc_t(kept) : acc_t(0));
-  QueryWeights<acc_t> qw;
-  std::vector<acc_t> qnorm, unit_queries;
-  query_weights(job, qw);
-  const std::vector<acc_t>& w = qw.w;
-  query_norms(job, qnorm, &unit_queries);
-
-  // Pass 1 over z: per-pixel coefficients, and per ROI sum_i a_i u_i and sum_i beta_i (the latter in double:
-  // a key at its query has beta_i ~ dL/ds / eps, which cancels against gamma_i in dz; DESIGN, "Collapsed
-  // features").
-  // kInFg/kInBg: 1 where the pixel is in the foreground/background partition (floats, so that pass 2
-  // is one vectorisable loop over float arrays). kInvP/kInvM: 1 / |k| of each side's key vector.
-  enum { kAP, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kInFg, kInBg, kNumCoef };
-  std::vector<acc_t> coef(N * kNumCoef * P, acc_t(0));
+  std::vector<acc_t> qnorm;
+  query_norms(job, qnorm);
+  std::fill(coef, coef + N * kNumCoef * P, acc_t(0));
   std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0));
   std::vector<double> roi_beta(N * 2, 0.0);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -335,17 +342,12 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       const uint8_t* key = job.keys + n * P;
       const acc_t* st = job.pixstats + n * 4 * P;
       const acc_t* ts = job.termstats + g * kNumTerms * kNumTermStats;
-      acc_t* cf = coef.data() + n * kNumCoef * P;
-      const int8_t* lab = job.labels + n * P;
-      for (int64_t i = 0; i < P; ++i) {
-        cf[kInFg * P + i] = lab[i] == kForeground ? acc_t(1) : acc_t(0);
-        cf[kInBg * P + i] = lab[i] == kBackground ? acc_t(1) : acc_t(0);
-      }
+      acc_t* cf = coef + n * kNumCoef * P;
       double beta[2] = {0, 0};
       for (int64_t i = 0; i < P; ++i) {
         if (!key[i]) continue;
         acc_t gs[2];
-        similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, &gs[0], &gs[1]);
+        similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, neg_scale, &gs[0], &gs[1]);
         for (int side = 0; side < 2; ++side) {
           const acc_t kn = st[(2 + side) * P + i];
           const CosGrad<acc_t> cg = cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], kn, centred);
@@ -378,21 +380,36 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
       }
     }
   });
-  // dL/dq per group, in ROI order: sum_n (sum_i a_i u_i) + (sum_n beta_n) q^.
-  std::vector<acc_t> dq(job.G * 2 * C, acc_t(0));
-  std::vector<double> beta(job.G * 2, 0.0);
+  std::fill(dq, dq + job.G * 2 * C, acc_t(0));
+  std::fill(beta_out, beta_out + job.G * 2, 0.0);
   for (int64_t n = 0; n < N; ++n) {
     if (!job.keep[n]) continue;
     const int64_t g = job.group(n);
     for (int64_t k = 0; k < 2 * C; ++k) dq[g * 2 * C + k] += roi_dq[n * 2 * C + k];
-    beta[g * 2] += roi_beta[n * 2];
-    beta[g * 2 + 1] += roi_beta[n * 2 + 1];
+    beta_out[g * 2] += roi_beta[n * 2];
+    beta_out[g * 2 + 1] += roi_beta[n * 2 + 1];
   }
+}
+
+// Backward stage 2, pass 2 over z: dz = partition term (through the queries: w * dL/dq, with
+// dL/dq = dq + beta q^) + cosine terms of key pixels. Dropped ROIs get zeros.
+template <typename scalar_t, typename acc_t>
+void write_dz(const LossJob<scalar_t, acc_t>& job, const acc_t* coef, const acc_t* dq_sums, const double* beta,
+              const double* counts, scalar_t* dz) {
+  const int64_t N = job.N, C = job.C, P = job.P;
+  const bool centred = job.params.centred_keys();
+  const std::vector<int64_t> count = roi_counts(job);
+  const std::vector<acc_t> w = query_weights<LossJob<scalar_t, acc_t>, acc_t>(job, count, counts);
+  std::vector<acc_t> qnorm, unit_queries;
+  query_norms(job, qnorm, &unit_queries);
+  std::vector<acc_t> dq(dq_sums, dq_sums + job.G * 2 * C);
   for (int64_t gs = 0; gs < job.G * 2; ++gs)
     for (int64_t c = 0; c < C; ++c) dq[gs * C + c] += static_cast<acc_t>(beta[gs]) * unit_queries[gs * C + c];
 
-  // Pass 2 over z: dz = partition term (through the queries) + cosine terms of key pixels.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    // 1 where the pixel is in the foreground/background partition (floats, so that the loop below is one
+    // vectorisable loop over float arrays).
+    std::vector<acc_t> in_fg(P), in_bg(P);
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* out = dz + n * C * P;
       if (!job.keep[n]) {
@@ -400,8 +417,12 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
         continue;
       }
       const int64_t g = job.group(n);
-      const acc_t* cf = coef.data() + n * kNumCoef * P;
-      const acc_t *in_fg = cf + kInFg * P, *in_bg = cf + kInBg * P;
+      const int8_t* lab = job.labels + n * P;
+      for (int64_t i = 0; i < P; ++i) {
+        in_fg[i] = lab[i] == kForeground ? acc_t(1) : acc_t(0);
+        in_bg[i] = lab[i] == kBackground ? acc_t(1) : acc_t(0);
+      }
+      const acc_t* cf = coef + n * kNumCoef * P;
       const acc_t *gp = cf + kGammaP * P, *gm = cf + kGammaM * P, *bp = cf + kBP * P, *bm = cf + kBM * P;
       const acc_t *ip = cf + kInvP * P, *im = cf + kInvM * P;
       const acc_t *q_pos = job.query(g, kQueryPos), *q_neg = job.query(g, kQueryNeg);
@@ -434,6 +455,14 @@ void loss_backward(const LossJob<scalar_t, acc_t>& job, acc_t grad, scalar_t* dz
   });
 }
 
+// The backward's scales (query_grads) from the upstream gradient and the counts.
+template <typename acc_t>
+acc_t gradient_scale(bool share_queries, acc_t grad, const double* counts) {
+  if (share_queries) return grad;
+  const double kept = counts[kKept];
+  return kept > 0 ? grad / acc_t(kept) : acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t>
 LossJob<scalar_t, acc_t> make_job(const LossInputs& in) {
   LossJob<scalar_t, acc_t> job;
@@ -450,21 +479,175 @@ LossJob<scalar_t, acc_t> make_job(const LossInputs& in) {
   return job;
 }
 
+template <typename acc_t>
+acc_t* ptr(const at::Tensor& t) {
+  return const_cast<acc_t*>(t.data_ptr<acc_t>());
+}
+
+#define CM_DISPATCH_LOSS(z, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
+
+// ---------------------------------------------------------------- the stage operators
+
+std::tuple<at::Tensor, at::Tensor> query_sums_cpu(const at::Tensor& z, const at::Tensor& labels,
+                                                  const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
+                                                  double tau_hard, bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const StageTensors st = stage_tensors(in);
+  at::Tensor sums = at::empty(st.query_sums, in.double_options());
+  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_query_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    query_sums(make_job<scalar_t, acc_t>(in), sums.data_ptr<double>(), counts.data_ptr<double>());
+  });
+  return {sums, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosines_cpu(const at::Tensor& z, const at::Tensor& labels,
+                                                           const at::Tensor& keys, const at::Tensor& keep,
+                                                           const at::Tensor& query_sums_in,
+                                                           const at::Tensor& counts_in, double tau_easy,
+                                                           double tau_hard, bool share_queries,
+                                                           c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor sums = check_stage(query_sums_in, "query_sums", st.query_sums, at::kDouble, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor queries = at::zeros(st.queries, in.acc_options());
+  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
+  at::Tensor lse = at::empty(st.lse, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_cosines_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(in);
+    job.queries = queries.data_ptr<acc_t>();
+    job.pixstats = pixstats.data_ptr<acc_t>();
+    make_queries(job, sums.data_ptr<double>(), counts.data_ptr<double>());
+    std::vector<acc_t> qnorm;
+    query_norms(job, qnorm);
+    cosines(job, qnorm);
+    group_lse(job, lse.data_ptr<acc_t>());
+  });
+  return {queries, pixstats, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> terms_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                             const at::Tensor& keep, const at::Tensor& pixstats_in,
+                                             const at::Tensor& lse_in, double tau_easy, double tau_hard,
+                                             bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor pixstats = check_stage(pixstats_in, "pixstats", st.pixstats, in.acc, in);
+  const at::Tensor lse = check_stage(lse_in, "lse", st.lse, in.acc, in);
+  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
+  at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_terms_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(in);
+    job.pixstats = ptr<acc_t>(pixstats);
+    job.termstats = termstats.data_ptr<acc_t>();
+    positive_sums(job, lse.data_ptr<acc_t>(), pos_sums.data_ptr<acc_t>());
+  });
+  return {termstats, pos_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                              const at::Tensor& keep, const at::Tensor& termstats_in,
+                                              const at::Tensor& pos_sums_in, const at::Tensor& counts_in,
+                                              double tau_easy, double tau_hard, bool share_queries,
+                                              c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const StageTensors st = stage_tensors(in);
+  at::Tensor termstats = check_stage(termstats_in, "termstats", st.termstats, in.acc, in).clone();
+  const at::Tensor pos_sums = check_stage(pos_sums_in, "pos_sums", st.pos_sums, in.acc, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor loss = at::zeros({}, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_finish_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(in);
+    job.termstats = termstats.data_ptr<acc_t>();
+    loss.fill_(group_terms(job, pos_sums.data_ptr<acc_t>(), counts.data_ptr<double>()));
+  });
+  return {loss, termstats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> query_grads_cpu(
+    const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad, const at::Tensor& z, const at::Tensor& labels,
+    const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries_in, const at::Tensor& pixstats_in,
+    const at::Tensor& termstats_in, const at::Tensor& counts_in, double tau_easy, double tau_hard, bool share_queries,
+    c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  check_backward_inputs(in, grad, queries_in, pixstats_in, termstats_in);
+  if (neg_grad) check_grad(*neg_grad, "neg_grad", in);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  const at::Tensor queries = queries_in.contiguous(), pixstats = pixstats_in.contiguous(),
+                   termstats = termstats_in.contiguous();
+  at::Tensor coef = at::empty(st.coef, in.acc_options());
+  at::Tensor dq = at::empty(st.dq, in.acc_options());
+  at::Tensor beta = at::empty(st.beta, in.double_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_query_grads_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(in);
+    job.queries = ptr<acc_t>(queries);
+    job.pixstats = ptr<acc_t>(pixstats);
+    job.termstats = ptr<acc_t>(termstats);
+    const acc_t scale = gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()),
+                                       counts.data_ptr<double>());
+    const acc_t neg_scale = neg_grad ? static_cast<acc_t>(neg_grad->to(at::kDouble).item<double>()) : scale;
+    query_grads(job, scale, neg_scale, coef.data_ptr<acc_t>(), dq.data_ptr<acc_t>(), beta.data_ptr<double>());
+  });
+  return {coef, dq, beta};
+}
+
+at::Tensor dz_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
+                  const at::Tensor& queries_in, const at::Tensor& coef_in, const at::Tensor& dq_in,
+                  const at::Tensor& beta_in, const at::Tensor& counts_in, double tau_easy, double tau_hard,
+                  bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor queries = check_stage(queries_in, "queries", st.queries, in.acc, in);
+  const at::Tensor coef = check_stage(coef_in, "coef", st.coef, in.acc, in);
+  const at::Tensor dq = check_stage(dq_in, "dq", st.dq, in.acc, in);
+  const at::Tensor beta = check_stage(beta_in, "beta", st.beta, at::kDouble, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  CM_DISPATCH_LOSS(z, "contrastive_loss_dz_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto job = make_job<scalar_t, acc_t>(in);
+    job.queries = ptr<acc_t>(queries);
+    write_dz(job, coef.data_ptr<acc_t>(), dq.data_ptr<acc_t>(), beta.data_ptr<double>(), counts.data_ptr<double>(),
+             dz.data_ptr<scalar_t>());
+  });
+  return dz;
+}
+
+// ---------------------------------------------------------------- the local loss: the stages in a row
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
   const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  at::Tensor queries = at::zeros({in.G, kQueryRows, in.C}, in.acc_options());
-  at::Tensor pixstats = at::zeros({in.N, 4, in.P}, in.acc_options());
-  at::Tensor termstats = at::zeros({in.G, kNumTerms, kNumTermStats}, in.acc_options());
+  const StageTensors st = stage_tensors(in);
+  at::Tensor queries = at::zeros(st.queries, in.acc_options());
+  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
+  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
   at::Tensor loss = at::zeros({}, in.acc_options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cpu", [&] {
+  CM_DISPATCH_LOSS(z, "contrastive_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto job = make_job<scalar_t, acc_t>(in);
     job.queries = queries.data_ptr<acc_t>();
     job.pixstats = pixstats.data_ptr<acc_t>();
     job.termstats = termstats.data_ptr<acc_t>();
-    loss.fill_(loss_forward(job));
+    std::vector<double> sums(in.G * 2 * in.C), counts(kNumCounts);
+    query_sums(job, sums.data(), counts.data());
+    make_queries(job, sums.data(), counts.data());
+    std::vector<acc_t> qnorm;
+    query_norms(job, qnorm);
+    cosines(job, qnorm);
+    std::vector<acc_t> lse(in.G * kNumTerms * 2), pos_sums(in.G * kNumTerms * kNumPosStats);
+    group_lse(job, lse.data());
+    positive_sums(job, lse.data(), pos_sums.data());
+    loss.fill_(group_terms(job, pos_sums.data(), counts.data()));
   });
   return {loss.to(z.scalar_type()), queries, pixstats, termstats};
 }
@@ -478,13 +661,19 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
   const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
                    termstats_c = termstats.contiguous();
   at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cpu", [&] {
+  CM_DISPATCH_LOSS(z, "contrastive_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = const_cast<acc_t*>(queries_c.data_ptr<acc_t>());
-    job.pixstats = const_cast<acc_t*>(pixstats_c.data_ptr<acc_t>());
-    job.termstats = const_cast<acc_t*>(termstats_c.data_ptr<acc_t>());
-    loss_backward(job, static_cast<acc_t>(grad.to(at::kDouble).item<double>()), dz.data_ptr<scalar_t>());
+    job.queries = ptr<acc_t>(queries_c);
+    job.pixstats = ptr<acc_t>(pixstats_c);
+    job.termstats = ptr<acc_t>(termstats_c);
+    std::vector<double> counts(kNumCounts), beta(in.G * 2);
+    query_counts(job, roi_counts(job), counts.data());
+    const acc_t scale =
+        gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()), counts.data());
+    std::vector<acc_t> coef(in.N * kNumCoef * in.P), dq(in.G * 2 * in.C);
+    query_grads(job, scale, scale, coef.data(), dq.data(), beta.data());
+    write_dz(job, coef.data(), dq.data(), beta.data(), counts.data(), dz.data_ptr<scalar_t>());
   });
   return dz;
 }
@@ -494,6 +683,12 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
 TORCH_LIBRARY_IMPL(contrastmask, CPU, m) {
   m.impl("contrastive_loss", &contrastive_loss_cpu);
   m.impl("contrastive_loss_backward", &contrastive_loss_backward_cpu);
+  m.impl("contrastive_loss_query_sums", &query_sums_cpu);
+  m.impl("contrastive_loss_cosines", &cosines_cpu);
+  m.impl("contrastive_loss_terms", &terms_cpu);
+  m.impl("contrastive_loss_finish", &finish_cpu);
+  m.impl("contrastive_loss_query_grads", &query_grads_cpu);
+  m.impl("contrastive_loss_dz", &dz_cpu);
 }
 
 }  // namespace contrastmask

@@ -47,7 +47,7 @@ constexpr int kThreads = 256;         // threads of the per-pixel and per-channe
 constexpr int kPixelsPerBlock = kThreads;  // pixel-chunk kernels: one pixel per thread
 constexpr int kChannelsPerWarp = 4;   // channel-sum kernels: a warp sums 4 channels, reusing its pixel weights
 constexpr int kChannelsPerBlock = kChannelsPerWarp * (kThreads / kWarp);
-constexpr int kPosStats = 3;          // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|
+constexpr int kPosStats = kNumPosStats;  // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|
 // Per key pixel and side (P, M): coefficients of cosine_backward and 1 / |k| of the side's key vector.
 enum Coef : int { kAP = 0, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kNumCoef };
 
@@ -80,13 +80,10 @@ __global__ void __launch_bounds__(kThreads) roi_counts_kernel(const int8_t* labe
   }
 }
 
-// w[n][side] = 1 / (rois * count) as query_weights() of the CPU kernels; kept = number of kept ROIs;
-// scale = upstream gradient times the groups' weight in the loss (backward only, grad may be null).
-// rois_out[side] (forward only, may be null): kept ROIs whose partition `side` is non-empty.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const bool* keep, int64_t N,
-                                                               bool share_queries, const acc_t* grad, acc_t* w,
-                                                               int64_t* kept_out, int64_t* rois_out, acc_t* scale_out) {
+// counts[kWithFg], counts[kWithBg]: kept ROIs with a non-empty partition; counts[kKept]: kept ROIs
+// (loss_math.h, QueryCount; in double, the dtype in which the global loss sums them over ranks).
+__global__ void __launch_bounds__(kThreads) query_counts_kernel(const int32_t* counts, const bool* keep, int64_t N,
+                                                                double* out) {
   CM_SHARED(long long, scratch, [kMaxBlockWarps]);
   long long kept = 0, with_fg = 0, with_bg = 0;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
@@ -102,22 +99,34 @@ __global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* co
   with_bg = block_sum(with_bg, scratch);
   if (threadIdx.x == 0) totals[2] = with_bg;
   __syncthreads();
-  for (int64_t k = threadIdx.x; k < N * 2; k += blockDim.x) {
-    const int32_t c = counts[k];
-    const acc_t rois = share_queries ? acc_t(totals[1 + k % 2]) : acc_t(1);
-    w[k] = c > 0 ? acc_t(1) / (rois * acc_t(c)) : acc_t(0);
-  }
   if (threadIdx.x == 0) {
-    *kept_out = totals[0];
-    if (rois_out) {
-      rois_out[0] = totals[1];
-      rois_out[1] = totals[2];
-    }
-    if (grad) {
-      const acc_t g = *grad;
-      *scale_out = share_queries ? g : (totals[0] > 0 ? g / acc_t(totals[0]) : acc_t(0));
-    }
+    out[kKept] = static_cast<double>(totals[0]);
+    out[kWithFg] = static_cast<double>(totals[1]);
+    out[kWithBg] = static_cast<double>(totals[2]);
   }
+}
+
+// w[n][side] = 1 / (rois * count) as query_weights() of the CPU kernels, rois from the batch's counts
+// (every rank's for the global loss); a thread per value.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_weights_kernel(const int32_t* counts, const double* query_counts,
+                                                               int64_t N, bool share_queries, acc_t* w) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= N * 2) return;
+  const int32_t c = counts[k];
+  const acc_t rois = share_queries ? acc_t(query_counts[kWithFg + k % 2]) : acc_t(1);
+  w[k] = c > 0 ? acc_t(1) / (rois * acc_t(c)) : acc_t(0);
+}
+
+// scale[0] = upstream gradient times the groups' weight in the loss (divided by the kept count without
+// shared queries), scale[1] = the negatives' scale: neg_grad where given (the global loss), else scale[0].
+template <typename acc_t>
+__global__ void gradient_scales_kernel(const acc_t* grad, const acc_t* neg_grad, const double* query_counts,
+                                       bool share_queries, acc_t* scale) {
+  const acc_t g = *grad;
+  const double kept = query_counts[kKept];
+  scale[0] = share_queries ? g : (kept > 0 ? g / acc_t(kept) : acc_t(0));
+  scale[1] = neg_grad ? *neg_grad : scale[0];
 }
 
 // ---------------------------------------------------------------- channel sums (passes 1)
@@ -167,14 +176,14 @@ __global__ void __launch_bounds__(kThreads) partition_sums_kernel(const scalar_t
 // queries[g][side] = sums[g][side] / (ROIs with that partition, or 1 without sharing; 0 when none),
 // rounded to acc_t, and queries[g][2 + side] its lo part (loss_math.h, split_query); a thread per value.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* sums, const int64_t* rois, int64_t G,
+__global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* sums, const double* counts, int64_t G,
                                                                  int64_t C, bool share_queries, acc_t* queries) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= G * 2 * C) return;
   const int64_t g = e / (2 * C), side = (e / C) % 2, c = e % C;
-  const int64_t r = share_queries ? rois[side] : 1;
+  const double r = share_queries ? counts[kWithFg + side] : 1.0;
   acc_t* q = queries + g * kQueryRows * C;
-  split_query(r > 0 ? sums[e] / static_cast<double>(r) : 0.0, &q[side * C + c], &q[(2 + side) * C + c]);
+  split_query(r > 0 ? sums[e] / r : 0.0, &q[side * C + c], &q[(2 + side) * C + c]);
 }
 
 // Backward pass 1: out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
@@ -457,11 +466,11 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   }
 }
 
-// termstats[g][t][kLse] = log-sum-exp of the group's negatives, merging the blocks' partials (with
-// shared queries the caller passes the one row the chunk tree left: N = pixel_blocks = 1).
+// lse[g][t] = log-sum-exp pair (max, sum of exp(x - max)) of the group's negatives, merging the blocks'
+// partials (with shared queries the caller passes the one row the chunk tree left: N = pixel_blocks = 1).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_part, int64_t N, int64_t pixel_blocks,
-                                                             bool share_queries, acc_t* termstats) {
+                                                             bool share_queries, acc_t* lse) {
   CM_SHARED(acc_t, scratch, [2 * kMaxBlockWarps]);
   const int64_t g = blockIdx.x;
   // Share: every block of every ROI; else the blocks of ROI g.
@@ -477,8 +486,22 @@ __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_pa
       acc.merge(p);
     }
     const LseAcc<acc_t> total = block_merge(acc, scratch);
-    if (threadIdx.x == 0) termstats[(g * kNumTerms + t) * kNumTermStats + kLse] = total.value();
+    if (threadIdx.x == 0) {
+      lse[(g * kNumTerms + t) * 2] = total.max;
+      lse[(g * kNumTerms + t) * 2 + 1] = total.sum;
+    }
   }
+}
+
+// termstats[g][t][kLse] = the value of the (merged) pair lse[g][t]; a thread per (group, term).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) lse_values_kernel(const acc_t* lse, int64_t G, acc_t* termstats) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= G * kNumTerms) return;
+  LseAcc<acc_t> acc;
+  acc.max = lse[k * 2];
+  acc.sum = lse[k * 2 + 1];
+  termstats[k * kNumTermStats + kLse] = acc.value();
 }
 
 // Per block and term: sum of (L_p - s_p / t), sum of exp(lse - L_p) and |P| over the positives.
@@ -528,46 +551,46 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
   }
 }
 
-// termstats ratio, 1/|P| and value of each group's terms, summing the blocks' partials (with shared
-// queries, the one row the chunk tree left).
+// pos_sums[g] = the sums of the group's blocks' partials (without shared queries: the blocks of ROI g).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_part, int64_t N, int64_t pixel_blocks,
-                                                               bool share_queries, acc_t* termstats) {
+__global__ void __launch_bounds__(kThreads) group_pos_sums_kernel(const acc_t* pos_part, int64_t pixel_blocks,
+                                                                  acc_t* pos_sums) {
   constexpr int kValues = kNumTerms * kPosStats;
   CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
-  CM_SHARED(acc_t, totals, [kValues]);
   const int64_t g = blockIdx.x;
-  const int64_t first = share_queries ? 0 : g * pixel_blocks;
-  const int64_t last = share_queries ? N * pixel_blocks : (g + 1) * pixel_blocks;
+  const int64_t first = g * pixel_blocks, last = (g + 1) * pixel_blocks;
   for (int k = 0; k < kValues; ++k) {
     acc_t s = acc_t(0);
     for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x) s += pos_part[b * kValues + k];
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) totals[k] = s;
+    if (threadIdx.x == 0) pos_sums[g * kValues + k] = s;
   }
-  __syncthreads();
-  if (threadIdx.x < kNumTerms) {
-    const int t = threadIdx.x;
-    const acc_t* sums = totals + t * kPosStats;
-    acc_t* ts = termstats + (g * kNumTerms + t) * kNumTermStats;
-    const acc_t inv = sums[2] > acc_t(0) ? acc_t(1) / sums[2] : acc_t(0);
-    ts[kRatio] = sums[1] * inv;
-    ts[kInvPositives] = inv;
-    ts[kValue] = sums[0] * inv;
-  }
+}
+
+// termstats ratio, 1/|P| and value of each group's terms from its positives' sums; a thread per (group, term).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_sums, int64_t G, acc_t* termstats) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= G * kNumTerms) return;
+  const acc_t* sums = pos_sums + k * kPosStats;
+  acc_t* ts = termstats + k * kNumTermStats;
+  const acc_t inv = sums[kPosCount] > acc_t(0) ? acc_t(1) / sums[kPosCount] : acc_t(0);
+  ts[kRatio] = sums[kPosRatio] * inv;
+  ts[kInvPositives] = inv;
+  ts[kValue] = sums[kPosLoss] * inv;
 }
 
 // loss = sum over groups of the four terms (divided by the kept count without sharing), in z's dtype.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* termstats, int64_t G, bool share_queries,
-                                                              const int64_t* kept, scalar_t* loss) {
+                                                              const double* counts, scalar_t* loss) {
   CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   acc_t s = acc_t(0);
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x)
     for (int t = 0; t < kNumTerms; ++t) s += termstats[(g * kNumTerms + t) * kNumTermStats + kValue];
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) {
-    if (!share_queries) s = *kept > 0 ? s / acc_t(*kept) : acc_t(0);
+    if (!share_queries) s = counts[kKept] > 0 ? s / acc_t(counts[kKept]) : acc_t(0);
     *loss = static_cast<scalar_t>(s);
   }
 }
@@ -580,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* terms
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     const uint8_t* keys, const bool* keep, const acc_t* pixstats, const acc_t* termstats, const acc_t* qnorms,
-    const acc_t* scale_ptr, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
+    const acc_t* scale, int64_t P, int64_t pixel_blocks, bool share_queries, LossParams<acc_t> params,
     acc_t* coef, double* beta_part) {
   CM_SHARED(double, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
@@ -599,8 +622,8 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     if (bits) {
       const acc_t* st = pixstats + n * 4 * P + i;
       acc_t gs[2];
-      similarity_grads(bits, st[0], st[P], termstats + g * kNumTerms * kNumTermStats, params, *scale_ptr, &gs[0],
-                       &gs[1]);
+      similarity_grads(bits, st[0], st[P], termstats + g * kNumTerms * kNumTermStats, params, scale[0], scale[1],
+                       &gs[0], &gs[1]);
 #pragma unroll
       for (int side = 0; side < 2; ++side) {
         const acc_t kn = st[(2 + side) * P];
@@ -682,7 +705,6 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
 
 // ---------------------------------------------------------------- host side
 
-
 struct Shapes {
   int64_t N, C, P, G, pixel_blocks, channel_blocks;
 };
@@ -699,20 +721,18 @@ Shapes shapes_of(const LossInputs& in) {
   return s;
 }
 
-// Kept count, counts and weights of every ROI; scale (backward) from the upstream gradient on the device.
-template <typename acc_t>
-void launch_weights(const Shapes& s, const at::Tensor& labels, const at::Tensor& keep, bool share_queries,
-                    const acc_t* grad, const at::Tensor& counts, const at::Tensor& w, const at::Tensor& kept,
-                    const at::Tensor& rois, const at::Tensor& scale) {
-  if (s.N > 0) {
-    CM_LAUNCH(static_cast<unsigned>(s.N), kThreads, 0, stream(), roi_counts_kernel)(
-        labels.data_ptr<int8_t>(), keep.data_ptr<bool>(), s.P, counts.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  CM_LAUNCH(1, kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
-      counts.data_ptr<int32_t>(), keep.data_ptr<bool>(), s.N, share_queries, grad, w.data_ptr<acc_t>(),
-      kept.data_ptr<int64_t>(), rois.defined() ? rois.data_ptr<int64_t>() : nullptr,
-      scale.defined() ? scale.data_ptr<acc_t>() : nullptr);
+// Pixels of each partition of every kept ROI (roi_counts (N, 2) int32).
+void launch_roi_counts(const Shapes& s, const LossInputs& in, const at::Tensor& roi_counts) {
+  if (s.N == 0) return;
+  CM_LAUNCH(static_cast<unsigned>(s.N), kThreads, 0, stream(), roi_counts_kernel)(
+      in.labels.data_ptr<int8_t>(), in.keep.data_ptr<bool>(), s.P, roi_counts.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_query_counts(const Shapes& s, const LossInputs& in, const at::Tensor& roi_counts,
+                         const at::Tensor& counts) {
+  CM_LAUNCH(1, kThreads, 0, stream(), query_counts_kernel)(roi_counts.data_ptr<int32_t>(), in.keep.data_ptr<bool>(),
+                                                           s.N, counts.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -729,100 +749,339 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The stages (DESIGN, "Global query sharing"; the same split as the CPU kernels). All on the current stream,
+// no host sync.
+
+// Stage 1, pass 1 over z: partition means in double and their sums per group (query_sums (G, 2, C)), counts.
+template <typename scalar_t, typename acc_t>
+void stage_query_sums(const Shapes& s, const LossInputs& in, const at::Tensor& query_sums, const at::Tensor& counts) {
+  const auto double_opts = in.double_options();
+  at::Tensor roi_counts = at::empty({s.N, 2}, in.z.options().dtype(at::kInt));
+  at::Tensor roi_means = at::empty({s.N, 2, s.C}, double_opts);
+  launch_roi_counts(s, in, roi_counts);
+  launch_query_counts(s, in, roi_counts, counts);
+  if (s.N > 0) {
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
+              partition_sums_kernel<scalar_t, acc_t>)(in.z.data_ptr<scalar_t>(), in.labels.data_ptr<int8_t>(),
+                                                      in.keep.data_ptr<bool>(), roi_counts.data_ptr<int32_t>(), s.C,
+                                                      s.P, s.channel_blocks, roi_means.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  launch_sum_over_rois<double>(roi_means.data_ptr<double>(), in.keep.data_ptr<bool>(), s.N, 1, 2 * s.C,
+                               in.share_queries, query_sums.data_ptr<double>(), double_opts);
+}
+
+// Stage 2: the queries (hi and lo), pass 2 over z (pixstats) and the negatives' log-sum-exp pairs (lse (G, 4, 2)).
+template <typename scalar_t, typename acc_t>
+void stage_cosines(const Shapes& s, const LossInputs& in, const at::Tensor& query_sums, const at::Tensor& counts,
+                   const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
+  const auto acc_opts = in.acc_options();
+  const LossParams<acc_t> params = in.params<acc_t>();
+  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
+  at::Tensor group_total = at::empty({kNumTerms, 2}, acc_opts);
+  if (s.G * s.C > 0) {
+    const int64_t blocks = ceil_div(s.G * 2 * s.C, kThreads);
+    check_grid(blocks);
+    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
+        query_sums.data_ptr<double>(), counts.data_ptr<double>(), s.G, s.C, in.share_queries,
+        queries.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  launch_query_norms<acc_t>(s, queries, qnorms);
+  if (s.N > 0) {
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), cosines_kernel<scalar_t, acc_t>)(
+        in.z.data_ptr<scalar_t>(), in.keys.data_ptr<uint8_t>(), in.keep.data_ptr<bool>(), queries.data_ptr<acc_t>(),
+        qnorms.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, in.share_queries, params, pixstats.data_ptr<acc_t>(),
+        lse_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // A warp per ROI, or with shared queries a tree over every ROI's block partials first, then one warp.
+  const acc_t* lse_rows = lse_part.data_ptr<acc_t>();
+  int64_t rows_n = s.N, rows_blocks = s.pixel_blocks;
+  if (in.share_queries) {
+    launch_reduce_rows<acc_t>(lse_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms, /*lse=*/true,
+                              group_total.data_ptr<acc_t>(), acc_opts);
+    lse_rows = group_total.data_ptr<acc_t>();
+    rows_n = rows_blocks = 1;
+  }
+  if (s.G > 0) {
+    CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_lse_kernel<acc_t>)(
+        lse_rows, rows_n, rows_blocks, in.share_queries, lse.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Stage 3: termstats[.., kLse] from the (merged) pairs, and the positives' sums (pos_sums (G, 4, 3)).
+template <typename acc_t>
+void stage_terms(const Shapes& s, const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
+                 const at::Tensor& termstats, const at::Tensor& pos_sums) {
+  if (s.G == 0) return;
+  const auto acc_opts = in.acc_options();
+  const LossParams<acc_t> params = in.params<acc_t>();
+  {
+    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
+    check_grid(blocks);
+    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), lse_values_kernel<acc_t>)(
+        lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
+  if (s.N > 0) {
+    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
+        pixstats.data_ptr<acc_t>(), in.keys.data_ptr<uint8_t>(), in.keep.data_ptr<bool>(),
+        termstats.data_ptr<acc_t>(), s.P, s.pixel_blocks, in.share_queries, params, pos_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (in.share_queries) {
+    launch_reduce_rows<acc_t>(pos_part.data_ptr<acc_t>(), nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kPosStats,
+                              /*lse=*/false, pos_sums.data_ptr<acc_t>(), acc_opts);
+  } else {
+    CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_pos_sums_kernel<acc_t>)(
+        pos_part.data_ptr<acc_t>(), s.pixel_blocks, pos_sums.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Stage 4: termstats' ratio, 1/|P| and value, and the loss (out_t: z's dtype, or acc_t for the stage op).
+template <typename out_t, typename acc_t>
+void stage_finish(const Shapes& s, const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
+                  const at::Tensor& termstats, const at::Tensor& loss) {
+  if (s.G > 0) {
+    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
+    check_grid(blocks);
+    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), group_terms_kernel<acc_t>)(
+        pos_sums.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  CM_LAUNCH(1, kThreads, 0, stream(), write_loss_kernel<out_t, acc_t>)(
+      termstats.data_ptr<acc_t>(), s.G, in.share_queries, counts.data_ptr<double>(), loss.data_ptr<out_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Backward stage 1: per-pixel coefficients (coef (N, kNumCoef, P)), pass 1 over z: dq (G, 2, C) and beta (G, 2).
+// grad and neg_grad: 0-dim acc_t tensors on the device (neg_grad may be undefined).
+template <typename scalar_t, typename acc_t>
+void stage_query_grads(const Shapes& s, const LossInputs& in, const at::Tensor& grad, const at::Tensor& neg_grad,
+                       const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& termstats,
+                       const at::Tensor& counts, const at::Tensor& coef, const at::Tensor& dq,
+                       const at::Tensor& beta) {
+  const auto acc_opts = in.acc_options();
+  const LossParams<acc_t> params = in.params<acc_t>();
+  if (s.N == 0) {  // nothing to sum: zero sums (the global loss still sends them)
+    dq.zero_();
+    beta.zero_();
+    return;
+  }
+  const bool* keep_p = in.keep.data_ptr<bool>();
+  at::Tensor scale = at::empty({2}, acc_opts);
+  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, in.double_options());
+  at::Tensor roi_dq = at::empty({s.N, 2, s.C}, acc_opts);
+  CM_LAUNCH(1, 1, 0, stream(), gradient_scales_kernel<acc_t>)(
+      grad.data_ptr<acc_t>(), neg_grad.defined() ? neg_grad.data_ptr<acc_t>() : nullptr, counts.data_ptr<double>(),
+      in.share_queries, scale.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_query_norms<acc_t>(s, queries, qnorms);
+  CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
+      in.keys.data_ptr<uint8_t>(), keep_p, pixstats.data_ptr<acc_t>(), termstats.data_ptr<acc_t>(),
+      qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, in.share_queries, params,
+      coef.data_ptr<acc_t>(), beta_part.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(),
+            weighted_sums_kernel<scalar_t, acc_t>)(in.z.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p,
+                                                   queries.data_ptr<acc_t>(), params.centred_keys(),
+                                                   in.share_queries, s.C, s.P, s.channel_blocks,
+                                                   roi_dq.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, in.share_queries,
+                              dq.data_ptr<acc_t>(), acc_opts);
+  launch_sum_over_rois<double>(beta_part.data_ptr<double>(), keep_p, s.N, s.pixel_blocks, 2, in.share_queries,
+                               beta.data_ptr<double>(), in.double_options());
+}
+
+// Backward stage 2, pass 2 over z: dz.
+template <typename scalar_t, typename acc_t>
+void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef,
+              const at::Tensor& dq, const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
+  if (s.N == 0) return;
+  const auto acc_opts = in.acc_options();
+  at::Tensor roi_counts = at::empty({s.N, 2}, in.z.options().dtype(at::kInt));
+  at::Tensor w = at::empty({s.N, 2}, acc_opts);
+  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
+  at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
+  launch_roi_counts(s, in, roi_counts);
+  {
+    const int64_t blocks = ceil_div(s.N * 2, kThreads);
+    check_grid(blocks);
+    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
+        roi_counts.data_ptr<int32_t>(), counts.data_ptr<double>(), s.N, in.share_queries, w.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  launch_query_norms<acc_t>(s, queries, qnorms, qunit);
+  CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
+      in.z.data_ptr<scalar_t>(), in.labels.data_ptr<int8_t>(), in.keep.data_ptr<bool>(), coef.data_ptr<acc_t>(),
+      queries.data_ptr<acc_t>(), qunit.data_ptr<acc_t>(), dq.data_ptr<acc_t>(), beta.data_ptr<double>(),
+      w.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, in.share_queries, in.params<acc_t>().centred_keys(),
+      dz.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define CM_DISPATCH_LOSS(z, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
+
+// ---------------------------------------------------------------- the stage operators
+
+std::tuple<at::Tensor, at::Tensor> query_sums_cuda(const at::Tensor& z, const at::Tensor& labels,
+                                                   const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
+                                                   double tau_hard, bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  at::Tensor sums = at::zeros(st.query_sums, in.double_options());
+  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_query_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
+  });
+  return {sums, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosines_cuda(const at::Tensor& z, const at::Tensor& labels,
+                                                            const at::Tensor& keys, const at::Tensor& keep,
+                                                            const at::Tensor& query_sums_in,
+                                                            const at::Tensor& counts_in, double tau_easy,
+                                                            double tau_hard, bool share_queries,
+                                                            c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor sums = check_stage(query_sums_in, "query_sums", st.query_sums, at::kDouble, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor queries = at::zeros(st.queries, in.acc_options());
+  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
+  at::Tensor lse = at::empty(st.lse, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_cosines_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
+  });
+  return {queries, pixstats, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> terms_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                              const at::Tensor& keep, const at::Tensor& pixstats_in,
+                                              const at::Tensor& lse_in, double tau_easy, double tau_hard,
+                                              bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor pixstats = check_stage(pixstats_in, "pixstats", st.pixstats, in.acc, in);
+  const at::Tensor lse = check_stage(lse_in, "lse", st.lse, in.acc, in);
+  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
+  at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_terms_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
+  });
+  return {termstats, pos_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                                               const at::Tensor& keep, const at::Tensor& termstats_in,
+                                               const at::Tensor& pos_sums_in, const at::Tensor& counts_in,
+                                               double tau_easy, double tau_hard, bool share_queries,
+                                               c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  at::Tensor termstats = check_stage(termstats_in, "termstats", st.termstats, in.acc, in).clone();
+  const at::Tensor pos_sums = check_stage(pos_sums_in, "pos_sums", st.pos_sums, in.acc, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor loss = at::empty({}, in.acc_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_finish_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_finish<acc_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
+  });
+  return {loss, termstats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> query_grads_cuda(
+    const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad, const at::Tensor& z, const at::Tensor& labels,
+    const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries_in, const at::Tensor& pixstats_in,
+    const at::Tensor& termstats_in, const at::Tensor& counts_in, double tau_easy, double tau_hard, bool share_queries,
+    c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  check_backward_inputs(in, grad, queries_in, pixstats_in, termstats_in);
+  if (neg_grad) check_grad(*neg_grad, "neg_grad", in);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  const at::Tensor queries = queries_in.contiguous(), pixstats = pixstats_in.contiguous(),
+                   termstats = termstats_in.contiguous();
+  const auto acc_opts = in.acc_options();
+  // The upstream gradients stay on the device (no .item(): no host sync).
+  const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
+  const at::Tensor neg_acc = neg_grad ? neg_grad->reshape({}).to(acc_opts).contiguous() : at::Tensor();
+  at::Tensor coef = at::empty(st.coef, acc_opts);
+  at::Tensor dq = at::empty(st.dq, acc_opts);
+  at::Tensor beta = at::empty(st.beta, in.double_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_query_grads_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, neg_acc, queries, pixstats, termstats, counts, coef, dq, beta);
+  });
+  return {coef, dq, beta};
+}
+
+at::Tensor dz_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
+                   const at::Tensor& queries_in, const at::Tensor& coef_in, const at::Tensor& dq_in,
+                   const at::Tensor& beta_in, const at::Tensor& counts_in, double tau_easy, double tau_hard,
+                   bool share_queries, c10::string_view formulation) {
+  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
+  const at::Tensor queries = check_stage(queries_in, "queries", st.queries, in.acc, in);
+  const at::Tensor coef = check_stage(coef_in, "coef", st.coef, in.acc, in);
+  const at::Tensor dq = check_stage(dq_in, "dq", st.dq, in.acc, in);
+  const at::Tensor beta = check_stage(beta_in, "beta", st.beta, at::kDouble, in);
+  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  CM_DISPATCH_LOSS(z, "contrastive_loss_dz_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
+  });
+  return dz;
+}
+
+// ---------------------------------------------------------------- the local loss: the stages in a row
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
     const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
     double tau_hard, bool share_queries, c10::string_view formulation) {
   const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::Tensor &z_c = in.z, &labels_c = in.labels, &keys_c = in.keys, &keep_c = in.keep;
   const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
   const auto acc_opts = in.acc_options();
-  const auto int_opts = z.options().dtype(at::kInt);
-  at::Tensor queries = at::zeros({s.G, kQueryRows, s.C}, acc_opts);
-  at::Tensor pixstats = at::zeros({s.N, 4, s.P}, acc_opts);
-  at::Tensor termstats = at::zeros({s.G, kNumTerms, kNumTermStats}, acc_opts);
+  at::Tensor queries = at::zeros(st.queries, acc_opts);
+  at::Tensor pixstats = at::zeros(st.pixstats, acc_opts);
+  at::Tensor termstats = at::zeros(st.termstats, acc_opts);
   at::Tensor loss = at::empty({}, z.options());
-  at::Tensor counts = at::empty({s.N, 2}, int_opts);
-  at::Tensor w = at::empty({s.N, 2}, acc_opts);
-  at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
-  at::Tensor rois = at::empty({2}, z.options().dtype(at::kLong));
-  const auto double_opts = z.options().dtype(at::kDouble);
-  at::Tensor roi_means = at::empty({s.N, 2, s.C}, double_opts);
-  at::Tensor query_sums = at::zeros({s.G, 2, s.C}, double_opts);
-  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
-  at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
-  at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
-  // Shared queries: the group's merged log-sum-exp pairs, then its positive sums.
-  at::Tensor group_total = at::empty({kNumTerms * kPosStats}, acc_opts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_cuda", [&] {
+  at::Tensor sums = at::zeros(st.query_sums, in.double_options());
+  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+  at::Tensor lse = at::empty(st.lse, acc_opts);
+  at::Tensor pos_sums = at::empty(st.pos_sums, acc_opts);
+  CM_DISPATCH_LOSS(z, "contrastive_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossParams<acc_t> params = in.params<acc_t>();
-    const bool* keep_p = keep_c.data_ptr<bool>();
-    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, nullptr, counts, w, kept, rois, at::Tensor());
-
-    // Pass 1 over z and the queries: partition means and their sums over ROIs in double, then hi and lo.
-    if (s.N > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, s.P, stream(),
-                partition_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p,
-                                                        counts.data_ptr<int32_t>(), s.C, s.P, s.channel_blocks,
-                                                        roi_means.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    launch_sum_over_rois<double>(roi_means.data_ptr<double>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                 query_sums.data_ptr<double>(), double_opts);
-    if (s.G * s.C > 0) {
-      const int64_t blocks = ceil_div(s.G * 2 * s.C, kThreads);
-      check_grid(blocks);
-      CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
-          query_sums.data_ptr<double>(), rois.data_ptr<int64_t>(), s.G, s.C, share_queries, queries.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    launch_query_norms<acc_t>(s, queries, qnorms);
-
-    // Pass 2 over z, then the term statistics.
-    if (s.N > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), cosines_kernel<scalar_t, acc_t>)(
-          z_c.data_ptr<scalar_t>(), keys_c.data_ptr<uint8_t>(), keep_p, queries.data_ptr<acc_t>(),
-          qnorms.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params, pixstats.data_ptr<acc_t>(),
-          lse_part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    // Group statistics: a warp per ROI, or with shared queries a tree over every ROI's block partials
-    // first, then one warp.
-    const acc_t* lse_rows = lse_part.data_ptr<acc_t>();
-    int64_t rows_n = s.N, rows_blocks = s.pixel_blocks;
-    if (share_queries) {
-      launch_reduce_rows<acc_t>(lse_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms, /*lse=*/true,
-                                group_total.data_ptr<acc_t>(), acc_opts);
-      lse_rows = group_total.data_ptr<acc_t>();
-      rows_n = rows_blocks = 1;
-    }
-    if (s.G > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_lse_kernel<acc_t>)(
-          lse_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (s.N > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
-          pixstats.data_ptr<acc_t>(), keys_c.data_ptr<uint8_t>(), keep_p, termstats.data_ptr<acc_t>(), s.P,
-          s.pixel_blocks, share_queries, params, pos_part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    const acc_t* pos_rows = pos_part.data_ptr<acc_t>();
-    if (share_queries) {
-      launch_reduce_rows<acc_t>(pos_rows, nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kPosStats, /*lse=*/false,
-                                group_total.data_ptr<acc_t>(), acc_opts);
-      pos_rows = group_total.data_ptr<acc_t>();
-    }
-    if (s.G > 0) {
-      CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_terms_kernel<acc_t>)(
-          pos_rows, rows_n, rows_blocks, share_queries, termstats.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    CM_LAUNCH(1, kThreads, 0, stream(), write_loss_kernel<scalar_t, acc_t>)(
-        termstats.data_ptr<acc_t>(), s.G, share_queries, kept.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
+    stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
+    stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
+    stage_finish<scalar_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
   });
   return {loss, queries, pixstats, termstats};
 }
@@ -835,59 +1094,26 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   check_backward_inputs(in, grad, queries, pixstats, termstats);
   const c10::cuda::CUDAGuard guard(z.device());
   const Shapes s = shapes_of(in);
+  const StageTensors st = stage_tensors(in);
   at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   if (s.N == 0) return dz;
-  const at::Tensor &z_c = in.z, &labels_c = in.labels, &keys_c = in.keys, &keep_c = in.keep;
   const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
                    termstats_c = termstats.contiguous();
   const auto acc_opts = in.acc_options();
   // The upstream gradient stays on the device (no .item(): no host sync).
   const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
-  at::Tensor counts = at::empty({s.N, 2}, z.options().dtype(at::kInt));
-  at::Tensor w = at::empty({s.N, 2}, acc_opts);
-  at::Tensor kept = at::empty({}, z.options().dtype(at::kLong));
-  at::Tensor scale = at::empty({}, acc_opts);
-  at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
-  at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
-  at::Tensor coef = at::empty({s.N, kNumCoef, s.P}, acc_opts);
-  const auto double_opts = z.options().dtype(at::kDouble);
-  at::Tensor beta_part = at::empty({s.N * s.pixel_blocks, 2}, double_opts);
-  at::Tensor roi_dq = at::empty({s.N, 2, s.C}, acc_opts);
-  at::Tensor dq_sums = at::empty({s.G, 2, s.C}, acc_opts);
-  at::Tensor beta = at::empty({s.G, 2}, double_opts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_loss_backward_cuda", [&] {
+  at::Tensor roi_counts = at::empty({s.N, 2}, z.options().dtype(at::kInt));
+  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+  at::Tensor coef = at::empty(st.coef, acc_opts);
+  at::Tensor dq = at::empty(st.dq, acc_opts);
+  at::Tensor beta = at::empty(st.beta, in.double_options());
+  CM_DISPATCH_LOSS(z, "contrastive_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossParams<acc_t> params = in.params<acc_t>();
-    const bool* keep_p = keep_c.data_ptr<bool>();
-    launch_weights<acc_t>(s, labels_c, keep_c, share_queries, grad_acc.data_ptr<acc_t>(), counts, w, kept, at::Tensor(),
-                          scale);
-    launch_query_norms<acc_t>(s, queries_c, qnorms, qunit);
-
-    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), pixel_coefficients_kernel<acc_t>)(
-        keys_c.data_ptr<uint8_t>(), keep_p, pixstats_c.data_ptr<acc_t>(), termstats_c.data_ptr<acc_t>(),
-        qnorms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), s.P, s.pixel_blocks, share_queries, params,
-        coef.data_ptr<acc_t>(), beta_part.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    // Pass 1 over z: per-ROI sum_i a_i u_i; then dL/dq's parts per group, in a fixed order.
-    CM_LAUNCH(static_cast<unsigned>(s.N * s.channel_blocks), kThreads, 0, stream(),
-              weighted_sums_kernel<scalar_t, acc_t>)(z_c.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), keep_p,
-                                                     queries_c.data_ptr<acc_t>(), params.centred_keys(),
-                                                     share_queries, s.C, s.P, s.channel_blocks,
-                                                     roi_dq.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_over_rois<acc_t>(roi_dq.data_ptr<acc_t>(), keep_p, s.N, 1, 2 * s.C, share_queries,
-                                dq_sums.data_ptr<acc_t>(), acc_opts);
-    launch_sum_over_rois<double>(beta_part.data_ptr<double>(), keep_p, s.N, s.pixel_blocks, 2, share_queries,
-                                 beta.data_ptr<double>(), double_opts);
-
-    // Pass 2 over z: dz.
-    CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
-        z_c.data_ptr<scalar_t>(), labels_c.data_ptr<int8_t>(), keep_p, coef.data_ptr<acc_t>(),
-        queries_c.data_ptr<acc_t>(), qunit.data_ptr<acc_t>(), dq_sums.data_ptr<acc_t>(), beta.data_ptr<double>(),
-        w.data_ptr<acc_t>(), s.C, s.P, s.pixel_blocks, share_queries, params.centred_keys(), dz.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_roi_counts(s, in, roi_counts);
+    launch_query_counts(s, in, roi_counts, counts);
+    stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, at::Tensor(), queries_c, pixstats_c, termstats_c, counts, coef,
+                                       dq, beta);
+    stage_dz<scalar_t, acc_t>(s, in, queries_c, coef, dq, beta, counts, dz);
   });
   return dz;
 }
@@ -897,6 +1123,12 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
   m.impl("contrastive_loss", &contrastive_loss_cuda);
   m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
+  m.impl("contrastive_loss_query_sums", &query_sums_cuda);
+  m.impl("contrastive_loss_cosines", &cosines_cuda);
+  m.impl("contrastive_loss_terms", &terms_cuda);
+  m.impl("contrastive_loss_finish", &finish_cuda);
+  m.impl("contrastive_loss_query_grads", &query_grads_cuda);
+  m.impl("contrastive_loss_dz", &dz_cuda);
 }
 
 }  // namespace contrastmask

@@ -278,6 +278,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
       kept = roi_kept(counts, counts[kNumSets], counts[kNumSets + 1], a.min_keys);
       if (kept) {
         const uint64_t mixed_seed = kernel_mixed_seed(a);
+        const int64_t roi_offset = a.roi_offset_on_device ? *a.roi_offset_on_device : a.roi_offset;
         for (int s = 0; s < kNumSets; ++s) {
           const int c = counts[s];
           const int k = sample_count(a.sigma, c);
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(kPlanMaxThreads) roi_plan_kernel(const PlanArg
             for (int i = tid; i < P; i += T)
               if ((cand_s[i] >> s) & 1) keys_s[i] |= bit;
           } else {
-            select_k_smallest(cand_s, s, P, c, k, key_stream(mixed_seed, n + a.roi_offset, s), hash_s, idx_s,
+            select_k_smallest(cand_s, s, P, c, k, key_stream(mixed_seed, n + roi_offset, s), hash_s, idx_s,
                               list_len, hist, sel, keys_s);
           }
           // Before the next set reuses the list and the histogram (zeroed here for it).
@@ -357,6 +358,7 @@ int32_t launch_plan(PlanArgs<mask_t> a, const at::TensorOptions& opts, bool read
 // CAMs are float32 (float16/bfloat16 widened exactly, as on the CPU) or float64.
 struct CudaPlan {
   using Guard = c10::cuda::CUDAGuard;
+  static constexpr bool kReadsOffsetOnDevice = true;  // a roi_offset tensor on the device is read by the kernel
 
   static int32_t run(const PlanInputs& in, bool read_errors) {
     int32_t errors = 0;

@@ -11,4 +11,28 @@ TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
       "contrastive_loss_backward(Tensor grad, Tensor z, Tensor labels, Tensor keys, Tensor keep, Tensor queries, "
       "Tensor pixstats, Tensor termstats, float tau_easy, float tau_hard, bool share_queries, str formulation) "
       "-> Tensor");
+  // The stages of both (DESIGN, "Global query sharing"): the global loss runs them with collectives in between,
+  // the two ops above run them in a row.
+  m.def(
+      "contrastive_loss_query_sums(Tensor z, Tensor labels, Tensor keys, Tensor keep, float tau_easy, "
+      "float tau_hard, bool share_queries, str formulation) -> (Tensor query_sums, Tensor counts)");
+  m.def(
+      "contrastive_loss_cosines(Tensor z, Tensor labels, Tensor keys, Tensor keep, Tensor query_sums, "
+      "Tensor counts, float tau_easy, float tau_hard, bool share_queries, str formulation) "
+      "-> (Tensor queries, Tensor pixstats, Tensor lse)");
+  m.def(
+      "contrastive_loss_terms(Tensor z, Tensor labels, Tensor keys, Tensor keep, Tensor pixstats, Tensor lse, "
+      "float tau_easy, float tau_hard, bool share_queries, str formulation) -> (Tensor termstats, Tensor pos_sums)");
+  m.def(
+      "contrastive_loss_finish(Tensor z, Tensor labels, Tensor keys, Tensor keep, Tensor termstats, "
+      "Tensor pos_sums, Tensor counts, float tau_easy, float tau_hard, bool share_queries, str formulation) "
+      "-> (Tensor loss, Tensor termstats)");
+  m.def(
+      "contrastive_loss_query_grads(Tensor grad, Tensor? neg_grad, Tensor z, Tensor labels, Tensor keys, "
+      "Tensor keep, Tensor queries, Tensor pixstats, Tensor termstats, Tensor counts, float tau_easy, "
+      "float tau_hard, bool share_queries, str formulation) -> (Tensor coef, Tensor dq, Tensor beta)");
+  m.def(
+      "contrastive_loss_dz(Tensor z, Tensor labels, Tensor keys, Tensor keep, Tensor queries, Tensor coef, "
+      "Tensor dq, Tensor beta, Tensor counts, float tau_easy, float tau_hard, bool share_queries, "
+      "str formulation) -> Tensor");
 }

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 #include "../contrastmask/loss_math.h"
 #include "checks.h"
@@ -36,6 +37,7 @@ struct LossInputs {
     return LossParams<acc_t>{static_cast<acc_t>(tau_easy), static_cast<acc_t>(tau_hard), formulation};
   }
   at::TensorOptions acc_options() const { return z.options().dtype(acc); }
+  at::TensorOptions double_options() const { return z.options().dtype(at::kDouble); }
 };
 
 inline LossInputs loss_inputs(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
@@ -68,13 +70,50 @@ inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef s
   check_same_device(t, name, in.z, "z");
 }
 
+// Shapes of the tensors that pass between the loss's stages (DESIGN, "Global query sharing"; the fake
+// kernels in contrastmask_ops/ops.py give the same).
+struct StageTensors {
+  std::vector<int64_t> query_sums, queries, pixstats, lse, termstats, pos_sums, coef, dq, beta;
+};
+
+constexpr int64_t kNumBackwardCoefs = 8;  // per key pixel: a, gamma, b and 1/|k| of each query side
+
+inline StageTensors stage_tensors(const LossInputs& in) {
+  StageTensors s;
+  s.query_sums = {in.G, 2, in.C};
+  s.queries = {in.G, kQueryRows, in.C};
+  s.pixstats = {in.N, 4, in.P};
+  s.lse = {in.G, kNumTerms, 2};
+  s.termstats = {in.G, kNumTerms, kNumTermStats};
+  s.pos_sums = {in.G, kNumTerms, kNumPosStats};
+  s.coef = {in.N, kNumBackwardCoefs, in.P};
+  s.dq = {in.G, 2, in.C};
+  s.beta = {in.G, 2};
+  return s;
+}
+
+// A stage's input: the shape and dtype the previous stage gives for these inputs, on z's device;
+// returned contiguous.
+inline at::Tensor check_stage(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                              const LossInputs& in) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape,
+                    " (what the previous stage returns for this z), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  check_same_device(t, name, in.z, "z");
+  return t.contiguous();
+}
+
+inline void check_grad(const at::Tensor& grad, const char* name, const LossInputs& in) {
+  TORCH_CHECK_VALUE(grad.dim() == 0, name, ": expected the gradient of a scalar loss (shape ()), got shape ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()), name, ": expected a floating-point dtype, got ",
+                    grad.scalar_type());
+  check_same_device(grad, name, in.z, "z");  // read on the host (CPU) or copied (CUDA): never a meta tensor
+}
+
 inline void check_backward_inputs(const LossInputs& in, const at::Tensor& grad, const at::Tensor& queries,
                                   const at::Tensor& pixstats, const at::Tensor& termstats) {
-  TORCH_CHECK_VALUE(grad.dim() == 0, "grad: expected the gradient of a scalar loss (shape ()), got shape ",
-                    grad.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()), "grad: expected a floating-point dtype, got ",
-                    grad.scalar_type());
-  check_same_device(grad, "grad", in.z, "z");  // read on the host (CPU) or copied (CUDA): never a meta tensor
+  check_grad(grad, "grad", in);
   check_saved(queries, "queries", {in.G, kQueryRows, in.C}, in);
   check_saved(pixstats, "pixstats", {in.N, 4, in.P}, in);
   check_saved(termstats, "termstats", {in.G, kNumTerms, kNumTermStats}, in);

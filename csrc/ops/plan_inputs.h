@@ -51,6 +51,7 @@ struct PlanInputs {
   double sigma = 0.3;
   int64_t hard_sqdist = 2, min_keys = 5, roi_offset = 0;
   at::Tensor seed;                // 0-dim int64 on the CPU or the call's device
+  at::Tensor roi_offset_tensor;   // (CUDA) 0-dim int64 on the call's device, read by the kernel; else roi_offset
 
   bool double_cams() const { return cams.defined() && cams.scalar_type() == at::kDouble; }
   // The fused plan: masks in, keys out (the CPU's row-bitmask path serves only this).
@@ -125,6 +126,7 @@ inline void set_plan_steps(PlanSteps& job, const PlanInputs& in, bool kernel_rea
   job.hard_sqdist = in.hard_sqdist;
   job.min_keys = in.min_keys;
   job.roi_offset = in.roi_offset;
+  job.roi_offset_on_device = data_or_null<int64_t>(in.roi_offset_tensor);
   if (!in.seed.defined()) return;  // nothing is sampled
   if (kernel_reads_seed) {
     job.seed_on_device = in.seed.data_ptr<int64_t>();
@@ -189,6 +191,34 @@ struct PlanOps {
     return {in.labels_out, in.keys_out, in.keep_out};
   }
 
+  // roi_plan with roi_offset a 0-dim int64 tensor: the CUDA kernel reads one on the masks' device (no host
+  // sync; the caller, the global loss, computed it there from every rank's ROI count, and its range is not
+  // checked); any other (a CPU tensor, or the CPU kernels) is read and checked here as the integer.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan_offset_tensor(
+      const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
+      const c10::optional<at::Tensor>& valid, double delta, double sigma, int64_t hard_sqdist, int64_t min_keys,
+      const at::Tensor& seed, const at::Tensor& roi_offset, bool check_inputs) {
+    TORCH_CHECK_VALUE(roi_offset.dim() == 0, "roi_offset: expected a 0-dim int64 tensor, got shape ",
+                      roi_offset.sizes());
+    check_dtype_in(roi_offset, "roi_offset", {at::kLong}, "int64");
+    TORCH_CHECK_VALUE(roi_offset.device().is_cpu() || roi_offset.device() == masks.device(),
+                      "roi_offset: expected the CPU or ", masks.device(), " (the device of masks), got ",
+                      roi_offset.device());
+    if (!Device::kReadsOffsetOnDevice || roi_offset.device() != masks.device())
+      return roi_plan(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed,
+                      *roi_offset.contiguous().data_ptr<int64_t>(), check_inputs);
+    check_plan_inputs(masks, cams, is_novel, valid, delta);
+    check_sampling_params(sigma, min_keys, 0);
+    check_seed(seed, masks, "masks");
+    const typename Device::Guard guard(masks.device());
+    PlanInputs in = mask_inputs(masks, cams, is_novel, valid, delta);
+    in.labels_out = in.new_grid(at::kChar);
+    add_sampling(in, sigma, hard_sqdist, min_keys, seed, 0);
+    in.roi_offset_tensor = roi_offset.contiguous();
+    run_checked(in, check_inputs);
+    return {in.labels_out, in.keys_out, in.keep_out};
+  }
+
  private:
   // Runs the kernel; raises on bad values unless check_inputs is false (then they give unspecified results:
   // an ROI with a bad mask, or a novel one without CAMs, is dropped by the sampler).
@@ -205,6 +235,7 @@ void register_plan_ops(torch::Library& m) {
   m.impl("boundary_sqdist", &PlanOps<Device>::boundary_sqdist);
   m.impl("sample_keys", &PlanOps<Device>::sample_keys);
   m.impl("roi_plan", &PlanOps<Device>::roi_plan);
+  m.impl("roi_plan.offset_tensor", &PlanOps<Device>::roi_plan_offset_tensor);
 }
 
 }  // namespace contrastmask

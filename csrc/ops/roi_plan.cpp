@@ -41,4 +41,10 @@ TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
       "int hard_sqdist, int min_keys, SymInt seed, int roi_offset=0, bool check_inputs=True) "
       "-> (Tensor labels, Tensor keys, Tensor keep)",
       &contrastmask::roi_plan_int_seed);
+  // roi_offset as a 0-dim int64 tensor on the CPU or the masks' device (read by the CUDA kernel: the global
+  // loss computes it on the device, with no host sync; DESIGN, "Global query sharing").
+  m.def(
+      "roi_plan.offset_tensor(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, "
+      "float sigma, int hard_sqdist, int min_keys, Tensor seed, Tensor roi_offset, bool check_inputs=True) "
+      "-> (Tensor labels, Tensor keys, Tensor keep)");
 }

@@ -1,6 +1,6 @@
 """CUDA-only checks that need a real GPU (skipped without one): LossStats take no host sync, neither do the loss
-from keys and the pipeline with check_inputs=False and a device seed (which a CUDA graph then replays), and
-autocast on CUDA computes the loss in float32."""
+from keys and the pipeline with check_inputs=False and a device seed (which a CUDA graph then replays; the
+global pipeline after its first call), and autocast on CUDA computes the loss in float32."""
 import pytest
 import torch
 
@@ -103,3 +103,34 @@ def test_loss_takes_no_host_sync():
             torch.autograd.grad(loss, z)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_global_loss_with_a_device_seed_and_no_value_checks_takes_no_host_sync():
+    """process_group= on a one-rank NCCL group: after the first call of a configuration (the join's agreement
+    check reads the gathered rows once), a step reads nothing on the host (DESIGN, "Global query sharing")."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available() or dist.is_initialized():
+        pytest.skip("needs NCCL and no process group of this process")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
+        seed = torch.tensor(7, device=CUDA)
+        args = (b["masks"], b["cams"], b["is_novel"])
+        kwargs = dict(seed=seed, check_inputs=False, process_group=dist.group.WORLD)
+        cm.query_sharing_contrastive_loss(b["z"], *args, **kwargs)  # joins the configuration
+        z = b["z"][:12].clone().requires_grad_(True)  # another N: the ROI offset is computed on the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = cm.query_sharing_contrastive_loss(z, *(a[:12] for a in args), **kwargs)
+            (dz,) = torch.autograd.grad(loss, z)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        dist.destroy_process_group()
+    z_local = b["z"][:12].clone().requires_grad_(True)
+    want = cm.query_sharing_contrastive_loss(z_local, *(a[:12] for a in args), seed=7)
+    (want_dz,) = torch.autograd.grad(want, z_local)
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dz, want_dz, rtol=1e-5, atol=1e-7)

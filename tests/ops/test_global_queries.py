@@ -30,9 +30,48 @@ SPLITS = {
     "rank1_all_dropped": (7, range(7, N)),
 }
 IMPLS = ["reference"] + (["kernels"] if cm.build_info()["cpu"] else [])
+# The CUDA kernels too, emulated on the CPU under each fiber order (tests/emulator/cuda_emu.py; marked cuda_emu).
+EMU_IMPLS = ["emu-fwd", "emu-rev", "emu-rand"] if cm.build_info()["cpu"] else []
 FORMULATIONS = ["paper", "released"]
-CASES = [(split, impl, formulation, share_queries) for split in SPLITS for impl in IMPLS
+CASES = [(split, impl, formulation, share_queries) for split in SPLITS for impl in IMPLS + EMU_IMPLS
          for formulation in FORMULATIONS for share_queries in (True, False)]
+
+
+def case_param(case):
+    marks = [pytest.mark.cuda_emu] if case[1].startswith("emu-") else []
+    return pytest.param(*case, marks=marks, id="-".join(map(str, case)))
+
+
+class _emulated:
+    """Within: the public API runs the emulated CUDA kernels under a fiber order (impl "emu-<order>")."""
+
+    def __init__(self, impl):
+        self.order = impl.removeprefix("emu-") if impl.startswith("emu-") else None
+
+    def __enter__(self):
+        if self.order is not None:
+            import cuda_emu
+
+            self.saved = functional._ops
+            functional._ops = _emu_ops()
+            cuda_emu.set_order(self.order, 7)
+        return self
+
+    def __exit__(self, *exc):
+        if self.order is not None:
+            functional._ops = self.saved
+
+
+_EMU_OPS = []
+
+
+def _emu_ops():
+    """The emulation's namespace, recording its plans (one object per process)."""
+    if not _EMU_OPS:
+        import cuda_emu
+
+        _EMU_OPS.append(_RecordingOps(cuda_emu.load()))
+    return _EMU_OPS[0]
 
 
 def whole_batch():
@@ -62,9 +101,10 @@ def single_process(impl, split, formulation, share_queries):
     valid = valid_rows(split)
     z = z.clone().requires_grad_(True)
     api = ref if impl == "reference" else cm
-    loss = api.query_sharing_contrastive_loss(z, masks, cams, novel, valid=valid, seed=SEED,
-                                              **loss_kwargs(formulation, share_queries))
-    (dz,) = torch.autograd.grad(loss, z)
+    with _emulated(impl):
+        loss = api.query_sharing_contrastive_loss(z, masks, cams, novel, valid=valid, seed=SEED,
+                                                  **loss_kwargs(formulation, share_queries))
+        (dz,) = torch.autograd.grad(loss, z)
     labels = ref.partition(masks, cams, novel, valid=valid)
     keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(masks), novel, min_keys=2, seed=SEED)
     return loss.detach(), dz, keys, keep
@@ -121,10 +161,11 @@ def _rank_case(rank, split, impl, formulation, share_queries):
     rows = rank_rows(split, rank)
     z = z[rows].clone().requires_grad_(True)
     api = ref if impl == "reference" else cm
-    loss = api.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows], valid=valid_rows(split)[rows],
-                                              seed=SEED, process_group=dist.group.WORLD,
-                                              **loss_kwargs(formulation, share_queries))
-    loss.backward()
+    with _emulated(impl):
+        loss = api.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows],
+                                                  valid=valid_rows(split)[rows], seed=SEED,
+                                                  process_group=dist.group.WORLD, **loss_kwargs(formulation, share_queries))
+        loss.backward()
     return loss.detach(), z.grad
 
 
@@ -246,6 +287,74 @@ def _rank_edges(rank):
     return out
 
 
+NO_SYNC_STEPS = ((4, 5), (6, 6), (0, 7), (9, 8))  # (rank 0's rows, the step's seed offset) of each step
+
+
+class _Counting:
+    """Counts host reads of tensor values (tolist, item, int/float/bool of a tensor) and all_gathers."""
+
+    READS = ("tolist", "item", "__int__", "__index__", "__float__", "__bool__")
+
+    def __init__(self):
+        self.reads = self.gathers = 0
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.READS}
+        self.saved_gather = dist.all_gather
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._counting(method))
+
+        def gather(*args, **kwargs):
+            self.gathers += 1
+            return self.saved_gather(*args, **kwargs)
+
+        dist.all_gather = gather
+        return self
+
+    def _counting(self, method):
+        def counted(*args, **kwargs):
+            self.reads += 1
+            return method(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+        dist.all_gather = self.saved_gather
+
+
+def _rank_no_sync(rank):
+    """A tensor seed and check_inputs=False: host reads and all_gathers of each step (the ROI split and the seed
+    change every step), and each step's loss and gradient."""
+    z, masks, cams, novel = whole_batch()
+    seed = torch.tensor(0)
+    out = []
+    for cut, step in NO_SYNC_STEPS:
+        rows = slice(0, cut) if rank == 0 else slice(cut, N)
+        zz = z[rows].clone().requires_grad_(True)
+        seed.fill_(SEED - 2**64 + step)
+        with _Counting() as counting:
+            loss = cm.query_sharing_contrastive_loss(zz, masks[rows], cams[rows], novel[rows], seed=seed,
+                                                     check_inputs=False, process_group=dist.group.WORLD, min_keys=2)
+            loss.backward()
+        out.append(dict(reads=counting.reads, gathers=counting.gathers, loss=loss.detach(), dz=zz.grad))
+    return out
+
+
+FLOAT32_CASES = [(impl, formulation, share_queries) for impl in IMPLS[1:] + EMU_IMPLS[:1]
+                 for formulation in FORMULATIONS for share_queries in (True, False)]
+
+
+def _float32_loss(impl, formulation, share_queries, rows=slice(0, N), group=None):
+    z, masks, cams, novel = whole_batch()
+    z = z[rows].float().clone().requires_grad_(True)
+    with _emulated(impl):
+        loss = cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows], seed=SEED, process_group=group,
+                                                 **loss_kwargs(formulation, share_queries))
+        (dz,) = torch.autograd.grad(loss, z)
+    return loss.detach(), dz
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD,
@@ -256,7 +365,8 @@ def _worker(rank, init_file, out_dir):
         ref_plans = _record_reference_keys()
         out = {}
         for split, impl, formulation, share_queries in CASES:
-            plans = ref_plans if impl == "reference" else functional._ops.plans
+            plans = ref_plans if impl == "reference" else _emu_ops().plans if impl.startswith("emu-") \
+                else functional._ops.plans
             loss, dz = _rank_case(rank, split, impl, formulation, share_queries)
             keys, keep = plans[-1][-2:]
             out[(split, impl, formulation, share_queries)] = dict(loss=loss, dz=dz, keys=keys, keep=keep)
@@ -269,6 +379,9 @@ def _worker(rank, init_file, out_dir):
         out["seed_tensor"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
                                                                seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
                                                                process_group=dist.group.WORLD)
+        out["no_sync"] = _rank_no_sync(rank)
+        out["float32"] = {case: _float32_loss(*case, rows=rank_rows("uneven", rank), group=dist.group.WORLD)
+                          for case in FLOAT32_CASES}
         out["errors"] = _rank_errors(rank)
         out["one_rank_errors"] = _rank_errors_of_one_rank(rank)
         out["module_copy"] = _rank_module_copy(rank)
@@ -304,7 +417,7 @@ def _assert_close(got, want, rel, scale):
     assert err <= rel * scale, (err, scale)
 
 
-@pytest.mark.parametrize("split,impl,formulation,share_queries", CASES)
+@pytest.mark.parametrize("split,impl,formulation,share_queries", [case_param(case) for case in CASES])
 def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, impl, formulation, share_queries):
     loss, dz, keys, keep = single_process(impl, split, formulation, share_queries)
     assert keep.any()
@@ -320,6 +433,20 @@ def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, i
                        ranks[1][(split, impl, formulation, share_queries)]["loss"])
     if split == "rank1_all_dropped":
         assert not ranks[1][(split, impl, formulation, share_queries)]["keep"].any()
+
+
+@pytest.mark.parametrize("impl,formulation,share_queries",
+                         [pytest.param(*case, marks=[pytest.mark.cuda_emu] if case[0].startswith("emu-") else [])
+                          for case in FLOAT32_CASES])
+def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl, formulation, share_queries):
+    loss, dz = _float32_loss(impl, formulation, share_queries)
+    for rank, results in enumerate(ranks):
+        got_loss, got_dz = results["float32"][(impl, formulation, share_queries)]
+        assert got_loss.dtype == torch.float32
+        torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-7)
+        _assert_close(got_dz, dz[rank_rows("uneven", rank)], 1e-4, dz.abs().max().item())
+    assert torch.equal(ranks[0]["float32"][(impl, formulation, share_queries)][0],
+                       ranks[1]["float32"][(impl, formulation, share_queries)][0])
 
 
 def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
@@ -346,6 +473,24 @@ def test_a_tensor_seed_is_joined_like_the_integer(ranks):
     want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
     for results in ranks:
         assert abs(results["seed_tensor"].item() - want.item()) <= 1e-12 * want.item()
+
+
+@pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
+def test_a_tensor_seed_without_input_checks_reads_nothing_on_the_host_after_the_first_step(ranks):
+    z, masks, cams, novel = whole_batch()
+    for i, (cut, step) in enumerate(NO_SYNC_STEPS):
+        zz = z.clone().requires_grad_(True)
+        want = cm.query_sharing_contrastive_loss(zz, masks, cams, novel, seed=SEED + step, min_keys=2)
+        (dz,) = torch.autograd.grad(want, zz)
+        for rank, results in enumerate(ranks):
+            got = results["no_sync"][i]
+            # the first step joins the configuration (one host read of the gathered rows); later ones read nothing
+            assert got["reads"] == (1 if i == 0 else 0), (i, got["reads"])
+            # join, query sums, log-sum-exp pairs, positive sums; backward: term sums' gradients, dL/dq sums
+            assert got["gathers"] == 6, (i, got["gathers"])
+            assert abs(got["loss"].item() - want.item()) <= 1e-12 * abs(want.item())
+            rows = slice(0, cut) if rank == 0 else slice(cut, N)
+            _assert_close(got["dz"], dz[rows], 1e-10, dz.abs().max().item())
 
 
 def test_ranks_that_disagree_all_raise(ranks):

@@ -96,11 +96,21 @@ def test_roi_offset_samples_as_the_whole_batch(device, hw):
         assert torch.equal(keys, whole[1][rows]) and torch.equal(keep, whole[2][rows]), (a, e)
         keys, keep = cm.sample_keys(labels[rows], sqdist[rows], novel[rows], min_keys=1, seed=seed, roi_offset=a)
         assert torch.equal(keys, whole_keys[rows]) and torch.equal(keep, whole_keep[rows]), (a, e)
+        # the offset as a tensor (the global loss's no-sync path): on the masks' device the kernel reads it
+        for where in {device.torch_device, torch.device("cpu")}:
+            offset = torch.tensor(a, device=where)
+            seed_t = torch.tensor(seed, device=device.torch_device)
+            _, keys, keep = device.ops.roi_plan.offset_tensor(masks[rows], cams[rows], novel[rows], None, 0.1, 0.3,
+                                                              2, 1, seed_t, offset)
+            assert torch.equal(keys, whole[1][rows]) and torch.equal(keep, whole[2][rows]), (a, e, where)
     # the offset is what makes them equal: without it, the slice samples other pixels
     _, keys, _ = device.ops.roi_plan(masks[5:], cams[5:], novel[5:], None, 0.1, 0.3, 2, 1, seed)
     assert not torch.equal(keys, whole[1][5:])
     with pytest.raises(ValueError, match="roi_offset"):
         device.ops.roi_plan(masks, cams, novel, None, 0.1, 0.3, 2, 1, seed, -1)
+    with pytest.raises(ValueError, match="roi_offset"):
+        device.ops.roi_plan.offset_tensor(masks, cams, novel, None, 0.1, 0.3, 2, 1, torch.tensor(seed),
+                                          torch.tensor([0]))
 
 
 # (an integer seed, the int64 tensor with its 64 bits): SPEC takes the seed mod 2^64.
