@@ -88,13 +88,17 @@ def test_decision_rule():
     assert ablate.decide(summary([3], [1]), "a", "b", "x")["verdict"] == "too few seeds"
 
 
-def test_results_match_their_report_and_readme():
-    # The README's ablation table is what `python -m model.ablate --report-only` prints from the
-    # committed results file, and the committed .md is that report: neither may drift from the data.
-    stem = os.path.join(REPO, "model", "results", "ablation-shapes-category-v2")
+@pytest.mark.parametrize("study", ["v2", "v3"])
+def test_results_match_their_report_and_readme(study):
+    # The README's ablation tables are what `python -m model.ablate --report-only` prints from the
+    # committed results files, and each committed .md is that report: neither may drift from the data.
+    stem = os.path.join(REPO, "model", "results", f"ablation-shapes-category-{study}")
     with open(stem + ".json") as f:
         record = json.load(f)
     arms = list(record["arms"])
+    # Every arm has its 3 seeds; v3 is the pretrained study, and says so in its protocol.
+    assert sorted((r["arm"], r["seed"]) for r in record["runs"]) == sorted((a, s) for a in arms for s in (0, 1, 2))
+    assert ("backbone mobilenet_v2 (imagenet" in record["protocol"]) == (study == "v3")
     summary = ablate.summarize(record["runs"], arms)
     report = ablate.format_report(summary, ablate.decide_all(summary), arms, record["protocol"])
     with open(stem + ".md") as f:
