@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import platform
@@ -35,7 +34,7 @@ import torch
 
 from . import aten_trace, gpu_specs
 from .inputs import KEY_SEED, Batch, make_batch
-from .results import DTYPES
+from .results import DTYPES, write_json
 from .targets import BYTE_FLOOR_PASSES
 
 REPO_ROOT = gpu_specs.REPO_ROOT
@@ -415,10 +414,8 @@ def main(argv=None):
     print("\nHot lines (>= 5 % of a kernel's predicted time) with coalescing < 0.5 or a bank conflict > 2-way:\n")
     print(hot_table(result["hot_lines"]))
     if not args.quick:
-        out = args.out or os.path.join(RESULTS_DIR, f"gpu-model-{result['meta']['date']}.json")
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {os.path.relpath(out, REPO_ROOT)}")
+        print()
+        write_json(result, args.out or os.path.join(RESULTS_DIR, f"gpu-model-{result['meta']['date']}.json"))
     return result
 
 

@@ -5,11 +5,23 @@ The JSON written by run.py is `Results.to_json()`; `Results.from_json` reads it 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from .targets import BYTE_FLOOR_PASSES
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_json(data, path: str, indent: int = 1) -> str:
+    """Writes a results file and says so ("wrote <path>", the line tools/gpu_check.py looks for)."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+    print(f"wrote {os.path.relpath(path, REPO_ROOT)}", flush=True)
+    return path
+
 
 STAGES = ("plan", "loss_fwd", "loss_fwd_bwd", "pipeline_fwd_bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,6 +20,8 @@ import tempfile
 
 import torch
 
+from .results import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "model", "configs", "demo.json")
 WARMUP = 10
@@ -79,10 +81,8 @@ def main(argv=None):
     record = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "config": os.path.relpath(CONFIG, ROOT), "iters": args.iters, "warmup": WARMUP,
               "load_before": load_before, "load_after": os.getloadavg(), "runs": rows}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"cpu-{record['date']}-shared-machine.json")
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    write_json(record, args.out or os.path.join(ROOT, "benchmarks", "results",
+                                                f"cpu-{record['date']}-shared-machine.json"), indent=2)
     return record
 
 

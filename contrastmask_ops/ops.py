@@ -59,14 +59,16 @@ def _stage_shapes(z, share_queries):
             "coef": ((n, 8, h * w), acc), "dq": ((groups, 2, c), acc), "beta": ((groups, 2), torch.float64)}
 
 
-def _check_stage(z, share_queries, **tensors):
+def _check_stage(z, share_queries, why="what the previous stage returns for this z", **tensors):
+    """Each tensor has the shape, dtype and device its stage (or the forward, for the backward's saved
+    tensors) gives it for this z."""
     shapes = _stage_shapes(z, share_queries)
     for name, t in tensors.items():
         shape, dtype = shapes[name]
         common.check_tensor(name, t, len(shape), str(shape))
         common._require(tuple(t.shape) == shape, ValueError,
-                        lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} (what the previous "
-                                                            f"stage returns for this z), got {tuple(t.shape)}")
+                        lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} ({why}), "
+                                                            f"got {tuple(t.shape)}")
         common.check_dtype(name, t, (dtype,), str(dtype))
         common.check_same_device(name, t, "z", z)
 
@@ -151,21 +153,10 @@ def register(namespace: str = "contrastmask"):
     @torch.library.register_fake(namespace + "::contrastive_loss_backward")
     def _(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard, share_queries, formulation):
         _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
-        common._require(grad.dim() == 0, ValueError,
-                        lambda: f"grad must be the gradient of a scalar loss (shape ()), got shape {tuple(grad.shape)}")
-        common._require(grad.is_floating_point(), ValueError,
-                        lambda: f"grad must have a floating-point dtype, got {grad.dtype}")
-        common.check_same_device("grad", grad, "z", z)
-        acc = _acc_dtype(z)
+        _check_grad("grad", grad, z)
         # The saved tensors must be what the forward returned for these inputs.
-        for name, t in (("queries", queries), ("pixstats", pixstats), ("termstats", termstats)):
-            shape = _saved_shapes(z, share_queries)[name]
-            common.check_tensor(name, t, len(shape), str(shape))
-            common._require(tuple(t.shape) == shape, ValueError,
-                            lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} (from z and "
-                                                                f"share_queries), got {tuple(t.shape)}")
-            common.check_dtype(name, t, (acc,), str(acc))
-            common.check_same_device(name, t, "z", z)
+        _check_stage(z, share_queries, "from z and share_queries", queries=queries, pixstats=pixstats,
+                     termstats=termstats)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     # The loss's stages (the global loss runs them with collectives in between).

@@ -232,6 +232,8 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
     return _loss(z, labels, keys, keep, params)[0]
 
 
+# A deliberate twin of functional.py's: the two paths keep one public signature (tests/ops/test_dispatch.py,
+# test_both_paths_keep_one_public_signature holds them to it).
 def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *,
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,

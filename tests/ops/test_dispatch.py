@@ -55,3 +55,15 @@ def test_kernels_for_the_device_are_used(monkeypatch):
     b = blob_batch(4, 14, 14, 8, seed=3)
     cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=1)
     assert backend("cpu") == "compiled" and calls == ["roi_plan", "contrastive_loss"]
+
+
+def test_both_paths_keep_one_public_signature():
+    # functional.py (the kernels) and reference.py (the oracle) are deliberate twins at the API: a keyword
+    # added to one and not the other would be accepted on one path only.
+    import inspect
+
+    from contrastmask_ops import functional, reference
+
+    for name in ("partition", "boundary_sqdist", "sample_keys", "contrastive_loss_from_keys",
+                 "query_sharing_contrastive_loss"):
+        assert inspect.signature(getattr(functional, name)) == inspect.signature(getattr(reference, name)), name
