@@ -29,7 +29,8 @@ def kernel_short_name(name: str) -> str:
     """`cosines_kernel<float, float>` from a demangled kernel name: our namespaces, the return type and the
     parameter list dropped (the profiler's names and the traced build's, tests/emulator/gpu_trace.py, both go
     through it)."""
-    name = name.replace("contrastmask::(anonymous namespace)::", "").replace("(anonymous namespace)::", "")
+    for prefix in ("contrastmask::(anonymous namespace)::", "contrastmask::cuda::", "(anonymous namespace)::"):
+        name = name.replace(prefix, "")
     depth, out = 0, []
     for ch in name:  # drop the parameter list, keep template arguments
         if ch == "(" and depth == 0:

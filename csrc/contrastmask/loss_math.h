@@ -156,6 +156,18 @@ CM_HD acc_t clamped_norm(acc_t n, acc_t eps = acc_t(kNormEps)) { return n > eps 
 constexpr int kQueryRows = 4;
 enum QueryRow : int { kQueryPos = 0, kQueryNeg = 1, kQueryPosLo = 2, kQueryNegLo = 3 };
 
+// The rows of group g's queries in `queries` (G, kQueryRows, C).
+template <typename acc_t>
+struct QueryRows {
+  const acc_t *pos, *neg, *pos_lo, *neg_lo;
+};
+
+template <typename acc_t>
+CM_HD QueryRows<acc_t> query_rows(const acc_t* queries, int64_t g, int64_t C) {
+  const acc_t* q = queries + g * kQueryRows * C;
+  return {q + kQueryPos * C, q + kQueryNeg * C, q + kQueryPosLo * C, q + kQueryNegLo * C};
+}
+
 template <typename acc_t>
 CM_HD void split_query(double q, acc_t* hi, acc_t* lo) {
   const acc_t h = static_cast<acc_t>(q);

@@ -11,6 +11,7 @@
 
 #include "../contrastmask/loss_math.h"
 #include "../ops/loss_inputs.h"
+#include "../ops/loss_ops.h"
 
 namespace contrastmask {
 namespace {
@@ -463,8 +464,10 @@ acc_t gradient_scale(bool share_queries, acc_t grad, const double* counts) {
   return kept > 0 ? grad / acc_t(kept) : acc_t(0);
 }
 
+// The job of one call; the stage tensors given (defined) are read or written through it.
 template <typename scalar_t, typename acc_t>
-LossJob<scalar_t, acc_t> make_job(const LossInputs& in) {
+LossJob<scalar_t, acc_t> make_job(const LossInputs& in, const at::Tensor& queries = {}, const at::Tensor& pixstats = {},
+                                  const at::Tensor& termstats = {}) {
   LossJob<scalar_t, acc_t> job;
   job.N = in.N;
   job.C = in.C;
@@ -476,219 +479,128 @@ LossJob<scalar_t, acc_t> make_job(const LossInputs& in) {
   job.labels = in.labels.data_ptr<int8_t>();
   job.keys = in.keys.data_ptr<uint8_t>();
   job.keep = in.keep.data_ptr<bool>();
+  if (queries.defined()) job.queries = const_cast<acc_t*>(queries.data_ptr<acc_t>());
+  if (pixstats.defined()) job.pixstats = const_cast<acc_t*>(pixstats.data_ptr<acc_t>());
+  if (termstats.defined()) job.termstats = const_cast<acc_t*>(termstats.data_ptr<acc_t>());
   return job;
 }
 
-template <typename acc_t>
-acc_t* ptr(const at::Tensor& t) {
-  return const_cast<acc_t*>(t.data_ptr<acc_t>());
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return const_cast<T*>(t.data_ptr<T>());
 }
 
 #define CM_DISPATCH_LOSS(z, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
 
-// ---------------------------------------------------------------- the stage operators
+// ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
 
-std::tuple<at::Tensor, at::Tensor> query_sums_cpu(const at::Tensor& z, const at::Tensor& labels,
-                                                  const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
-                                                  double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor sums = at::empty(st.query_sums, in.double_options());
-  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_query_sums_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    query_sums(make_job<scalar_t, acc_t>(in), sums.data_ptr<double>(), counts.data_ptr<double>());
-  });
-  return {sums, counts};
-}
+struct CpuLoss {
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosines_cpu(const at::Tensor& z, const at::Tensor& labels,
-                                                           const at::Tensor& keys, const at::Tensor& keep,
-                                                           const at::Tensor& query_sums_in,
-                                                           const at::Tensor& counts_in, double tau_easy,
-                                                           double tau_hard, bool share_queries,
-                                                           c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor sums = check_stage(query_sums_in, "query_sums", st.query_sums, at::kDouble, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor queries = at::zeros(st.queries, in.acc_options());
-  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
-  at::Tensor lse = at::empty(st.lse, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_cosines_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = queries.data_ptr<acc_t>();
-    job.pixstats = pixstats.data_ptr<acc_t>();
-    make_queries(job, sums.data_ptr<double>(), counts.data_ptr<double>());
-    std::vector<acc_t> qnorm;
-    query_norms(job, qnorm);
-    cosines(job, qnorm);
-    group_lse(job, lse.data_ptr<acc_t>());
-  });
-  return {queries, pixstats, lse};
-}
+  static at::Tensor forward(const LossInputs& in, const at::Tensor& queries, const at::Tensor& pixstats,
+                            const at::Tensor& termstats) {
+    at::Tensor loss = at::zeros({}, in.acc_options());
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
+      std::vector<double> sums(in.G * 2 * in.C), counts(kNumCounts);
+      contrastmask::query_sums(job, sums.data(), counts.data());
+      make_queries(job, sums.data(), counts.data());
+      std::vector<acc_t> qnorm;
+      query_norms(job, qnorm);
+      contrastmask::cosines(job, qnorm);
+      std::vector<acc_t> lse(in.G * kNumTerms * 2), pos_sums(in.G * kNumTerms * kNumPosStats);
+      group_lse(job, lse.data());
+      positive_sums(job, lse.data(), pos_sums.data());
+      loss.fill_(group_terms(job, pos_sums.data(), counts.data()));
+    });
+    return loss.to(in.z.scalar_type());
+  }
 
-std::tuple<at::Tensor, at::Tensor> terms_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
-                                             const at::Tensor& keep, const at::Tensor& pixstats_in,
-                                             const at::Tensor& lse_in, double tau_easy, double tau_hard,
-                                             bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor pixstats = check_stage(pixstats_in, "pixstats", st.pixstats, in.acc, in);
-  const at::Tensor lse = check_stage(lse_in, "lse", st.lse, in.acc, in);
-  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
-  at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_terms_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.pixstats = ptr<acc_t>(pixstats);
-    job.termstats = termstats.data_ptr<acc_t>();
-    positive_sums(job, lse.data_ptr<acc_t>(), pos_sums.data_ptr<acc_t>());
-  });
-  return {termstats, pos_sums};
-}
+  static void backward(const LossInputs& in, const at::Tensor& grad, const at::Tensor& queries,
+                       const at::Tensor& pixstats, const at::Tensor& termstats, const at::Tensor& dz) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
+      std::vector<double> counts(kNumCounts), beta(in.G * 2);
+      query_counts(job, roi_counts(job), counts.data());
+      const acc_t scale =
+          gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()), counts.data());
+      std::vector<acc_t> coef(in.N * kNumCoef * in.P), dq(in.G * 2 * in.C);
+      contrastmask::query_grads(job, scale, scale, coef.data(), dq.data(), beta.data());
+      write_dz(job, coef.data(), dq.data(), beta.data(), counts.data(), ptr<scalar_t>(dz));
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> finish_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
-                                              const at::Tensor& keep, const at::Tensor& termstats_in,
-                                              const at::Tensor& pos_sums_in, const at::Tensor& counts_in,
-                                              double tau_easy, double tau_hard, bool share_queries,
-                                              c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor termstats = check_stage(termstats_in, "termstats", st.termstats, in.acc, in).clone();
-  const at::Tensor pos_sums = check_stage(pos_sums_in, "pos_sums", st.pos_sums, in.acc, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor loss = at::zeros({}, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_finish_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.termstats = termstats.data_ptr<acc_t>();
-    loss.fill_(group_terms(job, pos_sums.data_ptr<acc_t>(), counts.data_ptr<double>()));
-  });
-  return {loss, termstats};
-}
+  static void query_sums(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      contrastmask::query_sums(make_job<scalar_t, acc_t>(in), ptr<double>(sums), ptr<double>(counts));
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> query_grads_cpu(
-    const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad, const at::Tensor& z, const at::Tensor& labels,
-    const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries_in, const at::Tensor& pixstats_in,
-    const at::Tensor& termstats_in, const at::Tensor& counts_in, double tau_easy, double tau_hard, bool share_queries,
-    c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  check_backward_inputs(in, grad, queries_in, pixstats_in, termstats_in);
-  if (neg_grad) check_grad(*neg_grad, "neg_grad", in);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  const at::Tensor queries = queries_in.contiguous(), pixstats = pixstats_in.contiguous(),
-                   termstats = termstats_in.contiguous();
-  at::Tensor coef = at::empty(st.coef, in.acc_options());
-  at::Tensor dq = at::empty(st.dq, in.acc_options());
-  at::Tensor beta = at::empty(st.beta, in.double_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_query_grads_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = ptr<acc_t>(queries);
-    job.pixstats = ptr<acc_t>(pixstats);
-    job.termstats = ptr<acc_t>(termstats);
-    const acc_t scale = gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()),
-                                       counts.data_ptr<double>());
-    const acc_t neg_scale = neg_grad ? static_cast<acc_t>(neg_grad->to(at::kDouble).item<double>()) : scale;
-    query_grads(job, scale, neg_scale, coef.data_ptr<acc_t>(), dq.data_ptr<acc_t>(), beta.data_ptr<double>());
-  });
-  return {coef, dq, beta};
-}
+  static void cosines(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts,
+                      const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats);
+      make_queries(job, ptr<double>(sums), ptr<double>(counts));
+      std::vector<acc_t> qnorm;
+      query_norms(job, qnorm);
+      contrastmask::cosines(job, qnorm);
+      group_lse(job, ptr<acc_t>(lse));
+    });
+  }
 
-at::Tensor dz_cpu(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
-                  const at::Tensor& queries_in, const at::Tensor& coef_in, const at::Tensor& dq_in,
-                  const at::Tensor& beta_in, const at::Tensor& counts_in, double tau_easy, double tau_hard,
-                  bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor queries = check_stage(queries_in, "queries", st.queries, in.acc, in);
-  const at::Tensor coef = check_stage(coef_in, "coef", st.coef, in.acc, in);
-  const at::Tensor dq = check_stage(dq_in, "dq", st.dq, in.acc, in);
-  const at::Tensor beta = check_stage(beta_in, "beta", st.beta, at::kDouble, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  CM_DISPATCH_LOSS(z, "contrastive_loss_dz_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = ptr<acc_t>(queries);
-    write_dz(job, coef.data_ptr<acc_t>(), dq.data_ptr<acc_t>(), beta.data_ptr<double>(), counts.data_ptr<double>(),
-             dz.data_ptr<scalar_t>());
-  });
-  return dz;
-}
+  static void terms(const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
+                    const at::Tensor& termstats, const at::Tensor& pos_sums) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, {}, pixstats, termstats);
+      positive_sums(job, ptr<acc_t>(lse), ptr<acc_t>(pos_sums));
+    });
+  }
 
-// ---------------------------------------------------------------- the local loss: the stages in a row
+  static void finish(const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
+                     const at::Tensor& termstats, const at::Tensor& loss) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, {}, {}, termstats);
+      loss.fill_(group_terms(job, ptr<acc_t>(pos_sums), ptr<double>(counts)));
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cpu(
-    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
-    double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor queries = at::zeros(st.queries, in.acc_options());
-  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
-  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
-  at::Tensor loss = at::zeros({}, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = queries.data_ptr<acc_t>();
-    job.pixstats = pixstats.data_ptr<acc_t>();
-    job.termstats = termstats.data_ptr<acc_t>();
-    std::vector<double> sums(in.G * 2 * in.C), counts(kNumCounts);
-    query_sums(job, sums.data(), counts.data());
-    make_queries(job, sums.data(), counts.data());
-    std::vector<acc_t> qnorm;
-    query_norms(job, qnorm);
-    cosines(job, qnorm);
-    std::vector<acc_t> lse(in.G * kNumTerms * 2), pos_sums(in.G * kNumTerms * kNumPosStats);
-    group_lse(job, lse.data());
-    positive_sums(job, lse.data(), pos_sums.data());
-    loss.fill_(group_terms(job, pos_sums.data(), counts.data()));
-  });
-  return {loss.to(z.scalar_type()), queries, pixstats, termstats};
-}
+  static void query_grads(const LossInputs& in, const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad,
+                          const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& termstats,
+                          const at::Tensor& counts, const at::Tensor& coef, const at::Tensor& dq,
+                          const at::Tensor& beta) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
+      const acc_t scale = gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()),
+                                         ptr<double>(counts));
+      const acc_t neg_scale = neg_grad ? static_cast<acc_t>(neg_grad->to(at::kDouble).item<double>()) : scale;
+      contrastmask::query_grads(job, scale, neg_scale, ptr<acc_t>(coef), ptr<acc_t>(dq), ptr<double>(beta));
+    });
+  }
 
-at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
-                                         const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
-                                         const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
-                                         double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  check_backward_inputs(in, grad, queries, pixstats, termstats);
-  const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
-                   termstats_c = termstats.contiguous();
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  CM_DISPATCH_LOSS(z, "contrastive_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto job = make_job<scalar_t, acc_t>(in);
-    job.queries = ptr<acc_t>(queries_c);
-    job.pixstats = ptr<acc_t>(pixstats_c);
-    job.termstats = ptr<acc_t>(termstats_c);
-    std::vector<double> counts(kNumCounts), beta(in.G * 2);
-    query_counts(job, roi_counts(job), counts.data());
-    const acc_t scale =
-        gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()), counts.data());
-    std::vector<acc_t> coef(in.N * kNumCoef * in.P), dq(in.G * 2 * in.C);
-    query_grads(job, scale, scale, coef.data(), dq.data(), beta.data());
-    write_dz(job, coef.data(), dq.data(), beta.data(), counts.data(), dz.data_ptr<scalar_t>());
-  });
-  return dz;
-}
+  static void dz(const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef, const at::Tensor& dq,
+                 const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto job = make_job<scalar_t, acc_t>(in, queries);
+      write_dz(job, ptr<acc_t>(coef), ptr<acc_t>(dq), ptr<double>(beta), ptr<double>(counts), ptr<scalar_t>(dz));
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastmask, CPU, m) {
-  m.impl("contrastive_loss", &contrastive_loss_cpu);
-  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cpu);
-  m.impl("contrastive_loss_query_sums", &query_sums_cpu);
-  m.impl("contrastive_loss_cosines", &cosines_cpu);
-  m.impl("contrastive_loss_terms", &terms_cpu);
-  m.impl("contrastive_loss_finish", &finish_cpu);
-  m.impl("contrastive_loss_query_grads", &query_grads_cpu);
-  m.impl("contrastive_loss_dz", &dz_cpu);
+  register_loss_ops<CpuLoss>(m);
 }
 
 }  // namespace contrastmask

@@ -18,7 +18,7 @@
 // Backward: roi_counts, roi_weights (with the upstream gradient read on the device), query_norms,
 // pixel_coefficients (similarity_grads + cosine_backward per key pixel), weighted_sums (pass 1 over z:
 // sum_i a_i u_i per ROI, u_i the unit key vector), sum_over_rois (dL/dq per group), write_dz (pass 2 over z).
-// No float atomics anywhere: reductions go through trees of fixed shape (reduce.cuh, chunk kernels),
+// No float atomics anywhere: reductions go through trees of fixed shape (reduce.cuh, roi_reduce.cuh),
 // so two runs give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,9 +29,11 @@
 
 #include "../contrastmask/loss_math.h"
 #include "../ops/loss_inputs.h"
+#include "../ops/loss_ops.h"
 #include "../ops/library.h"
 #include "platform.cuh"
 #include "reduce.cuh"
+#include "roi_reduce.cuh"
 
 namespace contrastmask {
 namespace {
@@ -39,23 +41,20 @@ namespace {
 using cuda::block_merge;
 using cuda::block_sum;
 using cuda::ceil_div;
+using cuda::check_grid;
+using cuda::launch_reduce_rows;
+using cuda::launch_sum_over_rois;
 using cuda::kMaxBlockWarps;
 using cuda::kWarp;
+using cuda::stream;
 using cuda::warp_sum;
 
 constexpr int kThreads = 256;         // threads of the per-pixel and per-channel kernels
 constexpr int kPixelsPerBlock = kThreads;  // pixel-chunk kernels: one pixel per thread
 constexpr int kChannelsPerWarp = 4;   // channel-sum kernels: a warp sums 4 channels, reusing its pixel weights
 constexpr int kChannelsPerBlock = kChannelsPerWarp * (kThreads / kWarp);
-constexpr int kPosStats = kNumPosStats;  // per term: sum of (L_p - s_p / t), sum of exp(lse - L_p), |P|
 // Per key pixel and side (P, M): coefficients of cosine_backward and 1 / |k| of the side's key vector.
 enum Coef : int { kAP = 0, kAM, kGammaP, kGammaM, kBP, kBM, kInvP, kInvM, kNumCoef };
-
-// Grids are 1-D so that N is not limited to 65535.
-void check_grid(int64_t blocks) {
-  TORCH_CHECK(blocks <= 2147483647, "contrastive_loss: batch too large for one CUDA launch (", blocks, " blocks)");
-}
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // ---------------------------------------------------------------- per-ROI weights
 
@@ -235,138 +234,6 @@ __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t*
   }
 }
 
-// ---------------------------------------------------------------- reductions over ROIs
-
-// Shared queries reduce over every ROI (N up to 10^5 and more). The reductions are trees of fixed
-// shape: level one sums chunks of kRowsPerChunk rows in blocks side by side, the next level the
-// chunks' partials, and so on until one row is left; the shape depends only on the row count, so the
-// same inputs give the same bits on every run.
-constexpr int64_t kRowsPerChunk = 256;
-
-// Block shape of the chunk kernels: kx columns (a power of two up to a warp) times kThreads / kx rows.
-int chunk_block_x(int64_t K) {
-  int kx = 1;
-  while (kx < K && kx < kWarp) kx *= 2;
-  return kx;
-}
-
-// out[chunk][k] = sum of in[m * K + k] over the rows m of the chunk whose ROI m / R is kept (every
-// row when keep is null): thread (x, y) sums rows y, y + ny, ... of its chunk, then a tree over y.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(const acc_t* in, const bool* keep, int64_t R, int64_t M,
-                                                              int64_t K, acc_t* out) {
-  CM_SHARED(acc_t, part, [kThreads]);
-  const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
-  const int64_t k = int64_t(blockIdx.x) * kx + x;
-  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
-  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
-  acc_t s = acc_t(0);
-  if (k < K)
-    for (int64_t m = first + y; m < last; m += ny)
-      if (!keep || keep[m / R]) s += in[m * K + k];
-  part[y * kx + x] = s;
-  __syncthreads();
-  for (int stride = ny / 2; stride > 0; stride /= 2) {
-    if (y < stride) part[y * kx + x] += part[(y + stride) * kx + x];
-    __syncthreads();
-  }
-  if (y == 0 && k < K) out[int64_t(blockIdx.y) * K + k] = part[x];
-}
-
-// Log-sum-exp pairs (max, sum) merged the same way: in[m][k] and out[chunk][k] hold 2 values each.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) chunk_lse_kernel(const acc_t* in, int64_t M, int64_t K, acc_t* out) {
-  CM_SHARED(acc_t, part, [2 * kThreads]);
-  const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
-  const int64_t k = int64_t(blockIdx.x) * kx + x;
-  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
-  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
-  LseAcc<acc_t> acc;
-  if (k < K)
-    for (int64_t m = first + y; m < last; m += ny) {
-      LseAcc<acc_t> p;
-      p.max = in[(m * K + k) * 2];
-      p.sum = in[(m * K + k) * 2 + 1];
-      acc.merge(p);
-    }
-  const int slot = 2 * (y * kx + x);
-  part[slot] = acc.max;
-  part[slot + 1] = acc.sum;
-  __syncthreads();
-  for (int stride = ny / 2; stride > 0; stride /= 2) {
-    if (y < stride) {
-      LseAcc<acc_t> a, b;
-      a.max = part[slot];
-      a.sum = part[slot + 1];
-      b.max = part[slot + 2 * stride * kx];
-      b.sum = part[slot + 2 * stride * kx + 1];
-      a.merge(b);
-      part[slot] = a.max;
-      part[slot + 1] = a.sum;
-    }
-    __syncthreads();
-  }
-  if (y == 0 && k < K) {
-    out[(int64_t(blockIdx.y) * K + k) * 2] = part[2 * x];
-    out[(int64_t(blockIdx.y) * K + k) * 2 + 1] = part[2 * x + 1];
-  }
-}
-
-// out (K values, or K pairs when lse) = the tree reduction of M rows of in (see above).
-template <typename acc_t>
-void launch_reduce_rows(const acc_t* in, const bool* keep, int64_t R, int64_t M, int64_t K, bool lse, acc_t* out,
-                        const at::TensorOptions& acc_opts) {
-  const int64_t chunks = std::max<int64_t>(ceil_div(M, kRowsPerChunk), 1);
-  TORCH_CHECK(chunks <= 65535, "contrastive_loss: too many rows to reduce in one launch (", M, ")");
-  const int kx = chunk_block_x(K);
-  const int64_t col_blocks = ceil_div(K, kx);
-  check_grid(col_blocks);
-  at::Tensor partial;
-  acc_t* level_out = out;
-  if (chunks > 1) {
-    partial = at::empty({chunks, K * (lse ? 2 : 1)}, acc_opts);
-    level_out = partial.data_ptr<acc_t>();
-  }
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
-  if (lse) {
-    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_lse_kernel<acc_t>)(in, M, K, level_out);
-  } else {
-    CM_LAUNCH(grid, dim3(kx, kThreads / kx), 0, stream(), chunk_sums_kernel<acc_t>)(in, keep, R, M, K, level_out);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (chunks > 1) launch_reduce_rows<acc_t>(level_out, nullptr, 1, chunks, K, lse, out, acc_opts);
-}
-
-// Per-ROI queries: out[n][k] = sum over r < R of in[(n * R + r) * K + k] for kept ROIs n, else 0; one
-// thread per (n, k), in order of r.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_per_roi_kernel(const acc_t* in, const bool* keep, int64_t N, int64_t R,
-                                                               int64_t K, acc_t* out) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= N * K) return;
-  const int64_t n = e / K, k = e % K;
-  acc_t s = acc_t(0);
-  if (keep[n])
-    for (int64_t r = 0; r < R; ++r) s += in[(n * R + r) * K + k];
-  out[e] = s;
-}
-
-// out[g][k] = sum over the kept ROIs n of group g, and r < R, of in[(n * R + r) * K + k], in a fixed
-// order (G = 1 with shared queries, else G = N).
-template <typename acc_t>
-void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t R, int64_t K, bool share_queries,
-                          acc_t* out, const at::TensorOptions& acc_opts) {
-  if (share_queries) {
-    launch_reduce_rows<acc_t>(in, keep, R, N * R, K, /*lse=*/false, out, acc_opts);
-    return;
-  }
-  if (N * K == 0) return;
-  const int64_t blocks = ceil_div(N * K, kThreads);
-  check_grid(blocks);
-  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), sum_per_roi_kernel<acc_t>)(in, keep, N, R, K, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // norms[row] = |q| for the G * 2 queries q (the hi rows of queries (G, 4, C)); a warp per row. The squares are summed
 // on the row times feature_scale of its largest |q| (loss_math.h, row_norm), so they do not overflow;
 // unit (backward, may be null) gets the row's (scale, unit()) pair: q^ = (q * scale) * unit().
@@ -415,10 +282,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
     return;
   }
   const int64_t g = share_queries ? 0 : n;
-  const acc_t* qp = queries + g * kQueryRows * C;
-  const acc_t* qm = qp + kQueryNeg * C;
-  const acc_t* qp_lo = qp + kQueryPosLo * C;
-  const acc_t* qm_lo = qp + kQueryNegLo * C;
+  const auto [qp, qm, qp_lo, qm_lo] = query_rows(queries, g, C);
   const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   LseAcc<acc_t> lse[kNumTerms];
   if (i < P) {
@@ -510,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
                                                                  const bool* keep, const acc_t* termstats, int64_t P,
                                                                  int64_t pixel_blocks, bool share_queries,
                                                                  LossParams<acc_t> params, acc_t* pos_part) {
-  constexpr int kValues = kNumTerms * kPosStats;
+  constexpr int kValues = kNumTerms * kNumPosStats;
   CM_SHARED(acc_t, warp_part, [kMaxBlockWarps][kValues]);
   const int64_t n = blockIdx.x / pixel_blocks;
   acc_t* out = pos_part + int64_t(blockIdx.x) * kValues;
@@ -532,9 +396,9 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
       const acc_t s = st[term_side(t) * P];
       const acc_t lse = ts[t * kNumTermStats + kLse];
       const acc_t L = positive_log_denominator(s, lse, params, t);
-      v[t * kPosStats] = L - s / params.tau(t);
-      v[t * kPosStats + 1] = cm_exp(lse - L);
-      v[t * kPosStats + 2] = acc_t(1);
+      v[t * kNumPosStats + kPosLoss] = L - s / params.tau(t);
+      v[t * kNumPosStats + kPosRatio] = cm_exp(lse - L);
+      v[t * kNumPosStats + kPosCount] = acc_t(1);
     }
   }
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -555,7 +419,7 @@ __global__ void __launch_bounds__(kThreads) positive_sums_kernel(const acc_t* pi
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_pos_sums_kernel(const acc_t* pos_part, int64_t pixel_blocks,
                                                                   acc_t* pos_sums) {
-  constexpr int kValues = kNumTerms * kPosStats;
+  constexpr int kValues = kNumTerms * kNumPosStats;
   CM_SHARED(acc_t, scratch, [kMaxBlockWarps]);
   const int64_t g = blockIdx.x;
   const int64_t first = g * pixel_blocks, last = (g + 1) * pixel_blocks;
@@ -572,7 +436,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_terms_kernel(const acc_t* pos_sums, int64_t G, acc_t* termstats) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= G * kNumTerms) return;
-  const acc_t* sums = pos_sums + k * kPosStats;
+  const acc_t* sums = pos_sums + k * kNumPosStats;
   acc_t* ts = termstats + k * kNumTermStats;
   const acc_t inv = sums[kPosCount] > acc_t(0) ? acc_t(1) / sums[kPosCount] : acc_t(0);
   ts[kRatio] = sums[kPosRatio] * inv;
@@ -670,10 +534,7 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
     return;
   }
   const int64_t g = share_queries ? 0 : n;
-  const acc_t* qp = queries + g * kQueryRows * C;
-  const acc_t* qm = qp + kQueryNeg * C;
-  const acc_t* qp_lo = qp + kQueryPosLo * C;
-  const acc_t* qm_lo = qp + kQueryNegLo * C;
+  const auto [qp, qm, qp_lo, qm_lo] = query_rows(queries, g, C);
   const acc_t* sp = dq_sums + g * 2 * C;
   const acc_t* sm = sp + C;
   const acc_t beta_p = static_cast<acc_t>(beta[g * 2]), beta_m = static_cast<acc_t>(beta[g * 2 + 1]);
@@ -826,7 +687,7 @@ void stage_terms(const Shapes& s, const LossInputs& in, const at::Tensor& pixsta
         lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kPosStats}, acc_opts);
+  at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kNumPosStats}, acc_opts);
   if (s.N > 0) {
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
         pixstats.data_ptr<acc_t>(), in.keys.data_ptr<uint8_t>(), in.keep.data_ptr<bool>(),
@@ -834,7 +695,7 @@ void stage_terms(const Shapes& s, const LossInputs& in, const at::Tensor& pixsta
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (in.share_queries) {
-    launch_reduce_rows<acc_t>(pos_part.data_ptr<acc_t>(), nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kPosStats,
+    launch_reduce_rows<acc_t>(pos_part.data_ptr<acc_t>(), nullptr, 1, s.N * s.pixel_blocks, kNumTerms * kNumPosStats,
                               /*lse=*/false, pos_sums.data_ptr<acc_t>(), acc_opts);
   } else {
     CM_LAUNCH(static_cast<unsigned>(s.G), kWarp, 0, stream(), group_pos_sums_kernel<acc_t>)(
@@ -930,205 +791,117 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
 #define CM_DISPATCH_LOSS(z, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
 
-// ---------------------------------------------------------------- the stage operators
+// ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
 
-std::tuple<at::Tensor, at::Tensor> query_sums_cuda(const at::Tensor& z, const at::Tensor& labels,
-                                                   const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
-                                                   double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor sums = at::zeros(st.query_sums, in.double_options());
-  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_query_sums_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
-  });
-  return {sums, counts};
-}
+struct CudaLoss {
+  using Guard = c10::cuda::CUDAGuard;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosines_cuda(const at::Tensor& z, const at::Tensor& labels,
-                                                            const at::Tensor& keys, const at::Tensor& keep,
-                                                            const at::Tensor& query_sums_in,
-                                                            const at::Tensor& counts_in, double tau_easy,
-                                                            double tau_hard, bool share_queries,
-                                                            c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor sums = check_stage(query_sums_in, "query_sums", st.query_sums, at::kDouble, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor queries = at::zeros(st.queries, in.acc_options());
-  at::Tensor pixstats = at::zeros(st.pixstats, in.acc_options());
-  at::Tensor lse = at::empty(st.lse, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_cosines_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
-  });
-  return {queries, pixstats, lse};
-}
+  static at::Tensor forward(const LossInputs& in, const at::Tensor& queries, const at::Tensor& pixstats,
+                            const at::Tensor& termstats) {
+    const Shapes s = shapes_of(in);
+    const StageTensors st = stage_tensors(in);
+    at::Tensor loss = at::empty({}, in.z.options());
+    at::Tensor sums = at::zeros(st.query_sums, in.double_options());
+    at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+    at::Tensor lse = at::empty(st.lse, in.acc_options());
+    at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
+      stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
+      stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
+      stage_finish<scalar_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
+    });
+    return loss;
+  }
 
-std::tuple<at::Tensor, at::Tensor> terms_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
-                                              const at::Tensor& keep, const at::Tensor& pixstats_in,
-                                              const at::Tensor& lse_in, double tau_easy, double tau_hard,
-                                              bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor pixstats = check_stage(pixstats_in, "pixstats", st.pixstats, in.acc, in);
-  const at::Tensor lse = check_stage(lse_in, "lse", st.lse, in.acc, in);
-  at::Tensor termstats = at::zeros(st.termstats, in.acc_options());
-  at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_terms_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
-  });
-  return {termstats, pos_sums};
-}
+  static void backward(const LossInputs& in, const at::Tensor& grad, const at::Tensor& queries,
+                       const at::Tensor& pixstats, const at::Tensor& termstats, const at::Tensor& dz) {
+    const Shapes s = shapes_of(in);
+    const StageTensors st = stage_tensors(in);
+    const auto acc_opts = in.acc_options();
+    // The upstream gradient stays on the device (no .item(): no host sync).
+    const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
+    at::Tensor roi_counts = at::empty({s.N, 2}, in.z.options().dtype(at::kInt));
+    at::Tensor counts = at::empty({kNumCounts}, in.double_options());
+    at::Tensor coef = at::empty(st.coef, acc_opts);
+    at::Tensor dq = at::empty(st.dq, acc_opts);
+    at::Tensor beta = at::empty(st.beta, in.double_options());
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_roi_counts(s, in, roi_counts);
+      launch_query_counts(s, in, roi_counts, counts);
+      stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, at::Tensor(), queries, pixstats, termstats, counts, coef,
+                                         dq, beta);
+      stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> finish_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
-                                               const at::Tensor& keep, const at::Tensor& termstats_in,
-                                               const at::Tensor& pos_sums_in, const at::Tensor& counts_in,
-                                               double tau_easy, double tau_hard, bool share_queries,
-                                               c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor termstats = check_stage(termstats_in, "termstats", st.termstats, in.acc, in).clone();
-  const at::Tensor pos_sums = check_stage(pos_sums_in, "pos_sums", st.pos_sums, in.acc, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor loss = at::empty({}, in.acc_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_finish_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_finish<acc_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
-  });
-  return {loss, termstats};
-}
+  static void query_sums(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts) {
+    const Shapes s = shapes_of(in);
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> query_grads_cuda(
-    const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad, const at::Tensor& z, const at::Tensor& labels,
-    const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries_in, const at::Tensor& pixstats_in,
-    const at::Tensor& termstats_in, const at::Tensor& counts_in, double tau_easy, double tau_hard, bool share_queries,
-    c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  check_backward_inputs(in, grad, queries_in, pixstats_in, termstats_in);
-  if (neg_grad) check_grad(*neg_grad, "neg_grad", in);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  const at::Tensor queries = queries_in.contiguous(), pixstats = pixstats_in.contiguous(),
-                   termstats = termstats_in.contiguous();
-  const auto acc_opts = in.acc_options();
-  // The upstream gradients stay on the device (no .item(): no host sync).
-  const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
-  const at::Tensor neg_acc = neg_grad ? neg_grad->reshape({}).to(acc_opts).contiguous() : at::Tensor();
-  at::Tensor coef = at::empty(st.coef, acc_opts);
-  at::Tensor dq = at::empty(st.dq, acc_opts);
-  at::Tensor beta = at::empty(st.beta, in.double_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_query_grads_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, neg_acc, queries, pixstats, termstats, counts, coef, dq, beta);
-  });
-  return {coef, dq, beta};
-}
+  static void cosines(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts,
+                      const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
+    const Shapes s = shapes_of(in);
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
+    });
+  }
 
-at::Tensor dz_cuda(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
-                   const at::Tensor& queries_in, const at::Tensor& coef_in, const at::Tensor& dq_in,
-                   const at::Tensor& beta_in, const at::Tensor& counts_in, double tau_easy, double tau_hard,
-                   bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  const at::Tensor queries = check_stage(queries_in, "queries", st.queries, in.acc, in);
-  const at::Tensor coef = check_stage(coef_in, "coef", st.coef, in.acc, in);
-  const at::Tensor dq = check_stage(dq_in, "dq", st.dq, in.acc, in);
-  const at::Tensor beta = check_stage(beta_in, "beta", st.beta, at::kDouble, in);
-  const at::Tensor counts = check_stage(counts_in, "counts", {kNumCounts}, at::kDouble, in);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  CM_DISPATCH_LOSS(z, "contrastive_loss_dz_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
-  });
-  return dz;
-}
+  static void terms(const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
+                    const at::Tensor& termstats, const at::Tensor& pos_sums) {
+    const Shapes s = shapes_of(in);
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
+    });
+  }
 
-// ---------------------------------------------------------------- the local loss: the stages in a row
+  static void finish(const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
+                     const at::Tensor& termstats, const at::Tensor& loss) {
+    const Shapes s = shapes_of(in);
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_finish<acc_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(
-    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep, double tau_easy,
-    double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  const auto acc_opts = in.acc_options();
-  at::Tensor queries = at::zeros(st.queries, acc_opts);
-  at::Tensor pixstats = at::zeros(st.pixstats, acc_opts);
-  at::Tensor termstats = at::zeros(st.termstats, acc_opts);
-  at::Tensor loss = at::empty({}, z.options());
-  at::Tensor sums = at::zeros(st.query_sums, in.double_options());
-  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
-  at::Tensor lse = at::empty(st.lse, acc_opts);
-  at::Tensor pos_sums = at::empty(st.pos_sums, acc_opts);
-  CM_DISPATCH_LOSS(z, "contrastive_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
-    stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
-    stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
-    stage_finish<scalar_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
-  });
-  return {loss, queries, pixstats, termstats};
-}
+  static void query_grads(const LossInputs& in, const at::Tensor& grad, const c10::optional<at::Tensor>& neg_grad,
+                          const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& termstats,
+                          const at::Tensor& counts, const at::Tensor& coef, const at::Tensor& dq,
+                          const at::Tensor& beta) {
+    const Shapes s = shapes_of(in);
+    const auto acc_opts = in.acc_options();
+    // The upstream gradients stay on the device (no .item(): no host sync).
+    const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
+    const at::Tensor neg_acc = neg_grad ? neg_grad->reshape({}).to(acc_opts).contiguous() : at::Tensor();
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, neg_acc, queries, pixstats, termstats, counts, coef, dq,
+                                         beta);
+    });
+  }
 
-at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
-                                          const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
-                                          const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
-                                          double tau_hard, bool share_queries, c10::string_view formulation) {
-  const LossInputs in = loss_inputs(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-  check_backward_inputs(in, grad, queries, pixstats, termstats);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const Shapes s = shapes_of(in);
-  const StageTensors st = stage_tensors(in);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  if (s.N == 0) return dz;
-  const at::Tensor queries_c = queries.contiguous(), pixstats_c = pixstats.contiguous(),
-                   termstats_c = termstats.contiguous();
-  const auto acc_opts = in.acc_options();
-  // The upstream gradient stays on the device (no .item(): no host sync).
-  const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
-  at::Tensor roi_counts = at::empty({s.N, 2}, z.options().dtype(at::kInt));
-  at::Tensor counts = at::empty({kNumCounts}, in.double_options());
-  at::Tensor coef = at::empty(st.coef, acc_opts);
-  at::Tensor dq = at::empty(st.dq, acc_opts);
-  at::Tensor beta = at::empty(st.beta, in.double_options());
-  CM_DISPATCH_LOSS(z, "contrastive_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch_roi_counts(s, in, roi_counts);
-    launch_query_counts(s, in, roi_counts, counts);
-    stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, at::Tensor(), queries_c, pixstats_c, termstats_c, counts, coef,
-                                       dq, beta);
-    stage_dz<scalar_t, acc_t>(s, in, queries_c, coef, dq, beta, counts, dz);
-  });
-  return dz;
-}
+  static void dz(const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef, const at::Tensor& dq,
+                 const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
+    const Shapes s = shapes_of(in);
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
-  m.impl("contrastive_loss", &contrastive_loss_cuda);
-  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
-  m.impl("contrastive_loss_query_sums", &query_sums_cuda);
-  m.impl("contrastive_loss_cosines", &cosines_cuda);
-  m.impl("contrastive_loss_terms", &terms_cuda);
-  m.impl("contrastive_loss_finish", &finish_cuda);
-  m.impl("contrastive_loss_query_grads", &query_grads_cuda);
-  m.impl("contrastive_loss_dz", &dz_cuda);
+  register_loss_ops<CudaLoss>(m);
 }
 
 }  // namespace contrastmask

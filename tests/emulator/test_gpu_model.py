@@ -153,6 +153,8 @@ def test_profiler_names_and_traced_names_pair_up():
              "namespace)::CosineArgs<float, float>)"
     assert gpu_measure.kernel_short_name(profiler) == gpu_measure.kernel_short_name(traced) == \
         "cosines_kernel<float, float>"
+    tree = "void contrastmask::cuda::chunk_sums_kernel<double>(double const*, bool const*, long, long, long, double*)"
+    assert gpu_measure.kernel_short_name(tree) == "chunk_sums_kernel<double>"
     predicted = [{"phase": "forward", "kernel": "a", "predicted_us": {"H100": 3.0}},
                  {"phase": "backward", "kernel": "b", "predicted_us": {"H100": 5.0}},
                  {"phase": "backward", "kernel": "a", "predicted_us": {"H100": 4.0}}]
