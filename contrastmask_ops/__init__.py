@@ -10,7 +10,7 @@ from .functional import (
     sample_keys,
 )
 from .module import QuerySharingContrastiveLoss
-from .common import LossStats
+from .stats import LossStats
 
 __all__ = [
     "partition",

@@ -1,18 +1,18 @@
 """Public functions. Each runs the compiled operator when the extension holds kernels for the device of
 its tensors, else the pure-PyTorch reference (with a one-time warning). Semantics: docs/SPEC.md and
-docs/DESIGN.md. Arguments are validated by contrastmask_ops.common on both paths."""
+docs/DESIGN.md. Arguments are validated by contrastmask_ops._validation on both paths."""
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
-from . import _ext, common, global_batch, reference
-from .common import LossStats, loss_stats  # noqa: F401  (LossStats is part of this module's API)
+from . import _autocast, _ext, _validation, fake_kernels, global_batch, reference
+from ._seed import Seed, seed_or_draw, seeded_overload
+from .stats import loss_stats
 
 if _ext.HAS_EXTENSION:
-    from . import ops as _registered  # noqa: F401  (fake kernels, autograd and autocast)
-
+    fake_kernels.register()
+    _autocast.register()
     _ops = torch.ops.contrastmask
 
 
@@ -27,31 +27,6 @@ def _use_kernels(x) -> bool:
     return False
 
 
-def _plan_seed(seed: common.Seed):
-    """The seed as the plan ops take it (after common.seed_param): a 0-dim int64 tensor as it is, else an int;
-    None draws one from torch's default generator, so torch.manual_seed makes the sampler reproducible."""
-    return common.draw_seed() if seed is None else seed
-
-
-def _seeded(op, seed):
-    """The op's overload for this seed: the default one takes a tensor (read on its device), .int_seed an int.
-    Chosen here, not by the dispatcher's overload resolution, which would turn a tensor into an int (a host
-    read) for an int parameter."""
-    return op.default if isinstance(seed, Tensor) else op.int_seed
-
-
-def _check_cam_values(cams, is_novel, check_inputs: bool) -> None:
-    """The NaN test of novel ROIs' CAMs, which the kernels do not make. Run after the kernel, so that bad
-    masks or missing CAMs are reported first, as the reference does. Left out under torch.compile (it reads
-    values on the host, which a graph cannot do; DESIGN, "Validation cost") and for meta and fake tensors,
-    which hold no values."""
-    if not check_inputs or cams is None or torch.compiler.is_compiling():
-        return
-    if cams.device.type == "meta" or is_fake(cams):
-        return
-    common.check_cam_values(cams, is_novel)
-
-
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
               valid: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
     """Label per pixel: 1 foreground, 0 background, -1 ignored (int8, (N, H, W)). check_inputs=False skips the
@@ -60,10 +35,10 @@ def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta:
     error."""
     if not _use_kernels(masks):
         return reference.partition(masks, cams, is_novel, delta=delta, valid=valid, check_inputs=check_inputs)
-    delta = common.partition_args(masks, cams, is_novel, valid, delta)
-    check_inputs = common.flag("check_inputs", check_inputs)
+    delta = _validation.partition_args(masks, cams, is_novel, valid, delta)
+    check_inputs = _validation.flag("check_inputs", check_inputs)
     labels = _ops.partition(masks, cams, is_novel, valid, delta, check_inputs)
-    _check_cam_values(cams, is_novel, check_inputs)
+    _validation.check_cam_values_after_kernel(cams, is_novel, check_inputs)
     return labels
 
 
@@ -72,12 +47,12 @@ def boundary_sqdist(masks: Tensor, *, check_inputs: bool = True) -> Tensor:
     INT32_MAX where a mask has no boundary. check_inputs: as for partition."""
     if not _use_kernels(masks):
         return reference.boundary_sqdist(masks, check_inputs=check_inputs)
-    common.check_masks(masks)
-    return _ops.boundary_sqdist(masks, common.flag("check_inputs", check_inputs))
+    _validation.check_masks(masks)
+    return _ops.boundary_sqdist(masks, _validation.flag("check_inputs", check_inputs))
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: common.Seed = None, roi_offset: int = 0):
+                min_keys: int = 5, seed: Seed = None, roi_offset: int = 0):
     """Deterministic key sample: (keys uint8 (N, H, W) with bit s set for set s in EF, HF, EB, HB;
     keep bool (N,)). ROI n is sampled as ROI n + roi_offset of a larger batch, so a batch split into
     slices [a:b], each sampled with roi_offset=a, gets the keys of the whole batch. seed: an integer, a 0-dim
@@ -86,11 +61,12 @@ def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: floa
     if not _use_kernels(labels):
         return reference.sample_keys(labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist,
                                      min_keys=min_keys, seed=seed, roi_offset=roi_offset)
-    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+    sigma, hard_sqdist, min_keys, seed, roi_offset = _validation.sample_keys_args(
         labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
         roi_offset=roi_offset)
-    seed = _plan_seed(seed)
-    return _seeded(_ops.sample_keys, seed)(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
+    seed = seed_or_draw(seed)
+    op = seeded_overload(_ops.sample_keys, seed)
+    return op(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
 
 
 def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, *, tau_easy: float = 0.7,
@@ -102,7 +78,7 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
     if not _use_kernels(z):
         return reference.contrastive_loss_from_keys(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
                                                     share_queries=share_queries, formulation=formulation)
-    params = common.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
+    params = _validation.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
                                         share_queries=share_queries, formulation=formulation)
     return _ops.contrastive_loss(z, labels, keys, keep, *params)[0]
 
@@ -113,7 +89,7 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: common.Seed = None, return_stats: bool = False, process_group=None,
+                                   seed: Seed = None, return_stats: bool = False, process_group=None,
                                    check_inputs: bool = True):
     """The whole pipeline: partition + boundary distance + key sampling fused in one per-ROI kernel,
     then the loss. Returns the loss (0-dim, z's dtype; float32 for a float16/bfloat16 z under autocast),
@@ -135,47 +111,16 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
     options = dict(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard, hard_sqdist=hard_sqdist,
                    min_keys=min_keys, share_queries=share_queries, formulation=formulation, seed=seed,
                    return_stats=return_stats)
-    group = common.process_group_param(process_group)
+    group = _validation.process_group_param(process_group)
     if group is not None:
-        return _global_loss(group, z, masks, cams, is_novel, valid, options, check_inputs)
-    plan, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
-    check_inputs = common.flag("check_inputs", check_inputs)
-    seed = _plan_seed(plan.seed)
-    labels, keys, keep = _seeded(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
-                                                      plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
-    _check_cam_values(cams, is_novel, check_inputs)
+        return global_batch.kernel_global_loss(_ops, group, z, masks, cams, is_novel, valid, options, check_inputs)
+    plan, params = _validation.pipeline_args(z, masks, cams, is_novel, valid, **options)
+    check_inputs = _validation.flag("check_inputs", check_inputs)
+    seed = seed_or_draw(plan.seed)
+    labels, keys, keep = seeded_overload(_ops.roi_plan, seed)(masks, cams, is_novel, valid, plan.delta, plan.sigma,
+                                                              plan.hard_sqdist, plan.min_keys, seed, 0, check_inputs)
+    _validation.check_cam_values_after_kernel(cams, is_novel, check_inputs)
     loss, queries, _, _ = _ops.contrastive_loss(z, labels, keys, keep, *params)
     if return_stats:
-        return loss, loss_stats(keys, keep, queries, params.share_queries)
-    return loss
-
-
-# Outside any compiled graph (a graph break; fullgraph=True refuses it): the collectives run eagerly (README,
-# "Several processes").
-@torch.compiler.disable(reason="process_group: the global loss runs eagerly, outside the graph (its collectives "
-                               "and the join's host read); compile without fullgraph=True to use it")
-def _global_loss(group, z, masks, cams, is_novel, valid, options, check_inputs):
-    """The loss over the ROIs of every rank of group. The plan is per ROI (the kernels, at this rank's ROI
-    offset); the loss runs the fused kernels' stages with sums over the ranks in between (global_batch,
-    GlobalLoss). An error of one rank is raised on every rank (global_batch, "Errors"). Meta and fake tensors
-    hold no data to share: they get the local loss's shapes, without collectives."""
-    ops = _ops  # read once: the tests swap in the emulation's namespace
-
-    def plan(plan_params, check_inputs, seed, roi_offset):
-        # A tensor offset (join's no-sync path, whose seed is a tensor too) is read where it lives.
-        op = ops.roi_plan.offset_tensor if isinstance(roi_offset, Tensor) else _seeded(ops.roi_plan, seed)
-        labels, keys, keep = op(masks, cams, is_novel, valid, plan_params.delta,
-                                                         plan_params.sigma, plan_params.hard_sqdist,
-                                                         plan_params.min_keys, seed, roi_offset, check_inputs)
-        _check_cam_values(cams, is_novel, check_inputs)
-        return labels, keys, keep
-
-    params, membership, labels, keys, keep = global_batch.plan_together(
-        group, z, masks, cams, is_novel, valid, options, check_inputs, plan, common.draw_seed)
-    if membership is None:  # meta or fake tensors
-        loss, queries, _, _ = ops.contrastive_loss(z, labels, keys, keep, *params)
-    else:
-        loss, queries = global_batch.kernel_loss(group, ops, z, labels, keys, keep, params)
-    if options["return_stats"]:
         return loss, loss_stats(keys, keep, queries, params.share_queries)
     return loss

@@ -25,7 +25,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
-from . import common
+from . import _autocast, _validation
+from ._seed import draw_seed, seeded_overload
+from .stats import loss_stats
 
 
 class LocalReducer:
@@ -172,9 +174,9 @@ def raise_together(process_group, device, error: Exception = None):
         _raise_with_the_others(process_group, failed, error)
 
 
-def join(process_group, z: Tensor, plan, params, draw_seed, check_inputs: bool = True) -> Membership:
+def join(process_group, z: Tensor, plan, params, check_inputs: bool = True) -> Membership:
     """One all_gather of (N, C, H, W, accumulation dtype, seed, parameters) from every rank (plan and params:
-    common.PlanParams and LossParams). Returns the reducer, this rank's ROI offset (the ROIs of the ranks
+    _validation.PlanParams and LossParams). Returns the reducer, this rank's ROI offset (the ROIs of the ranks
     before it) and the seed: the callers' seed when every rank passes the same one, else (seed=None on every
     rank) the draw_seed() of the group's first rank.
     Raises on every rank when the ranks disagree or one of them failed its checks (fail_together).
@@ -230,7 +232,7 @@ def join(process_group, z: Tensor, plan, params, draw_seed, check_inputs: bool =
     return Membership(ProcessGroupReducer(process_group), offset, rows[0][6])
 
 
-def plan_together(process_group, z, masks, cams, is_novel, valid, options: dict, check_inputs, plan, draw_seed):
+def plan_together(process_group, z, masks, cams, is_novel, valid, options: dict, check_inputs, plan):
     """The steps of a global loss call before its loss math, shared by the compiled path and the reference:
     validate the arguments (an error joins as failed: every rank raises), join (every rank's ROI offset and the
     seed), plan this rank's ROIs (plan(plan_params, check_inputs, seed, roi_offset) -> (labels, keys, keep),
@@ -238,14 +240,14 @@ def plan_together(process_group, z, masks, cams, is_novel, valid, options: dict,
     one plan did). Meta and fake tensors hold no data to share: no collective, ROI offset 0.
     Returns (loss params, Membership or None for meta tensors, labels, keys, keep)."""
     try:
-        plan_params, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
-        check_inputs = common.flag("check_inputs", check_inputs)
+        plan_params, params = _validation.pipeline_args(z, masks, cams, is_novel, valid, **options)
+        check_inputs = _validation.flag("check_inputs", check_inputs)
     except (TypeError, ValueError) as error:
         fail_together(process_group, z, error)
     if z.device.type == "meta" or is_fake(z):
         membership, roi_offset, seed = None, 0, 0 if plan_params.seed is None else plan_params.seed
     else:
-        membership = join(process_group, z, plan_params, params, draw_seed, check_inputs)
+        membership = join(process_group, z, plan_params, params, check_inputs)
         roi_offset, seed = membership.roi_offset, membership.seed
     error = planned = None
     try:
@@ -372,7 +374,37 @@ class _RefuseSecondOrder(torch.autograd.Function):
 
 def kernel_loss(group, ops, z, labels, keys, keep, params):
     """(loss, queries) of every rank's ROIs on the kernels, with the autocast rule of DESIGN, "Autocast"."""
-    z = common.autocast_z(z)
-    with common.autocast_disabled(z.device.type):
+    z = _autocast.autocast_z(z)
+    with _autocast.autocast_disabled(z.device.type):
         loss, queries = GlobalLoss.apply(z, labels, keys, keep, params, ops, group)
     return loss, queries
+
+
+# Outside any compiled graph (a graph break; fullgraph=True refuses it): the collectives run eagerly (README,
+# "Several processes").
+@torch.compiler.disable(reason="process_group: the global loss runs eagerly, outside the graph (its collectives "
+                               "and the join's host read); compile without fullgraph=True to use it")
+def kernel_global_loss(ops, group, z, masks, cams, is_novel, valid, options: dict, check_inputs):
+    """query_sharing_contrastive_loss over the ROIs of every rank of group, on the operators of ops (the
+    package's namespace, or the tests' emulation). The plan is per ROI (the kernels, at this rank's ROI
+    offset); the loss runs the fused kernels' stages with sums over the ranks in between (GlobalLoss). An error
+    of one rank is raised on every rank ("Errors" above). Meta and fake tensors hold no data to share: they get
+    the local loss's shapes, without collectives."""
+
+    def plan(plan_params, check_inputs, seed, roi_offset):
+        # A tensor offset (join's no-sync path, whose seed is a tensor too) is read where it lives.
+        op = ops.roi_plan.offset_tensor if isinstance(roi_offset, Tensor) else seeded_overload(ops.roi_plan, seed)
+        labels, keys, keep = op(masks, cams, is_novel, valid, plan_params.delta, plan_params.sigma,
+                                plan_params.hard_sqdist, plan_params.min_keys, seed, roi_offset, check_inputs)
+        _validation.check_cam_values_after_kernel(cams, is_novel, check_inputs)
+        return labels, keys, keep
+
+    params, membership, labels, keys, keep = plan_together(group, z, masks, cams, is_novel, valid, options,
+                                                           check_inputs, plan)
+    if membership is None:  # meta or fake tensors
+        loss, queries, _, _ = ops.contrastive_loss(z, labels, keys, keep, *params)
+    else:
+        loss, queries = kernel_loss(group, ops, z, labels, keys, keep, params)
+    if options["return_stats"]:
+        return loss, loss_stats(keys, keep, queries, params.share_queries)
+    return loss

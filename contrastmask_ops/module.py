@@ -4,7 +4,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import common
+from . import _validation
+from ._seed import Seed
 from .functional import query_sharing_contrastive_loss
 
 
@@ -22,18 +23,18 @@ class QuerySharingContrastiveLoss(nn.Module):
                  hard_sqdist: int = 2, min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
                  process_group=None, check_inputs: bool = True):
         super().__init__()
-        common.loss_module_params(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
+        _validation.loss_module_params(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
                                   hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries,
                                   formulation=formulation)  # bad parameters fail here, not at the first forward
-        self.process_group = common.process_group_param(process_group)
-        self.check_inputs = common.flag("check_inputs", check_inputs)
+        self.process_group = _validation.process_group_param(process_group)
+        self.check_inputs = _validation.flag("check_inputs", check_inputs)
         self.delta, self.sigma = delta, sigma
         self.tau_easy, self.tau_hard = tau_easy, tau_hard
         self.hard_sqdist, self.min_keys = hard_sqdist, min_keys
         self.share_queries, self.formulation = share_queries, formulation
 
     def forward(self, z: Tensor, masks: Tensor, cams: Optional[Tensor], is_novel: Tensor,
-                valid: Optional[Tensor] = None, seed: common.Seed = None, return_stats: bool = False):
+                valid: Optional[Tensor] = None, seed: Seed = None, return_stats: bool = False):
         return query_sharing_contrastive_loss(
             z, masks, cams, is_novel, valid=valid, delta=self.delta, sigma=self.sigma, tau_easy=self.tau_easy,
             tau_hard=self.tau_hard, hard_sqdist=self.hard_sqdist, min_keys=self.min_keys,

@@ -13,16 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import common
-from . import global_batch
+from . import _validation, global_batch
+from ._seed import Seed, draw_seed
+from ._validation import INT32_MAX
 from .global_batch import LOCAL
-from .common import FORMULATIONS, INT32_MAX, MAX_PIXELS, Z_DTYPES, LossStats, loss_stats  # noqa: F401 (re-exported)
+from .stats import loss_stats
+from .torch_loss import loss as _loss
 
-from .common import draw_seed  # noqa: F401 (re-exported)
-from .torch_loss import NORM_EPS, SCALE_EXP, TERMS  # noqa: F401 (re-exported)
-from .torch_loss import loss as _loss, loss_and_queries as _loss_and_queries  # noqa: F401
-
-# Input validation: contrastmask_ops.common, shared with the compiled path. The reference adds the two
+# Input validation: contrastmask_ops._validation, shared with the compiled path. The reference adds the two
 # checks that read values (masks 0/1, cams present for novel ROIs), which the kernels do themselves, and
 # then the NaN test of novel ROIs' CAMs, which the compiled path makes after its kernel.
 
@@ -32,17 +30,17 @@ from .torch_loss import loss as _loss, loss_and_queries as _loss_and_queries  # 
 # ---------------------------------------------------------------------------------------------
 
 def _check_plan_values(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor) -> None:
-    common.check_mask_values(masks)
-    common.check_cams_present(cams, is_novel)
-    common.check_cam_values(cams, is_novel)
+    _validation.check_mask_values(masks)
+    _validation.check_cams_present(cams, is_novel)
+    _validation.check_cam_values(cams, is_novel)
 
 
 def partition(masks: Tensor, cams: Optional[Tensor], is_novel: Tensor, *, delta: float = 0.1,
               valid: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
     """Label per pixel: 1 foreground, 0 background, -1 ignored. int8 (N, H, W). check_inputs=False skips the
     checks that read values (bad values give unspecified labels)."""
-    delta = common.partition_args(masks, cams, is_novel, valid, delta)
-    if common.flag("check_inputs", check_inputs):
+    delta = _validation.partition_args(masks, cams, is_novel, valid, delta)
+    if _validation.flag("check_inputs", check_inputs):
         _check_plan_values(masks, cams, is_novel)
     return _partition(masks, cams, is_novel, delta, valid)
 
@@ -108,9 +106,9 @@ def _sqdist_to_set(b: Tensor) -> Tensor:
 def boundary_sqdist(masks: Tensor, *, check_inputs: bool = True) -> Tensor:
     """Exact squared Euclidean distance of every pixel to its mask's boundary set. int32 (N, H, W);
     INT32_MAX where the mask has no boundary (all 0 or all 1)."""
-    common.check_masks(masks)
-    if common.flag("check_inputs", check_inputs):
-        common.check_mask_values(masks)
+    _validation.check_masks(masks)
+    if _validation.flag("check_inputs", check_inputs):
+        _validation.check_mask_values(masks)
     return _boundary_sqdist(masks)
 
 
@@ -173,10 +171,10 @@ def sample_counts(counts: Tensor, sigma: float, max_count: int) -> Tensor:
 
 
 def sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, *, sigma: float = 0.3, hard_sqdist: int = 2,
-                min_keys: int = 5, seed: common.Seed = None, roi_offset: int = 0):
+                min_keys: int = 5, seed: Seed = None, roi_offset: int = 0):
     """Deterministic key sample. Returns (keys uint8 (N, H, W) with bit s set for set s, keep bool (N,)).
     ROI n hashes as n + roi_offset (its index in a batch split across processes)."""
-    sigma, hard_sqdist, min_keys, seed, roi_offset = common.sample_keys_args(
+    sigma, hard_sqdist, min_keys, seed, roi_offset = _validation.sample_keys_args(
         labels, sqdist, is_novel, sigma=sigma, hard_sqdist=hard_sqdist, min_keys=min_keys, seed=seed,
         roi_offset=roi_offset)
     return _sample_keys(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset)
@@ -192,7 +190,7 @@ def _host_array(t: Tensor) -> np.ndarray:
 
 
 def _sample_keys(labels: Tensor, sqdist: Tensor, is_novel: Tensor, sigma: float, hard_sqdist: int, min_keys: int,
-                 seed: common.Seed, roi_offset: int = 0):
+                 seed: Seed, roi_offset: int = 0):
     seed = draw_seed() if seed is None else int(seed)  # a tensor seed is read here: the hash runs in numpy
     n, h, w = labels.shape
     p = h * w
@@ -227,7 +225,7 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
                                formulation: str = "paper") -> Tensor:
     """The query-sharing contrastive loss (Eqs. 1, 2, 4) from explicit key sets; 0-dim, z's dtype (float32
     for a float16/bfloat16 z under autocast), differentiable in z."""
-    params = common.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
+    params = _validation.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
                                         share_queries=share_queries, formulation=formulation)
     return _loss(z, labels, keys, keep, params)[0]
 
@@ -238,11 +236,11 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
                                    valid: Optional[Tensor] = None, delta: float = 0.1, sigma: float = 0.3,
                                    tau_easy: float = 0.7, tau_hard: float = 0.3, hard_sqdist: int = 2,
                                    min_keys: int = 5, share_queries: bool = True, formulation: str = "paper",
-                                   seed: common.Seed = None, return_stats: bool = False, process_group=None,
+                                   seed: Seed = None, return_stats: bool = False, process_group=None,
                                    check_inputs: bool = True):
     """partition -> boundary_sqdist -> sample_keys -> loss. Returns the loss, or (loss, LossStats).
     With a process_group, the loss of all its ranks' ROIs together (see the compiled path's docstring)."""
-    group = common.process_group_param(process_group)
+    group = _validation.process_group_param(process_group)
     options = dict(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard, hard_sqdist=hard_sqdist,
                    min_keys=min_keys, share_queries=share_queries, formulation=formulation, seed=seed,
                    return_stats=return_stats)
@@ -257,12 +255,12 @@ def query_sharing_contrastive_loss(z: Tensor, masks: Tensor, cams: Optional[Tens
         return labels, keys, keep
 
     if group is None:
-        plan_params, params = common.pipeline_args(z, masks, cams, is_novel, valid, **options)
-        labels, keys, keep = plan(plan_params, common.flag("check_inputs", check_inputs), plan_params.seed, 0)
+        plan_params, params = _validation.pipeline_args(z, masks, cams, is_novel, valid, **options)
+        labels, keys, keep = plan(plan_params, _validation.flag("check_inputs", check_inputs), plan_params.seed, 0)
         reducer = LOCAL
     else:  # every rank's ROIs (global_batch; an error of one rank is raised on every rank)
         params, membership, labels, keys, keep = global_batch.plan_together(
-            group, z, masks, cams, is_novel, valid, options, check_inputs, plan, draw_seed)
+            group, z, masks, cams, is_novel, valid, options, check_inputs, plan)
         reducer = LOCAL if membership is None else membership.reducer
     loss, queries = _loss(z, labels, keys, keep, params, reducer)
     if return_stats:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import common
+from . import _autocast, _validation
 from .global_batch import LOCAL
 
 NORM_EPS = 1e-8  # the cosine's clamp of each norm (SPEC step 6)
@@ -160,9 +160,9 @@ def loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau_
     return reducer.total(total).to(z.dtype), queries
 
 
-def loss(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, params: common.LossParams, reducer=LOCAL):
+def loss(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, params: _validation.LossParams, reducer=LOCAL):
     """(loss, queries) with the autocast rule of DESIGN, "Autocast": a float16/bfloat16 z is taken as float32
     under autocast, and no op inside drops to a lower precision."""
-    z = common.autocast_z(z)
-    with common.autocast_disabled(z.device.type):
+    z = _autocast.autocast_z(z)
+    with _autocast.autocast_disabled(z.device.type):
         return loss_and_queries(z, labels, keys, keep, *params, reducer=reducer)

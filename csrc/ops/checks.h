@@ -13,7 +13,7 @@
 namespace contrastmask {
 
 // Temperatures below this are refused: 1 / t must stay far from float32's range (the logits s / t
-// reach 1 / t), so that finite inputs give a finite loss and gradient. Python: common.MIN_TEMPERATURE.
+// reach 1 / t), so that finite inputs give a finite loss and gradient. Python: _validation.MIN_TEMPERATURE.
 constexpr double kMinTemperature = 1e-4;
 
 // A number as the shortest text that reads back to it, as Python's repr writes it ("-1.0", "1e-04"):

@@ -71,7 +71,7 @@ inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef s
 }
 
 // Shapes of the tensors that pass between the loss's stages (DESIGN, "Global query sharing"; the fake
-// kernels in contrastmask_ops/ops.py give the same).
+// kernels in contrastmask_ops/fake_kernels.py give the same).
 struct StageTensors {
   std::vector<int64_t> query_sums, queries, pixstats, lse, termstats, pos_sums, coef, dq, beta;
 };

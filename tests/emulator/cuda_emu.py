@@ -70,13 +70,14 @@ _loaded = False
 
 
 def load():
-    """torch.ops.contrastmask_emu, with the package's fake kernels and autograd registered for it."""
+    """torch.ops.contrastmask_emu, with the package's fake kernels and autocast registered for it."""
     global _loaded
     if not _loaded:
-        from contrastmask_ops import ops as package_ops  # needs the package's compiled extension
+        from contrastmask_ops import _autocast, fake_kernels  # needs the package's compiled extension
 
         build(asan=asan_requested())
-        package_ops.register(NAMESPACE)
+        fake_kernels.register(NAMESPACE)
+        _autocast.register(NAMESPACE)
         _loaded = True
     return getattr(torch.ops, NAMESPACE)
 

@@ -14,7 +14,8 @@ import contrastmask_ops as cm
 from blobs import blob_batch
 from cases import (CPU_OPS, assert_grad_close, baseline_loss_fn, cpu_loss_inputs, device_loss_and_grad,
                    loss_and_grad, loss_kwargs, needs_kernels, reference_plan)
-from contrastmask_ops import reference as ref
+from contrastmask_ops import reference as ref, torch_loss
+from contrastmask_ops.stats import loss_stats
 
 
 LOSS_CASES = [
@@ -440,7 +441,7 @@ def exact_released_loss(z, keys, keep, q_pos, q_neg, *, tau_easy, tau_hard, shar
 
     def four_terms(qs, sets):
         return math.fsum(term(qs[side], sets[p], sets[g], tau_hard if hard else tau_easy)
-                         for side, p, g, hard in ref.TERMS)
+                         for side, p, g, hard in torch_loss.TERMS)
 
     def sets_of(i):
         return [[feats[i][j] for j in range(len(kb[i])) if kb[i][j] >> s & 1] for s in range(4)]
@@ -466,8 +467,8 @@ def test_released_cosine_is_exact_near_the_query(scale, noise, share):
     kw = dict(tau_easy=0.3, tau_hard=0.7, share_queries=share)
     loss = ref.contrastive_loss_from_keys(z, labels, keys, keep, formulation="released", **kw)
     # The queries the reference used (the oracle takes them as given: z - q is defined by them).
-    _, queries = ref._loss_and_queries(z, labels, keys, keep, 0.3, 0.7, share, "released")
-    stats = ref.loss_stats(keys, keep, queries, share)
+    _, queries = torch_loss.loss_and_queries(z, labels, keys, keep, 0.3, 0.7, share, "released")
+    stats = loss_stats(keys, keep, queries, share)
     want = exact_released_loss(z, keys, keep, stats.q_pos, stats.q_neg, **kw)
     assert loss.dtype == torch.float64
     assert abs(loss.item() - want) <= 1e-13 * abs(want), (loss.item(), want)

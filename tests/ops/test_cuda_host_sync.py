@@ -15,7 +15,7 @@ CUDA = torch.device("cuda")
 
 
 def test_stats_take_no_host_sync():
-    # LossStats masks with keep instead of indexing with it (contrastmask_ops.common.loss_stats).
+    # LossStats masks with keep instead of indexing with it (contrastmask_ops.stats.loss_stats).
     b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
     labels, keys, keep = torch.ops.contrastmask.roi_plan(b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 5, 1)
     queries = torch.ops.contrastmask.contrastive_loss(b["z"], labels, keys, keep, 0.7, 0.3, False, "paper")[1]
@@ -23,7 +23,7 @@ def test_stats_take_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for share_queries in (True, False):
-            stats = cm.common.loss_stats(keys, keep, queries, share_queries)
+            stats = cm.stats.loss_stats(keys, keep, queries, share_queries)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(stats.kept) == int(keep.sum())

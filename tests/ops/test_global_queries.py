@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 import contrastmask_ops as cm
 from blobs import blob_batch
 from contrastmask_ops import functional
+from contrastmask_ops._seed import draw_seed
 from contrastmask_ops import reference as ref
 
 WORLD = 2
@@ -461,7 +462,7 @@ def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
 
 def test_seed_none_uses_the_first_ranks_draw(ranks):
     torch.manual_seed(100)
-    seed = ref.draw_seed()
+    seed = draw_seed()
     z, masks, cams, novel = whole_batch()
     want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=seed)
     for results in ranks:

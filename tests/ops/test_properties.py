@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import contrastmask_ops as cm
-from contrastmask_ops import common
+from contrastmask_ops import _validation
 from contrastmask_ops import reference as ref
 from blobs import blob_masks
 
@@ -153,7 +153,7 @@ def test_plan_matches_reference(b, kw):
     got_keys, got_keep = cm.sample_keys(labels, sqdist, novel, **kw)
     assert torch.equal(got_keep, keep) and torch.equal(got_keys, keys)
     # ... and the fused plan (row bitmasks for W <= 64), through the public pipeline's argument handling
-    plan = common.plan_params(delta=delta, **kw)
+    plan = _validation.plan_params(delta=delta, **kw)
     f_labels, f_keys, f_keep = ops.roi_plan(masks, cams, novel, valid, plan.delta, plan.sigma, plan.hard_sqdist,
                                             plan.min_keys, plan.seed)
     assert torch.equal(f_labels, labels) and torch.equal(f_keys, keys) and torch.equal(f_keep, keep)

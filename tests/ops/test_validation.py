@@ -1,4 +1,4 @@
-"""Bad input, for every op: one validation for both paths (the reference and the kernels, contrastmask_ops.common):
+"""Bad input, for every op: one validation for both paths (the reference and the kernels, contrastmask_ops._validation):
 the same verdict and the same argument named first in the message, numbers printed in full; the raw
 operators' own checks on every device (devices.py), which stays usable after them; check_inputs=False."""
 import math

@@ -1,17 +1,15 @@
-"""Python side of the compiled operators: fake kernels (for torch.compile / FakeTensor / meta tensors) and
-autocast for torch.ops.contrastmask.*. Importing this module registers them; it is imported by the package
-only when the extension is built. register() does the same for another namespace holding the same schemas
-(the tests' CUDA emulation build, torch.ops.contrastmask_emu). Autograd is registered in C++
-(csrc/ops/contrastive_loss_autograd.cpp), so libtorch users get the same backward.
+"""Fake kernels of the compiled operators (torch.compile, FakeTensor, meta tensors). register() adds them for
+torch.ops.contrastmask when the package is imported with the extension built, and for another namespace
+holding the same schemas (the tests' CUDA emulation build, torch.ops.contrastmask_emu).
 
-The fake kernels check what the real kernels check without reading data (shapes, dtypes, devices,
-parameters; contrastmask_ops.common, the validation the public API uses too), so a call the real kernel
-rejects is rejected under fake tensors as well, and mixed devices (say z on the CPU and cams on meta)
-raise instead of returning memory nobody wrote."""
+They check what the real kernels check without reading data (shapes, dtypes, devices, parameters; through
+_validation, which the public API uses too), so a call the real kernel rejects is rejected under fake
+tensors as well, and mixed devices (say z on the CPU and cams on meta) raise instead of returning memory
+nobody wrote."""
 import torch
 
 from . import _ext  # noqa: F401  (loads the library that defines the ops)
-from . import common
+from . import _validation
 
 
 def _acc_dtype(z):
@@ -20,23 +18,23 @@ def _acc_dtype(z):
 
 def _check_sampling(sigma, min_keys, roi_offset, num_rois):
     # hard_sqdist and seed: any int64 (the schema's type), as in the kernels.
-    common.sigma_param(sigma)
-    common.integer("min_keys", min_keys, minimum=0)
-    common.roi_offset_param(roi_offset, num_rois)
+    _validation.sigma_param(sigma)
+    _validation.integer("min_keys", min_keys, minimum=0)
+    _validation.roi_offset_param(roi_offset, num_rois)
 
 
 def _check_seed(seed, ref_name, ref):
     # The tensor seed of the default overloads (the .int_seed ones decompose into them).
-    common.seed_param(seed)
-    common.check_seed_device(seed, ref_name, ref)
+    _validation.seed_param(seed)
+    _validation.check_seed_device(seed, ref_name, ref)
 
 
 def _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation):
-    common.check_loss_tensors(z, labels, keys, keep)
+    _validation.check_loss_tensors(z, labels, keys, keep)
     # The raw op accepts tau = inf (1/tau = 0); the public API asks for finite temperatures.
-    common.temperature("tau_easy", tau_easy, finite=False)
-    common.temperature("tau_hard", tau_hard, finite=False)
-    common.formulation_param(formulation)
+    _validation.temperature("tau_easy", tau_easy, finite=False)
+    _validation.temperature("tau_hard", tau_hard, finite=False)
+    _validation.formulation_param(formulation)
 
 
 def _saved_shapes(z, share_queries):
@@ -65,20 +63,20 @@ def _check_stage(z, share_queries, why="what the previous stage returns for this
     shapes = _stage_shapes(z, share_queries)
     for name, t in tensors.items():
         shape, dtype = shapes[name]
-        common.check_tensor(name, t, len(shape), str(shape))
-        common._require(tuple(t.shape) == shape, ValueError,
+        _validation.check_tensor(name, t, len(shape), str(shape))
+        _validation._require(tuple(t.shape) == shape, ValueError,
                         lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} ({why}), "
                                                             f"got {tuple(t.shape)}")
-        common.check_dtype(name, t, (dtype,), str(dtype))
-        common.check_same_device(name, t, "z", z)
+        _validation.check_dtype(name, t, (dtype,), str(dtype))
+        _validation.check_same_device(name, t, "z", z)
 
 
 def _check_grad(name, grad, z):
-    common._require(grad.dim() == 0, ValueError,
+    _validation._require(grad.dim() == 0, ValueError,
                     lambda: f"{name} must be the gradient of a scalar loss (shape ()), got shape {tuple(grad.shape)}")
-    common._require(grad.is_floating_point(), ValueError,
+    _validation._require(grad.is_floating_point(), ValueError,
                     lambda: f"{name} must have a floating-point dtype, got {grad.dtype}")
-    common.check_same_device(name, grad, "z", z)
+    _validation.check_same_device(name, grad, "z", z)
 
 
 def _stage_outputs(z, share_queries, *names):
@@ -87,31 +85,30 @@ def _stage_outputs(z, share_queries, *names):
 
 
 def register(namespace: str = "contrastmask"):
-    """Fake kernels and autocast for the operators of torch.ops.<namespace>."""
+    """Fake kernels for the operators of torch.ops.<namespace>."""
 
     @torch.library.register_fake(namespace + "::partition")
     def _(masks, cams, is_novel, valid, delta, check_inputs=True):
-        common.partition_args(masks, cams, is_novel, valid, delta)
-        common.flag("check_inputs", check_inputs)
+        _validation.partition_args(masks, cams, is_novel, valid, delta)
+        _validation.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int8)
 
     @torch.library.register_fake(namespace + "::boundary_sqdist")
     def _(masks, check_inputs=True):
-        common.check_masks(masks)
-        common.flag("check_inputs", check_inputs)
+        _validation.check_masks(masks)
+        _validation.flag("check_inputs", check_inputs)
         return masks.new_empty(masks.shape, dtype=torch.int32)
 
     @torch.library.register_fake(namespace + "::sample_keys")
     def _(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset=0):
-        common.check_sample_tensors(labels, sqdist, is_novel)
+        _validation.check_sample_tensors(labels, sqdist, is_novel)
         _check_sampling(sigma, min_keys, roi_offset, labels.shape[0])
         _check_seed(seed, "labels", labels)
         return labels.new_empty(labels.shape, dtype=torch.uint8), labels.new_empty(labels.shape[:1], dtype=torch.bool)
 
-    @torch.library.register_fake(namespace + "::roi_plan")
-    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0, check_inputs=True):
-        common.partition_args(masks, cams, is_novel, valid, delta)
-        common.flag("check_inputs", check_inputs)
+    def roi_plan(masks, cams, is_novel, valid, delta, sigma, min_keys, seed, roi_offset, check_inputs):
+        _validation.partition_args(masks, cams, is_novel, valid, delta)
+        _validation.flag("check_inputs", check_inputs)
         _check_sampling(sigma, min_keys, roi_offset, masks.shape[0])
         _check_seed(seed, "masks", masks)
         return (
@@ -120,23 +117,20 @@ def register(namespace: str = "contrastmask"):
             masks.new_empty(masks.shape[:1], dtype=torch.bool),
         )
 
+    @torch.library.register_fake(namespace + "::roi_plan")
+    def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset=0, check_inputs=True):
+        return roi_plan(masks, cams, is_novel, valid, delta, sigma, min_keys, seed, roi_offset, check_inputs)
+
     @torch.library.register_fake(namespace + "::roi_plan.offset_tensor")
     def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset, check_inputs=True):
-        common.partition_args(masks, cams, is_novel, valid, delta)
-        common.flag("check_inputs", check_inputs)
-        _check_sampling(sigma, min_keys, 0, masks.shape[0])
-        _check_seed(seed, "masks", masks)
-        common._require(isinstance(roi_offset, torch.Tensor) and roi_offset.dim() == 0
+        outputs = roi_plan(masks, cams, is_novel, valid, delta, sigma, min_keys, seed, 0, check_inputs)
+        _validation._require(isinstance(roi_offset, torch.Tensor) and roi_offset.dim() == 0
                         and roi_offset.dtype == torch.int64, ValueError,
                         lambda: "roi_offset must be a 0-dim int64 tensor")
-        common._require(roi_offset.device.type == "cpu" or roi_offset.device == masks.device, ValueError,
+        _validation._require(roi_offset.device.type == "cpu" or roi_offset.device == masks.device, ValueError,
                         lambda: f"roi_offset is on {roi_offset.device} but masks is on {masks.device}; it must be on "
                                 "the CPU or on the device of masks")
-        return (
-            masks.new_empty(masks.shape, dtype=torch.int8),
-            masks.new_empty(masks.shape, dtype=torch.uint8),
-            masks.new_empty(masks.shape[:1], dtype=torch.bool),
-        )
+        return outputs
 
     @torch.library.register_fake(namespace + "::contrastive_loss")
     def _(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation):
@@ -198,15 +192,3 @@ def register(namespace: str = "contrastmask"):
         _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
         _check_stage(z, share_queries, queries=queries, coef=coef, dq=dq, beta=beta, counts=counts)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------------------------------------
-    # Autocast: like PyTorch's own losses (autocast policy "fp32"), a float16/bfloat16 z is cast to float32,
-    # so the loss is computed and returned in float32 (DESIGN, "Autocast"). float64 is left alone.
-    # ---------------------------------------------------------------------------------------------
-
-    for device_type in ("cpu", "cuda"):
-        if torch._C._is_autocast_available(device_type):
-            torch.library.register_autocast(namespace + "::contrastive_loss", device_type, torch.float32)
-
-
-register()

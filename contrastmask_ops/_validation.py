@@ -1,6 +1,5 @@
-"""What the compiled path (functional.py, the fake kernels in ops.py) and the reference share: argument
-validation, the autocast rule and LossStats. One copy of each, so the two paths accept and reject the same
-calls with the same messages.
+"""Argument validation, one copy for the compiled path (functional.py, global_batch.py, fake_kernels.py) and
+the reference, so the two paths accept and reject the same calls with the same messages.
 
 Validation here reads only metadata (types, shapes, dtypes, devices) and Python scalars: it costs no
 host sync and runs under torch.compile and on fake tensors. The two checks that read tensor values (masks
@@ -13,18 +12,19 @@ an array is named by its type and shape, never printed); Python numbers are prin
 full precision. The value checks use the kernels' own wording (csrc/ops/checks.h, raise_plan_errors), so
 the two paths raise the same message for the same bad values.
 """
-import contextlib
 import math
 import operator
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from ._seed import Seed
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
-Seed = Union[int, Tensor, None]  # the public functions' seed: an integer, a 0-dim int64 tensor, or None (drawn)
 MAX_PIXELS = 4096  # H * W limit of the kernels (SPEC)
 # Smallest temperature accepted: the logits s / t reach 1 / t, which must stay far inside float32's
 # range for finite inputs to give a finite loss (DESIGN, "Numerics"); kMinTemperature in csrc/ops/checks.h.
@@ -204,6 +204,18 @@ def check_cam_values(cams, is_novel: Tensor) -> None:
     nan_rows = torch.isnan(cams).flatten(1).any(dim=1) & is_novel
     if bool(nan_rows.any()):
         raise ValueError(NAN_IN_CAMS.format(int(nan_rows.nonzero()[0, 0])))
+
+
+def check_cam_values_after_kernel(cams, is_novel: Tensor, check_inputs: bool) -> None:
+    """check_cam_values on the compiled path, whose kernels do not make it. Run after the kernel, so that bad
+    masks or missing CAMs are reported first, as the reference does. Left out under torch.compile (it reads
+    values on the host, which a graph cannot do; DESIGN, "Validation cost") and for meta and fake tensors,
+    which hold no values."""
+    if not check_inputs or cams is None or torch.compiler.is_compiling():
+        return
+    if cams.device.type == "meta" or is_fake(cams):
+        return
+    check_cam_values(cams, is_novel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,72 +429,3 @@ def pipeline_args(z, masks, cams, is_novel, valid, *, delta, sigma, tau_easy, ta
     check_seed_device(seed, "masks", masks)
     flag("return_stats", return_stats)
     return params
-
-
-# ---------------------------------------------------------------------------------------------
-# Autocast (DESIGN, "Autocast")
-# ---------------------------------------------------------------------------------------------
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    return torch._C._is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def autocast_z(z: Tensor) -> Tensor:
-    """Under torch.autocast for z's device, a float16/bfloat16 z is cast to float32, so the loss is
-    computed and returned in float32, as PyTorch's own losses are (their autocast policy is "fp32").
-    float32 and float64 z are left as they are. (The compiled op does the same through its autocast
-    kernel, registered in ops.py.)"""
-    if z.dtype in LOW_PRECISION and _autocast_enabled(z.device.type):
-        return z.float()
-    return z
-
-
-def autocast_disabled(device_type: str):
-    """A context that turns autocast off for device_type if it is on (the reference's matmuls must
-    not drop to float16/bfloat16 inside the loss)."""
-    if _autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------
-# LossStats
-# ---------------------------------------------------------------------------------------------
-
-class LossStats(NamedTuple):
-    """Detached statistics of one loss call (DESIGN: public API)."""
-
-    kept: Tensor  # int64 0-dim: number of kept ROIs
-    keys_per_set: Tensor  # int64 (4,): EF, HF, EB, HB key counts over kept ROIs
-    q_pos: Tensor  # (C,) with share_queries, else (N, C) (zero rows for dropped ROIs)
-    q_neg: Tensor
-
-
-def loss_stats(keys: Tensor, keep: Tensor, queries: Tensor, share_queries: bool) -> LossStats:
-    """LossStats from the key bits, keep and the queries (G, 2, C), or the compiled op's (G, 4, C) whose rows
-    2 and 3 are the lo parts of q+ and q- (left out here: q_pos and q_neg are the queries rounded to the
-    accumulation dtype). Masks with keep instead of indexing
-    with it, so nothing waits for the device (no host sync) and the shapes do not depend on the data."""
-    n, h, w = keys.shape
-    bits = torch.arange(4, device=keys.device, dtype=torch.uint8).view(1, 4, 1)
-    in_set = ((keys.reshape(n, 1, h * w) >> bits) & 1) * keep.view(n, 1, 1)
-    per_set = in_set.sum(dim=(0, 2), dtype=torch.int64)
-    queries = queries.detach()
-    if share_queries:
-        q_pos, q_neg = queries[0, 0], queries[0, 1]
-    else:
-        q_pos, q_neg = queries[:, 0], queries[:, 1]
-    return LossStats(kept=keep.sum(dtype=torch.int64), keys_per_set=per_set, q_pos=q_pos, q_neg=q_neg)
-
-
-def draw_seed() -> int:
-    """DESIGN, "Seed": seed=None draws from torch's default CPU generator. Not under torch.compile: the draw
-    is a host read, which would break the graph (or fail with fullgraph=True inside dynamo)."""
-    if torch.compiler.is_compiling():
-        from ._compile_checks import refuse_drawing_a_seed
-
-        refuse_drawing_a_seed()
-    return int(torch.randint(0, 2**63 - 1, ()).item())
