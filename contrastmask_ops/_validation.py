@@ -134,14 +134,23 @@ def check_plan_tensors(masks, cams, is_novel, valid) -> None:
         check_roi_flags("valid", valid, "masks", masks)
 
 
-def check_sample_tensors(labels, sqdist, is_novel) -> None:
+def check_labels(labels) -> None:
     check_tensor("labels", labels, 3, "(N, H, W)")
     check_dtype("labels", labels, (torch.int8,), "int8")
     check_grid("labels", labels)
-    check_tensor("sqdist", sqdist, 3, "(N, H, W)")
-    check_dtype("sqdist", sqdist, (torch.int32,), "int32")
-    check_same_shape("sqdist", sqdist, "labels", labels)
-    check_same_device("sqdist", sqdist, "labels", labels)
+
+
+def check_per_pixel(name: str, x, dtype: torch.dtype, labels: Tensor) -> None:
+    """x: a per-pixel tensor of dtype beside labels, of its shape and on its device."""
+    check_tensor(name, x, 3, "(N, H, W)")
+    check_dtype(name, x, (dtype,), str(dtype).removeprefix("torch."))
+    check_same_shape(name, x, "labels", labels)
+    check_same_device(name, x, "labels", labels)
+
+
+def check_sample_tensors(labels, sqdist, is_novel) -> None:
+    check_labels(labels)
+    check_per_pixel("sqdist", sqdist, torch.int32, labels)
     check_roi_flags("is_novel", is_novel, "labels", labels)
 
 
@@ -162,15 +171,10 @@ def check_z(z, n, h, w, ref_name: str, ref: Tensor) -> None:
 def check_loss_tensors(z, labels, keys, keep) -> None:
     """The tensors of contrastive_loss_from_keys. z is checked against labels first where labels
     itself is well-formed, so a z of the wrong N/H/W is blamed, not labels."""
-    check_tensor("labels", labels, 3, "(N, H, W)")
-    check_dtype("labels", labels, (torch.int8,), "int8")
-    check_grid("labels", labels)
+    check_labels(labels)
     n, h, w = labels.shape
     check_z(z, n, h, w, "labels", labels)
-    check_tensor("keys", keys, 3, "(N, H, W)")
-    check_dtype("keys", keys, (torch.uint8,), "uint8")
-    check_same_shape("keys", keys, "labels", labels)
-    check_same_device("keys", keys, "labels", labels)
+    check_per_pixel("keys", keys, torch.uint8, labels)
     check_roi_flags("keep", keep, "labels", labels)
 
 
