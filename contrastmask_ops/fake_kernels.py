@@ -153,23 +153,19 @@ def register(namespace: str = "contrastmask"):
                      termstats=termstats)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
-    # The loss's stages (the global loss runs them with collectives in between).
-    @torch.library.register_fake(namespace + "::contrastive_loss_query_sums")
-    def _(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation):
-        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
-        return _stage_outputs(z, share_queries, "query_sums", "counts")
+    # The loss's forward stages (the global loss runs them with collectives in between): each takes
+    # (z, labels, keys, keep, *what it takes, tau_easy, tau_hard, share_queries, formulation).
+    def forward_stage(name, takes, gives):
+        @torch.library.register_fake(f"{namespace}::contrastive_loss_{name}")
+        def _(z, labels, keys, keep, *args):
+            *stage_inputs, tau_easy, tau_hard, share_queries, formulation = args
+            _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
+            _check_stage(z, share_queries, **dict(zip(takes, stage_inputs)))
+            return _stage_outputs(z, share_queries, *gives)
 
-    @torch.library.register_fake(namespace + "::contrastive_loss_cosines")
-    def _(z, labels, keys, keep, query_sums, counts, tau_easy, tau_hard, share_queries, formulation):
-        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
-        _check_stage(z, share_queries, query_sums=query_sums, counts=counts)
-        return _stage_outputs(z, share_queries, "queries", "pixstats", "lse")
-
-    @torch.library.register_fake(namespace + "::contrastive_loss_terms")
-    def _(z, labels, keys, keep, pixstats, lse, tau_easy, tau_hard, share_queries, formulation):
-        _check_loss(z, labels, keys, keep, tau_easy, tau_hard, formulation)
-        _check_stage(z, share_queries, pixstats=pixstats, lse=lse)
-        return _stage_outputs(z, share_queries, "termstats", "pos_sums")
+    forward_stage("query_sums", (), ("query_sums", "counts"))
+    forward_stage("cosines", ("query_sums", "counts"), ("queries", "pixstats", "lse"))
+    forward_stage("terms", ("pixstats", "lse"), ("termstats", "pos_sums"))
 
     @torch.library.register_fake(namespace + "::contrastive_loss_finish")
     def _(z, labels, keys, keep, termstats, pos_sums, counts, tau_easy, tau_hard, share_queries, formulation):

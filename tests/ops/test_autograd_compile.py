@@ -46,6 +46,15 @@ def _opcheck_cases(device):
     z = b["z"].clone().requires_grad_(True)
     loss, queries, pixstats, termstats = ops.contrastive_loss(z, labels, keys, keep, 0.7, 0.3, True, "paper")
     grad = device.to(torch.ones((), dtype=z.dtype))
+    p = (0.7, 0.3, True, "paper")
+    args = (z.detach(), labels, keys, keep)
+    sums, counts = ops.contrastive_loss_query_sums(*args, *p)
+    queries_, pixstats_, lse = ops.contrastive_loss_cosines(*args, sums, counts, *p)
+    termstats_, pos_sums = ops.contrastive_loss_terms(*args, pixstats_, lse, *p)
+    _, termstats_ = ops.contrastive_loss_finish(*args, termstats_, pos_sums, counts, *p)
+    stage_grad = grad.to(termstats_.dtype)
+    coef, dq, beta = ops.contrastive_loss_query_grads(stage_grad, None, *args, queries_, pixstats_, termstats_,
+                                                      counts, *p)
     return {
         "partition": (b["masks"], b["cams"], b["is_novel"], None, 0.1, False),
         "boundary_sqdist": (b["masks"], False),
@@ -54,11 +63,23 @@ def _opcheck_cases(device):
         "contrastive_loss": (z, labels, keys, keep, 0.7, 0.3, True, "paper"),
         "contrastive_loss_backward": (grad, z.detach(), labels, keys, keep, queries.detach(), pixstats.detach(),
                                       termstats.detach(), 0.7, 0.3, True, "paper"),
+        # The loss's stages, which the global loss runs with collectives in between.
+        "contrastive_loss_query_sums": (*args, *p),
+        "contrastive_loss_cosines": (*args, sums, counts, *p),
+        "contrastive_loss_terms": (*args, pixstats_, lse, *p),
+        "contrastive_loss_finish": (*args, termstats_, pos_sums, counts, *p),
+        "contrastive_loss_query_grads": (stage_grad, torch.ones_like(stage_grad), *args, queries_, pixstats_,
+                                         termstats_, counts, *p),
+        "contrastive_loss_dz": (*args, queries_, coef, dq, beta, counts, *p),
     }
 
 
-@pytest.mark.parametrize("name", ["partition", "boundary_sqdist", "sample_keys", "roi_plan", "contrastive_loss",
-                                  "contrastive_loss_backward"])
+OPCHECKED = ["partition", "boundary_sqdist", "sample_keys", "roi_plan", "contrastive_loss", "contrastive_loss_backward",
+             *(f"contrastive_loss_{stage}" for stage in ("query_sums", "cosines", "terms", "finish", "query_grads",
+                                                         "dz"))]
+
+
+@pytest.mark.parametrize("name", OPCHECKED)
 def test_opcheck(device, name):
     torch.library.opcheck(getattr(device.ops, name).default, _opcheck_cases(device)[name])
 
