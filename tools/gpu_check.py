@@ -10,8 +10,8 @@ Steps (each reported in the summary at the end, with its log under build/gpu-che
      packages are missing and what is skipped because of them;
   2. build the extension in place against this torch (`setup.py build_ext --inplace`, CONTRASTMASK_CUDA=1);
   3. -- from here on a GPU is needed; without one the run stops here with exit status 2 --
-     `pytest tests -m cuda`, then the device-parametrised cases on cuda (`-k cuda` outside the cuda marker,
-     the emulated `cuda-emu` cases and the toolkit-search tests left out);
+     `pytest tests -m cuda` (every test that needs a GPU carries the marker: the device-parametrised cases'
+     cuda rows and the CUDA-only tests; tests/toolchain/test_gpu_check.py holds them to it);
   4. compute-sanitizer memcheck and racecheck over tools/gpu_sanitize_ops.py (when compute-sanitizer exists);
   5. the benchmark sweep on CUDA with the model-step benchmark (python -m benchmarks.run --device cuda):
      benchmarks/results/cuda-<gpu>-<date>.json and its plots;
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
     # 3.- everything below needs a GPU
     if not gpus:
-        rest = ["pytest -m cuda", "pytest device=cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
+        rest = ["pytest -m cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
                 "benchmark sweep + model step", "kernels: measured vs predicted"]
         for name in rest:
             steps.add(name, "NOT RUN", "no GPU")
@@ -229,11 +229,8 @@ def main(argv=None) -> int:
 
     if "pytest" in missing:
         steps.add("pytest -m cuda", "SKIPPED", "pytest is not installed")
-        steps.add("pytest device=cuda", "SKIPPED", "pytest is not installed")
     else:
         pytest_step(steps, "pytest -m cuda", ["-m", "cuda"], missing, "pytest-cuda")
-        pytest_step(steps, "pytest device=cuda", ["-m", "not cuda", "-k", "cuda and not emu and not find_cuda"],
-                    missing, "pytest-device-cuda")
 
     # 4. compute-sanitizer
     sanitizer, looked = find_sanitizer(toolkit_home)

@@ -20,3 +20,12 @@ def test_without_a_gpu_it_stops_with_status_2(repo):
         for step in ("pytest -m cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
                      "benchmark sweep + model step", "kernels: measured vs predicted"):
             assert any(line.startswith(step) and "NOT RUN" in line for line in out.splitlines()), (step, out)
+
+
+def test_every_gpu_test_carries_the_marker(repo):
+    # make gpu-check runs `pytest -m cuda` alone: a test that runs on the GPU without the marker (a "cuda" id
+    # outside the emulation and the toolkit search) would never run there.
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           "-m", "not cuda", "-k", "cuda and not emu and not find_cuda"], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-3000:]  # 5: no test selected
