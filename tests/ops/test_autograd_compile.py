@@ -81,7 +81,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert torch.equal(z1.grad, z2.grad)
 
 
-def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
+def test_tensor_seed_per_step_compiles_once(device):
     """A seed that changes every step is data, not a constant of the graph: 20 seeds, one compilation
     (fullgraph), each call equal to eager. An integer seed would recompile at every new value."""
     b = device.batch(blob_batch(6, 14, 14, 8, seed=3))
@@ -112,7 +112,7 @@ def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
 
 
 @pytest.mark.parametrize("dynamic,compilations", [(True, 1), (None, 2)])
-def test_compiled_step_takes_an_integer_seed_per_step_without_recompiling(device, dynamic, compilations):
+def test_integer_seed_per_step_stays_symbolic(device, dynamic, compilations):
     """seed=step, as users write it: the ops take the integer seed as a SymInt, so dynamo keeps it symbolic
     (one compilation with dynamic=True; with the default, the first call specialises and the second makes
     it dynamic), each call equal to eager."""

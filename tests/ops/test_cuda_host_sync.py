@@ -105,7 +105,7 @@ def test_loss_takes_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_global_loss_with_a_device_seed_and_no_value_checks_takes_no_host_sync():
+def test_unchecked_global_loss_takes_no_host_sync():
     """process_group= on a one-rank NCCL group: after the first call of a configuration (the join's agreement
     check reads the gathered rows once), a step reads nothing on the host (DESIGN, "Global query sharing")."""
     import torch.distributed as dist

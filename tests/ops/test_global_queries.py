@@ -418,7 +418,8 @@ def _assert_close(got, want, rel, scale):
 
 
 @pytest.mark.parametrize("split,impl,formulation,share_queries", [case_param(case) for case in CASES])
-def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, impl, formulation, share_queries):
+def test_each_rank_gets_the_whole_batch_loss(ranks, split, impl, formulation, share_queries):
+    """The loss of all ranks' ROIs on every rank, and each rank its rows of that loss's gradient."""
     loss, dz, keys, keep = single_process(impl, split, formulation, share_queries)
     assert keep.any()
     for rank, results in enumerate(ranks):
@@ -438,7 +439,8 @@ def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, i
 @pytest.mark.parametrize("impl,formulation,share_queries",
                          [pytest.param(*case, marks=[pytest.mark.cuda_emu] if case[0].startswith("emu-") else [])
                           for case in FLOAT32_CASES])
-def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl, formulation, share_queries):
+def test_float32_global_loss_is_within_tolerance(ranks, impl, formulation, share_queries):
+    """float32 over a process group is within the local kernels' float32 tolerances."""
     loss, dz = _float32_loss(impl, formulation, share_queries)
     for rank, results in enumerate(ranks):
         got_loss, got_dz = results["float32"][(impl, formulation, share_queries)]
@@ -449,7 +451,8 @@ def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl,
                        ranks[1]["float32"][(impl, formulation, share_queries)][0])
 
 
-def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
+def test_scaled_ddp_trains_as_one_process(ranks):
+    """DDP with the loss scaled by the world size gives the single-process gradient of the projector."""
     feats, masks, cams, novel = projector_batch()
     projector = make_projector()
     loss = cm.query_sharing_contrastive_loss(projector(feats), masks, cams, novel, seed=SEED)
@@ -476,7 +479,8 @@ def test_a_tensor_seed_is_joined_like_the_integer(ranks):
 
 
 @pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
-def test_a_tensor_seed_without_input_checks_reads_nothing_on_the_host_after_the_first_step(ranks):
+def test_unchecked_tensor_seed_steps_read_nothing(ranks):
+    """A tensor seed with check_inputs=False reads nothing on the host after the first step."""
     z, masks, cams, novel = whole_batch()
     for i, (cut, step) in enumerate(NO_SYNC_STEPS):
         zz = z.clone().requires_grad_(True)
@@ -502,7 +506,8 @@ def test_ranks_that_disagree_all_raise(ranks):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_an_error_of_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_step(ranks, impl):
+def test_one_rank_error_raises_on_every_rank(ranks, impl):
+    """An error of one rank is raised on every rank, and the ranks stay in step for the next call."""
     mine, other = ranks[1]["one_rank_errors"], ranks[0]["one_rank_errors"]
     assert mine[(impl, "value")].startswith("ValueError: masks"), mine[(impl, "value")]
     assert other[(impl, "value")] == "ValueError: process_group: rank 1 raised " + mine[(impl, "value")] + \
@@ -517,18 +522,20 @@ def test_an_error_of_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_step
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_double_backward_through_a_process_group_raises_instead_of_being_wrong(ranks, impl):
+def test_double_backward_through_a_group_raises(ranks, impl):
+    """Differentiating the global loss's gradient raises instead of being wrong."""
     for results in ranks:
         assert "once_differentiable" in results["edges"][(impl, "double_backward")]
 
 
 @pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
-def test_meta_tensors_through_a_process_group_give_the_loss_shape(ranks):
+def test_meta_tensors_give_the_global_loss_shape(ranks):
     for results in ranks:
         assert results["edges"][("kernels", "meta")] == ("meta", ())
 
 
-def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it(ranks):
+def test_compile_runs_the_global_loss_eagerly(ranks):
+    """torch.compile runs it outside the graph; fullgraph=True refuses it."""
     for results in ranks:
         edges = results["edges"]
         assert torch.equal(edges["compiled"], edges["eager"])
@@ -536,7 +543,8 @@ def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it
             edges["fullgraph"][:500]
 
 
-def test_a_module_holding_a_group_deep_copies_with_it_and_refuses_pickling_clearly(ranks):
+def test_grouped_module_deepcopies_not_pickles(ranks):
+    """A module holding a process group deep-copies with it and refuses pickling with a clear error."""
     for results in ranks:
         got = results["module_copy"]
         assert got["same_group"] and got["plain_pickles"]
