@@ -224,7 +224,7 @@ def _usage_of(kernel, usage):
 
 def hot_lines(rows, gpu_key, gpus):
     """Lines taking >= HOT_SHARE of their kernel's predicted time, with coalescing below 50 % (global)
-    or a bank conflict above 2-way (shared): what issue 20 asks to fix or explain."""
+    or a bank conflict above 2-way (shared): what DESIGN, "Predicted GPU time", fixes or explains."""
     out = []
     for row in rows:
         busy = row["_busy_s"][gpu_key]

@@ -146,7 +146,7 @@ def test_old_checkpoints_are_refused_and_upgrade(tmp_path):
     common = {"model": {"w": torch.arange(3.0)}, "optimizer": {"state": {}, "param_groups": []},
               "scheduler": {"last_epoch": 2}, "scaler": {}, "iteration": 2, "config": {"seed": 0}}
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
-    torch.save(dict(common, rng=[legacy]), old)  # what model.train wrote before
+    torch.save(dict(common, rng=[legacy]), old)  # the legacy layout: numpy's state an ndarray
     with pytest.raises(CheckpointError, match="numpy.*model.engine.checkpoint upgrade"):
         ckpt.load(str(old))
     ckpt.main(["upgrade", str(old), str(new)])

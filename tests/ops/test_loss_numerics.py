@@ -64,11 +64,11 @@ def test_extreme_float32_matches_float64(device, case):
 @needs_kernels
 @pytest.mark.parametrize("case", collapsed_feature_cases(), ids=lambda c: c[0])
 def test_collapsed_float32_matches_float64(device, case):
-    # Issue 22, item 5: "released" keys z - q of a constant (or nearly constant) partition or batch. float32 once
-    # held q's rounding noise there (|q| * 2^-24, above the 1e-8 clamp), whose direction decided the cosines:
-    # CPU kernels, CUDA kernels and reference each returned another loss, and dz up to 7x too large. The
-    # query's sums are now taken in double and z - q formed from its hi and lo parts (DESIGN, "Collapsed
-    # features"), so each device gives the float64 reference's loss and dz within the tolerances of cases.py.
+    # "released" keys z - q of a constant (or nearly constant) partition or batch. A float32 q would leave its
+    # rounding noise there (|q| * 2^-24, above the 1e-8 clamp), whose direction would decide the cosines: each
+    # implementation another loss, and dz up to 7x too large. So the query's sums are taken in double and z - q
+    # formed from its hi and lo parts (DESIGN, "Collapsed features"): each device gives the float64
+    # reference's loss and dz within the tolerances of cases.py.
     _, z, labels, keys, keep, kw, grad_rel = case
     want, want_g = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
     loss, g = device_loss_and_grad(device, z.float(), labels, keys, keep, **kw)
@@ -113,7 +113,7 @@ def _scaled_loss_and_grad(impl, scale, dtype, formulation):
 @pytest.mark.parametrize("scale,dtype", [(1e15, torch.float32), (1e19, torch.float32), (1e30, torch.float32),
                                          (1e19, torch.float64), (1e150, torch.float64), (1e250, torch.float64)])
 def test_large_features_give_the_same_loss(impl, formulation, scale, dtype):
-    # Beyond 1e18 in float32 the squared norms used to overflow (NaN); features are now rescaled by a power
+    # Beyond 1e18 in float32 the squared norms would overflow (NaN); large features are rescaled by a power
     # of two (DESIGN, "Numerics"), so loss and scale * dL/dz equal the unscaled ones.
     want, want_g = _scaled_loss_and_grad(impl, 1.0, dtype, formulation)
     loss, g = _scaled_loss_and_grad(impl, scale, dtype, formulation)
@@ -140,10 +140,8 @@ def test_extreme_float32_matches_own_float64(impl, case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", collapsed_feature_cases(), ids=lambda c: c[0])
 def test_collapsed_float32_matches_own_float64(impl, case):
-    # Issue 22, item 5 (the kernels on every device: test_collapsed_float32_matches_float64 above). Reported: a
-    # constant ROI without sharing gave loss 9.14 (kernels) and 10.39 (reference) for 9.36, a constant batch with
-    # sharing 11.34 and 12.12 for 11.46. Each implementation in float32 against its own float64 answer (DESIGN,
-    # "Collapsed features").
+    # Each implementation in float32 against its own float64 answer (DESIGN, "Collapsed features"); the
+    # kernels on every device against the reference: test_collapsed_float32_matches_float64 above.
     _, z, labels, keys, keep, kw, grad_rel = case
     want, want_g = loss_and_grad(impl.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
     loss, g = loss_and_grad(impl.contrastive_loss_from_keys, z.float(), labels, keys, keep, **kw)

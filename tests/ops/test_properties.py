@@ -46,7 +46,7 @@ def _no_constants_from_local_modules():
     try:
         from hypothesis.internal.conjecture import providers
         from hypothesis.internal.constants_ast import Constants
-    except ImportError:  # another hypothesis version: nothing to turn off, or no longer reachable this way
+    except ImportError:  # another hypothesis version: nothing to turn off, or not reachable this way
         yield
         return
     if not hasattr(providers, "_get_local_constants"):

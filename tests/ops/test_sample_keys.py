@@ -245,7 +245,8 @@ def test_kernels_are_uniform_over_seeds():
 
 def test_roi_offset_limit_is_int64_on_both_paths():
     """roi_offset: every ROI's index roi_offset + n must fit in int64 (the operators' integer type), on both
-    paths; the reference's uint64 hash used to take more, the op failed with a dispatcher type error."""
+    paths, with one ValueError each (the reference's uint64 hash could take more, and past int64 the op's
+    dispatcher would raise a TypeError of its own)."""
     b = blob_batch(4, 14, 14, 8, seed=0)
     labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
     sqdist = ref.boundary_sqdist(b["masks"])

@@ -332,7 +332,7 @@ def test_bad_values_raise_and_device_stays_usable(device):
 @needs_kernels
 def test_unchecked_inputs_skip_the_value_checks(device):
     """check_inputs=False (CUDA-graph capture: no read-back of the error word) gives the same results for valid
-    input, and a bad mask or missing CAMs no longer raise (their results are unspecified)."""
+    input, and a bad mask or missing CAMs do not raise (their results are unspecified)."""
     b = device.batch(blob_batch(6, 13, 21, 4, seed=1))
     masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
     checked = (cm.partition(masks, cams, novel), cm.boundary_sqdist(masks),
