@@ -181,7 +181,6 @@ def kernel_rows(launches, gpus, usage, n, assumptions=gpu_specs.ASSUMPTIONS):
     extra_levels = tree_levels(n) - 1
     for t in launches:
         u = _usage_of(t["kernel"], usage)
-        shared = t["static_shared"] + t["dynamic_shared"]
         row = {k: t[k] for k in ("phase", "kernel", "threads_per_block", "dynamic_shared")}
         row.update(blocks=t["blocks"], global_requests=round(t["global_requests"]),
                    sectors_per_request=t["global_sectors"] / t["global_requests"] if t["global_requests"] else 0.0,
