@@ -8,7 +8,7 @@ import torch
 
 import contrastmask_ops as cm
 from blobs import blob_batch
-from cases import CPU_OPS, IMPLS, cpu_loss_inputs, needs_kernels
+from cases import CPU_OPS, IMPLS, cpu_loss_inputs, needs_kernels, reference_plan
 from contrastmask_ops import reference as ref
 
 
@@ -186,9 +186,7 @@ def test_value_errors_read_alike_on_both_paths():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_parameters_of_the_building_blocks(impl):
     b = blob_batch(4, 14, 14, 8, seed=0)
-    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
-    sqdist = ref.boundary_sqdist(b["masks"])
-    keys, keep = ref.sample_keys(labels, sqdist, b["is_novel"], seed=0)
+    labels, sqdist, keys, keep = reference_plan(b)
     calls = [
         (TypeError, "seed", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], seed=3.7)),
         (TypeError, "hard_sqdist", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], hard_sqdist=2.5)),
