@@ -158,16 +158,11 @@ def plan_steps(partition, boundary_sqdist, sample_keys, b, valid, kw, seed):
     return labels, sqdist, keys, keep
 
 
-def reference_plan(b, valid=None, kw=None, seed=0):
-    """(labels, sqdist, keys, keep) of the reference's three plan steps on the inputs b."""
-    return plan_steps(ref.partition, ref.boundary_sqdist, ref.sample_keys, b, valid, kw or {}, seed)
-
-
 def baseline_plan(device, b, valid, kw, seed):
     """(labels, sqdist, keys, keep) of the three plan steps on the CPU inputs b: the reference for the
     cpu device, the CPU kernels for the others."""
     if device.kind == "cpu":
-        return reference_plan(b, valid, kw, seed)
+        return plan_steps(ref.partition, ref.boundary_sqdist, ref.sample_keys, b, valid, kw, seed)
     return plan_steps(
         lambda m, c, n, valid: CPU_OPS.partition(m, c, n, valid, 0.1),
         CPU_OPS.boundary_sqdist,

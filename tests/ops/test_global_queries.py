@@ -79,6 +79,12 @@ def whole_batch():
     return b["z"], b["masks"], b["cams"], b["is_novel"]
 
 
+def rank_batch(rank):
+    """(z, masks, cams, novel): this rank's rows of whole_batch() in the "uneven" split."""
+    rows = rank_rows("uneven", rank)
+    return tuple(t[rows] for t in whole_batch())
+
+
 def valid_rows(split):
     valid = torch.ones(N, dtype=torch.bool)
     valid[list(SPLITS[split][1])] = False
@@ -180,28 +186,29 @@ def _rank_ddp_projector(rank, loss_group):
     return {name: p.grad.clone() for name, p in projector.module.named_parameters()}
 
 
+def _raised(call, *errors, with_type=False):
+    """The message of the error of one of these types that call() raises ("Type: message" with_type), or
+    "no error"."""
+    try:
+        call()
+    except errors as e:
+        return f"{type(e).__name__}: {e}" if with_type else str(e)
+    return "no error"
+
+
 def _rank_errors(rank):
     """The error each rank raises when the ranks disagree (every rank raises, none waits forever)."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
+    z, masks, cams, novel = rank_batch(rank)
 
     def call(z, **kw):
-        return cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows],
-                                                 process_group=dist.group.WORLD, **kw)
+        return cm.query_sharing_contrastive_loss(z, masks, cams, novel, process_group=dist.group.WORLD, **kw)
 
     calls = {
-        "seed": lambda: call(z[rows], seed=rank),
-        "channels": lambda: call(z[rows, :C - rank], seed=SEED),
-        "share_queries": lambda: call(z[rows], seed=SEED, share_queries=rank == 0),
+        "seed": lambda: call(z, seed=rank),
+        "channels": lambda: call(z[:, :C - rank], seed=SEED),
+        "share_queries": lambda: call(z, seed=SEED, share_queries=rank == 0),
     }
-    errors = {}
-    for name, run in calls.items():
-        try:
-            run()
-            errors[name] = "no error"
-        except ValueError as e:
-            errors[name] = str(e)
-    return errors
+    return {name: _raised(run, ValueError) for name, run in calls.items()}
 
 
 def _public_apis():
@@ -209,27 +216,32 @@ def _public_apis():
     return [(impl, ref if impl == "reference" else cm) for impl in IMPLS]
 
 
+def _per_impl(rank, results_of):
+    """{(impl, name): value} over IMPLS, from results_of(impl, api, z, masks, cams, novel) -> {name: value} on
+    this rank's rows."""
+    batch = rank_batch(rank)
+    return {(impl, name): value for impl, api in _public_apis()
+            for name, value in results_of(impl, api, *batch).items()}
+
+
 def _rank_errors_of_one_rank(rank):
     """Errors that only rank 1 makes (a bad value, a bad argument): every rank must raise, then both go on."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
-    out = {}
-    for impl, api in _public_apis():
-        bad_masks = masks[rows].double()  # (bool masks cannot hold a 3)
+
+    def errors(impl, api, z, masks, cams, novel):
+        bad_masks = masks.double()  # (bool masks cannot hold a 3)
         if rank == 1:
             bad_masks[0, 0, 0] = 3
-        bad_z = z[rows][:, :, 0] if rank == 1 else z[rows]  # 3-D: refused by rank 1's argument checks
-        for name, (zz, mm) in {"value": (z[rows], bad_masks), "argument": (bad_z, masks[rows])}.items():
-            try:
-                api.query_sharing_contrastive_loss(zz, mm, cams[rows], novel[rows], seed=SEED,
-                                                   process_group=dist.group.WORLD)
-                out[(impl, name)] = "no error"
-            except (TypeError, ValueError) as e:
-                out[(impl, name)] = f"{type(e).__name__}: {e}"
+        bad_z = z[:, :, 0] if rank == 1 else z  # 3-D: refused by rank 1's argument checks
+        out = {name: _raised(lambda: api.query_sharing_contrastive_loss(
+                   zz, mm, cams, novel, seed=SEED, process_group=dist.group.WORLD), TypeError, ValueError,
+                   with_type=True)
+               for name, (zz, mm) in {"value": (z, bad_masks), "argument": (bad_z, masks)}.items()}
         # and the ranks are still in step: a good call works on both
-        out[(impl, "after")] = api.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                                  seed=SEED, process_group=dist.group.WORLD)
-    return out
+        out["after"] = api.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED,
+                                                          process_group=dist.group.WORLD)
+        return out
+
+    return _per_impl(rank, errors)
 
 
 def _rank_module_copy(rank):
@@ -237,53 +249,42 @@ def _rank_module_copy(rank):
     import copy
     import pickle
 
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
+    z, masks, cams, novel = rank_batch(rank)
     criterion = cm.QuerySharingContrastiveLoss(process_group=dist.group.WORLD, min_keys=2)
     clone = copy.deepcopy(criterion)
-    try:
-        pickle.dumps(criterion)
-        refused = "no error"
-    except TypeError as e:
-        refused = str(e)
-    return {"same_group": clone.process_group is criterion.process_group, "refused": refused,
-            "loss": criterion(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
-            "clone_loss": clone(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
+    return {"same_group": clone.process_group is criterion.process_group,
+            "refused": _raised(lambda: pickle.dumps(criterion), TypeError),
+            "loss": criterion(z, masks, cams, novel, seed=SEED),
+            "clone_loss": clone(z, masks, cams, novel, seed=SEED),
             "plain_pickles": len(pickle.dumps(cm.QuerySharingContrastiveLoss(min_keys=2))) > 0}
 
 
 def _rank_edges(rank):
     """Double backward, torch.compile and meta tensors through process_group."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
-    out = {}
-    for impl, api in _public_apis():
-        zz = z[rows].clone().requires_grad_(True)
-        loss = api.query_sharing_contrastive_loss(zz, masks[rows], cams[rows], novel[rows], seed=SEED,
-                                                  process_group=dist.group.WORLD)
+
+    def edges(impl, api, z, masks, cams, novel):
+        zz = z.clone().requires_grad_(True)
+        loss = api.query_sharing_contrastive_loss(zz, masks, cams, novel, seed=SEED, process_group=dist.group.WORLD)
         (dz,) = torch.autograd.grad(loss, zz, create_graph=True)
-        try:
-            dz.pow(2).sum().backward()
-            out[(impl, "double_backward")] = "no error"
-        except RuntimeError as e:
-            out[(impl, "double_backward")] = str(e)
+        out = {"double_backward": _raised(lambda: dz.pow(2).sum().backward(), RuntimeError)}
         if impl == "kernels":  # the reference's sampler hashes on the host: it takes no meta tensors at all
-            meta = [t[rows].to("meta") for t in (z, masks, cams, novel)]
+            meta = [t.to("meta") for t in (z, masks, cams, novel)]
             got = api.query_sharing_contrastive_loss(*meta, seed=SEED, process_group=dist.group.WORLD)
-            out[(impl, "meta")] = (got.device.type, tuple(got.shape))
+            out["meta"] = (got.device.type, tuple(got.shape))
+        return out
+
+    out = _per_impl(rank, edges)
+    z, masks, cams, novel = rank_batch(rank)
 
     def step(z, masks, cams, novel):
         return cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED, process_group=dist.group.WORLD)
 
     torch._dynamo.reset()
-    out["compiled"] = torch.compile(step, backend="eager")(z[rows], masks[rows], cams[rows], novel[rows])
-    out["eager"] = step(z[rows], masks[rows], cams[rows], novel[rows])
+    out["compiled"] = torch.compile(step, backend="eager")(z, masks, cams, novel)
+    out["eager"] = step(z, masks, cams, novel)
     torch._dynamo.reset()  # else the first compile's cached code would serve the fullgraph one
-    try:
-        torch.compile(step, backend="eager", fullgraph=True)(z[rows], masks[rows], cams[rows], novel[rows])
-        out["fullgraph"] = "no error"
-    except Exception as e:  # dynamo's Unsupported
-        out["fullgraph"] = f"{type(e).__name__}: {e}"
+    fullgraph = torch.compile(step, backend="eager", fullgraph=True)
+    out["fullgraph"] = _raised(lambda: fullgraph(z, masks, cams, novel), Exception, with_type=True)  # Unsupported
     return out
 
 
@@ -372,12 +373,9 @@ def _worker(rank, init_file, out_dir):
             out[(split, impl, formulation, share_queries)] = dict(loss=loss, dz=dz, keys=keys, keep=keep)
         out["ddp"] = _rank_ddp_projector(rank, dist.new_group())  # the loss's own group, beside DDP's
         torch.manual_seed(100 + rank)  # seed=None: every rank draws, the first rank's draw is used
-        z, masks, cams, novel = whole_batch()
-        rows = rank_rows("uneven", rank)
-        out["seed_none"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                             process_group=dist.group.WORLD)
-        out["seed_tensor"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                               seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
+        batch = rank_batch(rank)
+        out["seed_none"] = cm.query_sharing_contrastive_loss(*batch, process_group=dist.group.WORLD)
+        out["seed_tensor"] = cm.query_sharing_contrastive_loss(*batch, seed=torch.tensor(SEED - 2**64),  # its 64 bits
                                                                process_group=dist.group.WORLD)
         out["no_sync"] = _rank_no_sync(rank)
         out["float32"] = {case: _float32_loss(*case, rows=rank_rows("uneven", rank), group=dist.group.WORLD)
@@ -462,20 +460,20 @@ def test_scaled_ddp_trains_as_one_process(ranks):
             _assert_close(results["ddp"][name], p.grad, 1e-10, p.grad.abs().max().item())
 
 
+def _assert_each_rank_got_the_loss(ranks, got_of, seed):
+    """got_of(a rank's results) is, on every rank, the single-process loss of the whole batch with this seed."""
+    want = cm.query_sharing_contrastive_loss(*whole_batch(), seed=seed)
+    for results in ranks:
+        assert abs(got_of(results).item() - want.item()) <= 1e-12 * want.item()
+
+
 def test_seed_none_uses_the_first_ranks_draw(ranks):
     torch.manual_seed(100)
-    seed = ref.draw_seed()
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=seed)
-    for results in ranks:
-        assert abs(results["seed_none"].item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["seed_none"], ref.draw_seed())
 
 
 def test_a_tensor_seed_is_joined_like_the_integer(ranks):
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
-    for results in ranks:
-        assert abs(results["seed_tensor"].item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["seed_tensor"], SEED)
 
 
 @pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
@@ -514,11 +512,7 @@ def test_one_rank_error_raises_on_every_rank(ranks, impl):
         " (every rank raises with it)"
     assert not mine[(impl, "argument")].startswith("ValueError: process_group"), mine[(impl, "argument")]
     assert other[(impl, "argument")].startswith("ValueError: process_group: rank 1 raised "), other[(impl, "argument")]
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
-    for results in ranks:
-        got = results["one_rank_errors"][(impl, "after")]
-        assert abs(got.item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["one_rank_errors"][(impl, "after")], SEED)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -186,7 +186,8 @@ def test_value_errors_read_alike_on_both_paths():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_parameters_of_the_building_blocks(impl):
     b = blob_batch(4, 14, 14, 8, seed=0)
-    labels, sqdist, keys, keep = reference_plan(b)
+    labels, sqdist = reference_plan(b)
+    keys, keep = ref.sample_keys(labels, sqdist, b["is_novel"], seed=0)
     calls = [
         (TypeError, "seed", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], seed=3.7)),
         (TypeError, "hard_sqdist", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], hard_sqdist=2.5)),
