@@ -181,7 +181,6 @@ def kernel_rows(launches, gpus, usage, n, assumptions=gpu_specs.ASSUMPTIONS):
     extra_levels = tree_levels(n) - 1
     for t in launches:
         u = _usage_of(t["kernel"], usage)
-        shared = t["static_shared"] + t["dynamic_shared"]
         row = {k: t[k] for k in ("phase", "kernel", "threads_per_block", "dynamic_shared")}
         row.update(blocks=t["blocks"], global_requests=round(t["global_requests"]),
                    sectors_per_request=t["global_sectors"] / t["global_requests"] if t["global_requests"] else 0.0,
@@ -224,7 +223,7 @@ def _usage_of(kernel, usage):
 
 def hot_lines(rows, gpu_key, gpus):
     """Lines taking >= HOT_SHARE of their kernel's predicted time, with coalescing below 50 % (global)
-    or a bank conflict above 2-way (shared): what issue 20 asks to fix or explain."""
+    or a bank conflict above 2-way (shared): what DESIGN, "Predicted GPU time", fixes or explains."""
     out = []
     for row in rows:
         busy = row["_busy_s"][gpu_key]

@@ -55,17 +55,21 @@ def _model_share(results):
     return results.model_step_share()
 
 
+SLOW_IMPL_NAMES = {"per_roi": "per-ROI pipeline", "reference": "reference"}
+
+
+def _speedup(device, what, slow_impl, stage, n, bar):
+    """The target: slow_impl's time over the fused one's for stage, at N = n, C = 256, float32, at least bar."""
+    return Target(device, f"{what}, {SLOW_IMPL_NAMES[slow_impl]} / fused (N={n}, C=256, fp32)", bar, "min", "x",
+                  _ratio(slow_impl, stage, n))
+
+
 TARGETS = [
-    Target("cpu", "plan, per-ROI pipeline / fused (N=128, C=256, fp32)", 50, "min", "x",
-           _ratio("per_roi", "plan", 128)),
-    Target("cpu", "pipeline fwd+bwd, reference / fused (N=128, C=256, fp32)", 5, "min", "x",
-           _ratio("reference", "pipeline_fwd_bwd", 128)),
-    Target("cpu", "loss alone fwd+bwd, reference / fused (N=128, C=256, fp32)", 2, "min", "x",
-           _ratio("reference", "loss_fwd_bwd", 128)),
-    Target("cuda", "pipeline fwd+bwd, reference / fused (N=512, C=256, fp32)", 10, "min", "x",
-           _ratio("reference", "pipeline_fwd_bwd", 512)),
-    Target("cuda", "pipeline fwd+bwd, per-ROI pipeline / fused (N=512, C=256, fp32)", 200, "min", "x",
-           _ratio("per_roi", "pipeline_fwd_bwd", 512)),
+    _speedup("cpu", "plan", "per_roi", "plan", 128, 50),
+    _speedup("cpu", "pipeline fwd+bwd", "reference", "pipeline_fwd_bwd", 128, 5),
+    _speedup("cpu", "loss alone fwd+bwd", "reference", "loss_fwd_bwd", 128, 2),
+    _speedup("cuda", "pipeline fwd+bwd", "reference", "pipeline_fwd_bwd", 512, 10),
+    _speedup("cuda", "pipeline fwd+bwd", "per_roi", "pipeline_fwd_bwd", 512, 200),
     Target("cuda", "fused loss fwd+bwd bandwidth over 5|z| / copy bandwidth (N=2048, C=256, fp32)", 0.5, "min",
            "", _bandwidth_fraction(2048)),
     Target("cuda", "fused pipeline fwd+bwd peak extra memory / (|z| + 64 B*N*H*W) (N=2048, C=256, fp32)", 1.0,

@@ -22,7 +22,8 @@ def test_same_partitions_kept_rois_and_set_sizes():
     assert torch.equal(plan.keys.sum(dim=(2, 3)), _key_bits(keys).sum(dim=(2, 3)))
 
 
-def test_same_loss_and_gradient_when_every_candidate_is_sampled():
+def test_full_sampling_gives_same_loss_and_grad():
+    """With every candidate sampled (sigma=1) the per-ROI pipeline gives the reference's loss and gradient."""
     batch = make_batch(48, 8, dtype=torch.float64)
     labels = ref.partition(batch.masks, batch.cams, batch.is_novel)
     keys, keep = ref.sample_keys(labels, ref.boundary_sqdist(batch.masks), batch.is_novel, sigma=1.0, seed=3)

@@ -138,8 +138,8 @@ def loss_and_queries(z: Tensor, labels: Tensor, keys: Tensor, keep: Tensor, tau_
     negs = [in_set[:, neg_set] for _, _, neg_set, _ in TERMS]
     poss = [in_set[:, pos_set] for _, pos_set, _, _ in TERMS]
     # Negatives' log-sum-exp, shifted by their exact maximum; over ranks: the maximum, then the sum.
-    # (Each use of s / t below is its own division, as the loss was first written: the gradients then
-    # add up in the same order, which keeps the single-process loss and gradient bit for bit.)
+    # (Each use of s / t below is its own division: one shared quotient would change the order in which
+    # autograd adds up the gradients, and with it the single-process loss and gradient in their last bits.)
     neg_logits = [s / t for s, t in zip(sides, temps)]
     shifts = [_finite_shift(m) for m in pooled.max(*[_masked_max(x, neg, red) for x, neg in zip(neg_logits, negs)])]
     sums = pooled.sum(*[_masked_exp_sum(x, neg, m, red) for x, neg, m in zip(neg_logits, negs, shifts)],

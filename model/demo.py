@@ -6,6 +6,7 @@
 Base categories (masks during training): circle, square, triangle, star, cross.
 Novel categories (boxes only): ellipse, hexagon, ring, heart, crescent.
 """
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,15 @@ from .visualize import visualize
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.json")
 
 
+@contextlib.contextmanager
+def _step(times, name, title):
+    """Prints the step's title; times[name] = the seconds the step took."""
+    start = time.time()
+    print(title, flush=True)
+    yield
+    times[name] = time.time() - start
+
+
 def main(argv=None):
     args = script_parser(__doc__, default_config=DEFAULT_CONFIG).parse_args(argv)
     cfg = config_from_args(args)
@@ -28,26 +38,14 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"ContrastMask demo on {device} ({torch.get_num_threads()} CPU threads); output in {out}/", flush=True)
     times = {}
-
-    start = time.time()
-    print("[1/4] shapes dataset", flush=True)
-    prepare_data(cfg["data"])
-    times["data"] = time.time() - start
-
-    start = time.time()
-    print(f"[2/4] training ({cfg['train']['length']} {cfg['train']['unit']}s)", flush=True)
-    final = train(cfg, device=args.device)
-    times["train"] = time.time() - start
-
-    start = time.time()
-    print("[3/4] evaluation", flush=True)
-    record = evaluate(cfg, device=args.device)
-    times["evaluate"] = time.time() - start
-
-    start = time.time()
-    print("[4/4] picture", flush=True)
-    picture = visualize(cfg, device=args.device)
-    times["picture"] = time.time() - start
+    with _step(times, "data", "[1/4] shapes dataset"):
+        prepare_data(cfg["data"])
+    with _step(times, "train", f"[2/4] training ({cfg['train']['length']} {cfg['train']['unit']}s)"):
+        final = train(cfg, device=args.device)
+    with _step(times, "evaluate", "[3/4] evaluation"):
+        record = evaluate(cfg, device=args.device)
+    with _step(times, "picture", "[4/4] picture"):
+        picture = visualize(cfg, device=args.device)
     times["total"] = sum(times.values())
 
     table = format_table(record["metrics_percent"])

@@ -189,15 +189,27 @@ def refuse_model_overrides(args, script):
             f"overrides cannot take effect; leave them out"))
 
 
-def main(argv=None):
-    p = script_parser(__doc__)
+def trained_model_parser(doc, default_out):
+    """The arguments of a script that loads a trained model: the shared ones, --checkpoint and --out."""
+    p = script_parser(doc)
     p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
-    p.add_argument("--out", help="default: output_dir/eval.json")
+    p.add_argument("--out", help=f"default: output_dir/{default_out}")
+    return p
+
+
+def trained_model_config(args, script):
+    """The config of a script that loads a trained model, after refuse_model_overrides."""
+    cfg = config_from_args(args)
+    refuse_model_overrides(args, script)
+    return cfg
+
+
+def main(argv=None):
+    p = trained_model_parser(__doc__, "eval.json")
     p.add_argument("--gt-boxes", action="store_true", help="also run the mask head on the ground-truth boxes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    refuse_model_overrides(args, "evaluate")
+    cfg = trained_model_config(args, "evaluate")
     record = evaluate(cfg, args.checkpoint, args.device, progress=not args.no_progress, out_path=args.out,
                       gt_boxes=args.gt_boxes)
     print(f"novel: {', '.join(record['novel_categories'])}\nbase:  {', '.join(record['base_categories'])}")

@@ -11,9 +11,8 @@ import os
 import numpy as np
 import torch
 
-from .config import config_from_args, script_parser
 from .data.build import build_dataset
-from .evaluate import load_trained_model, refuse_model_overrides
+from .evaluate import load_trained_model, trained_model_config, trained_model_parser
 
 BASE_COLORS = ["#1f77b4", "#2ca02c", "#17becf", "#3b5bdb", "#0b7a75", "#6a5acd"]
 NOVEL_COLORS = ["#d62728", "#ff7f0e", "#e377c2", "#bcbd22", "#8c564b", "#ff1493"]
@@ -93,15 +92,12 @@ def visualize(cfg, checkpoint_path=None, out_path=None, num_images=8, score_thre
 
 
 def main(argv=None):
-    p = script_parser(__doc__)
-    p.add_argument("--checkpoint", help="default: output_dir/checkpoint.pt")
-    p.add_argument("--out", help="default: output_dir/predictions.png")
+    p = trained_model_parser(__doc__, "predictions.png")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--start", type=int, default=0, help="first validation image")
     p.add_argument("--score", type=float, default=0.5, help="minimum score drawn")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    refuse_model_overrides(args, "visualize")
+    cfg = trained_model_config(args, "visualize")
     path = visualize(cfg, args.checkpoint, args.out, args.num_images, args.score, args.device, args.start)
     print(path)
 

@@ -128,9 +128,9 @@ def _random_color(rng):
 # The interior family of each category: (pattern, period range in pixels, hue of the pattern's colours).
 # Every pattern is a high-contrast two-shade texture, so "textured object on a smooth background" is a
 # cue that base and novel categories share, as real objects share figure-ground cues. Base and novel
-# hues interleave around the colour wheel: no colour range belongs to one side only (version 1 gave base
-# the hues 0.0-0.4 and novel 0.5-0.9, which let a mask head learn "base colours are objects" and transfer
-# nothing to novel categories).
+# hues interleave around the colour wheel: no colour range belongs to one side only (with base hues 0.0-0.4
+# and novel 0.5-0.9 a mask head learns "base colours are objects" and transfers nothing to novel categories:
+# model/results/ablation-shapes-category-v1.md).
 CATEGORY_APPEARANCE = {
     "circle": ("stripes", (4, 7), 0.00),
     "square": ("checker", (3, 6), 0.20),

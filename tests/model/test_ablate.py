@@ -61,7 +61,7 @@ def test_each_study_fixes_its_config_and_arms():
     assert len(v3.arms) >= 6 and "cam_gtrois" in v3.arms and set(v2.arms) < set(v3.arms)
     config = lambda study, arm: ablate.run_config(os.path.join(ablate.CONFIG_DIR, study.config), arm, 0,  # noqa: E731
                                                   "runs", (), study)
-    # v2 ran before the released preset had enhance_op and the projector's BatchNorm: its arm keeps them off
+    # v2's committed runs had neither enhance_op nor the projector's BatchNorm: its released arm keeps them off
     old, new = config(v2, "cam_cl_released"), config(v3, "cam_cl_released")
     assert (old["model"]["cl_enhance"], old["model"]["cl_projector_norm"]) == (False, None)
     assert (new["model"]["cl_enhance"], new["model"]["cl_projector_norm"]) == (True, "bn")
@@ -128,7 +128,7 @@ def test_another_configs_folder_is_left_alone(tmp_path):
     assert runs == [{"arm": "cam", "seed": 0, "metrics": {"recorded": True}}]
     with pytest.raises(RuntimeError, match="another config"):
         ablate.run_one(cfg)
-    # written before a key with a null default existed: the same config, so this run's folder
+    # a config.json without a key whose default is null is the same config, so this run's folder
     with open(os.path.join(cfg["output_dir"], "config.json"), "w") as f:
         json.dump({**cfg, "contrast": {k: v for k, v in cfg["contrast"].items() if k != "global_queries"}}, f)
     assert ablate.folder_holds(cfg["output_dir"], cfg)

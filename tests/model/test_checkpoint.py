@@ -77,9 +77,14 @@ def test_a_pickle_payload_is_refused_unrun(data_root, tmp_path):
     assert not marker.exists()
 
 
+def saved_checkpoint(path, weights):
+    """path, where a current-format checkpoint of iteration 3 holding the model weights is saved."""
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": weights}, "iteration": 3}, str(path))
+    return path
+
+
 def test_bad_files_give_a_clear_error(data_root, tmp_path):
-    good = tmp_path / "good.pt"
-    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.randn(1000)}, "iteration": 3}, str(good))
+    good = saved_checkpoint(tmp_path / "good.pt", torch.randn(1000))
     assert ckpt.load(str(good))["iteration"] == 3
     data = good.read_bytes()
     cases = {"truncated.pt": (data[: len(data) // 2], "truncated or corrupt"),
@@ -146,7 +151,7 @@ def test_old_checkpoints_are_refused_and_upgrade(tmp_path):
     common = {"model": {"w": torch.arange(3.0)}, "optimizer": {"state": {}, "param_groups": []},
               "scheduler": {"last_epoch": 2}, "scaler": {}, "iteration": 2, "config": {"seed": 0}}
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
-    torch.save(dict(common, rng=[legacy]), old)  # what model.train wrote before
+    torch.save(dict(common, rng=[legacy]), old)  # the legacy layout: numpy's state an ndarray
     with pytest.raises(CheckpointError, match="numpy.*model.engine.checkpoint upgrade"):
         ckpt.load(str(old))
     ckpt.main(["upgrade", str(old), str(new)])
@@ -162,8 +167,7 @@ def test_old_checkpoints_are_refused_and_upgrade(tmp_path):
 
 
 def test_upgrading_a_current_file_writes_nothing(tmp_path, capsys):
-    current = tmp_path / "current.pt"
-    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.ones(2)}, "iteration": 3}, str(current))
+    current = saved_checkpoint(tmp_path / "current.pt", torch.ones(2))
     before = current.read_bytes()
     ckpt.main(["upgrade", str(current), str(tmp_path / "new.pt")])  # returns: exit status 0
     out = capsys.readouterr().out

@@ -13,12 +13,16 @@ SHAPES = {"num_train": 2, "num_val": 6, "image_size": 96, "min_objects": 2, "max
         "min_scale": 0.2, "max_scale": 0.9}
 
 
+def shapes_val_set(root, sizes):
+    """(dataset, COCO ground truth) of the validation split of shapes data of these sizes, made in root."""
+    shapes.ensure_shapes_dataset(root, **sizes)
+    data_cfg = {"kind": "shapes", "root": root, "base": "shapes", "shapes": sizes}
+    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val", sizes))
+
+
 @pytest.fixture(scope="module")
 def val_set(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    shapes.ensure_shapes_dataset(root, **SHAPES)
-    data_cfg = {"kind": "shapes", "root": root, "base": "shapes", "shapes": SHAPES}
-    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val", SHAPES))
+    return shapes_val_set(str(tmp_path_factory.mktemp("shapes")), SHAPES)
 
 
 def ground_truth_as_results(coco_gt):
@@ -30,10 +34,15 @@ def ground_truth_as_results(coco_gt):
     return bbox, segm
 
 
-def test_ground_truth_predictions_score_ap_one(val_set):
+def evaluate_on(val_set, bbox, segm):
+    """evaluate_results of these detections on every image of the set, split into its base and novel categories."""
     dataset, coco_gt = val_set
-    bbox, segm = ground_truth_as_results(coco_gt)
-    metrics = evaluate_results(coco_gt, sorted(coco_gt.imgs), bbox, segm, dataset.base_cat_ids, dataset.novel_cat_ids)
+    return evaluate_results(coco_gt, sorted(coco_gt.imgs), bbox, segm, dataset.base_cat_ids, dataset.novel_cat_ids)
+
+
+def test_ground_truth_predictions_score_ap_one(val_set):
+    bbox, segm = ground_truth_as_results(val_set[1])
+    metrics = evaluate_on(val_set, bbox, segm)
     sizes_seen = set()
     for split in ("novel", "base"):
         for kind in ("segm", "bbox"):
@@ -56,8 +65,7 @@ def test_wrong_predictions_score_below_one(val_set):
     kept_novel = [r for i, r in enumerate(bbox) if r["category_id"] not in novel or i % 2]
     shifted = [dict(r, bbox=[r["bbox"][0] + r["bbox"][2] / 2] + r["bbox"][1:]) if r["category_id"] not in novel else r
                for r in kept_novel]
-    metrics = evaluate_results(coco_gt, sorted(coco_gt.imgs), shifted, [], dataset.base_cat_ids,
-                               dataset.novel_cat_ids)
+    metrics = evaluate_on(val_set, shifted, [])
     assert metrics["novel"]["bbox"]["mAP"] < 1.0
     assert metrics["base"]["bbox"]["AP50"] < 0.2
     # nothing predicted at all: AP 0 where there is ground truth, -1 (no such objects) elsewhere
@@ -68,19 +76,13 @@ def test_wrong_predictions_score_below_one(val_set):
 @pytest.fixture(scope="module")
 def small_images(tmp_path_factory):
     """64-pixel images: no object can be large (area > 96^2)."""
-    sizes = dict(SHAPES, image_size=64)
-    root = str(tmp_path_factory.mktemp("shapes64"))
-    shapes.ensure_shapes_dataset(root, **sizes)
-    data_cfg = {"kind": "shapes", "root": root, "base": "shapes", "shapes": sizes}
-    return build_dataset(data_cfg, "val"), load_coco(shapes.annotation_path(root, "val", sizes))
+    return shapes_val_set(str(tmp_path_factory.mktemp("shapes64")), dict(SHAPES, image_size=64))
 
 
 def test_sizes_without_ground_truth_print_a_dash(small_images):
-    dataset, coco_gt = small_images
-    bbox, segm = ground_truth_as_results(coco_gt)
+    bbox, segm = ground_truth_as_results(small_images[1])
     for segm_results in (segm, []):  # detections; none at all
-        metrics = evaluate_results(coco_gt, sorted(coco_gt.imgs), bbox, segm_results, dataset.base_cat_ids,
-                                   dataset.novel_cat_ids)
+        metrics = evaluate_on(small_images, bbox, segm_results)
         for split in ("novel", "base"):
             for kind in ("segm", "bbox"):
                 assert metrics[split][kind]["APl"] == -1.0, (split, kind, metrics[split][kind])

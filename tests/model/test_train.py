@@ -216,29 +216,33 @@ def test_contrast_trains_only_the_cl_head(data_root, tmp_path):
     leaves the proposal and ROI sampling of the whole run unchanged."""
     cfg = tiny_config(data_root, tmp_path)
     images, targets = collate([build_dataset(cfg["data"], "train")[i] for i in range(2)])
-    torch.manual_seed(0)
-    model = build_model(cfg["model"], cfg["contrast"], 11).train()
-    model.roi_heads.sampler_seed = 12345
-    torch.manual_seed(1)
-    losses = model(list(images), [dict(t) for t in targets])
+
+    def training_forward(cfg):
+        """The model of cfg (built after seed 0, with the training loop's sampler seed) and its training losses
+        on the two images (after seed 1)."""
+        torch.manual_seed(0)
+        model = build_model(cfg["model"], cfg["contrast"], 11).train()
+        model.roi_heads.sampler_seed = 12345
+        torch.manual_seed(1)
+        return model, model(list(images), [dict(t) for t in targets])
+
+    model, losses = training_forward(cfg)
     params = dict(model.named_parameters())
-    grads = torch.autograd.grad(losses["loss_contrast"], list(params.values()), allow_unused=True, retain_graph=True)
-    reached = {name for name, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+
+    def reached_by(loss, **grad_kw):
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, **grad_kw)
+        return {name for name, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+
+    reached = reached_by(losses["loss_contrast"], retain_graph=True)
     assert reached and all(name.startswith("roi_heads.cl_head.") for name in reached), sorted(reached)
     assert any(name.startswith("roi_heads.cl_head.projector") for name in reached)
     # the mask loss, by contrast, reaches the backbone (through X) and the CL encoder (through the fused Y)
-    grads = torch.autograd.grad(losses["loss_mask"], list(params.values()), allow_unused=True)
-    reached = {name for name, g in zip(params, grads) if g is not None and g.abs().sum() > 0}
+    reached = reached_by(losses["loss_mask"])
     assert any(n.startswith("backbone.") for n in reached) and any(n.startswith("roi_heads.cl_head.encoder") for n in reached)
     # the global generator: the same state after a training forward with and without the CL head
     states = []
     for use_cl in (True, False):
-        cfg_arm = tiny_config(data_root, tmp_path, f"model.use_cl={str(use_cl).lower()}")
-        torch.manual_seed(0)
-        model = build_model(cfg_arm["model"], cfg_arm["contrast"], 11).train()
-        model.roi_heads.sampler_seed = 12345
-        torch.manual_seed(1)
-        model(list(images), [dict(t) for t in targets])
+        training_forward(tiny_config(data_root, tmp_path, f"model.use_cl={str(use_cl).lower()}"))
         states.append(torch.get_rng_state())
     assert torch.equal(states[0], states[1])
 

@@ -72,7 +72,7 @@ def extreme_feature_cases():
     return cases
 
 
-# "released" keys on collapsed features (issue 22, item 5; DESIGN, "Collapsed features"): float32 against
+# "released" keys on collapsed features (DESIGN, "Collapsed features"): float32 against
 # float64. The loss within COLLAPSED_LOSS_RTOL (relative); dz: max|dz32 - dz64| <= grad_rel * max|dz64|, grad_rel
 # given with each case. At a key whose z - q is 0 (or below the 1e-8 clamp) dz is the clamp's slope, dL/ds / 1e-8,
 # minus the same terms of the other keys through the query: a difference of terms that are 1e2 to 1e3 times the

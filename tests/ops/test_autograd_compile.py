@@ -92,17 +92,34 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
     torch._dynamo.reset()  # a fresh compile on each device (the public API routes to its kernels)
     compiled = torch.compile(step, fullgraph=True)
-    z1 = b["z"].clone().requires_grad_(True)
-    z2 = b["z"].clone().requires_grad_(True)
-    eager = step(z1, b["masks"], b["cams"], b["is_novel"])
-    got = compiled(z2, b["masks"], b["cams"], b["is_novel"])
+    (eager,), eager_dz = _step_and_dz(step, b)
+    (got,), got_dz = _step_and_dz(compiled, b)
     assert torch.equal(eager, got)
-    eager.backward()
-    got.backward()
-    assert torch.equal(z1.grad, z2.grad)
+    assert torch.equal(eager_dz, got_dz)
 
 
-def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
+def _step_and_dz(step, b, *seed):
+    """step(z, masks, cams, is_novel[, seed]) on a fresh leaf copy of b["z"], then backward from its loss:
+    (its outputs as a tuple, the loss first; dz)."""
+    z = b["z"].clone().requires_grad_(True)
+    out = step(z, b["masks"], b["cams"], b["is_novel"], *seed)
+    out = out if isinstance(out, tuple) else (out,)
+    out[0].backward()
+    return out, z.grad
+
+
+def _counted_compile(step, **compile_kw):
+    """torch.compile(step, fullgraph=True) after a dynamo reset, and the counter of the graphs it compiles.
+    Backend aot_eager: dynamo and AOTAutograd with the fake kernels, without inductor's code generation
+    (minutes here)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(step, backend=counter, fullgraph=True, **compile_kw), counter
+
+
+def test_tensor_seed_per_step_compiles_once(device):
     """A seed that changes every step is data, not a constant of the graph: 20 seeds, one compilation
     (fullgraph), each call equal to eager. An integer seed would recompile at every new value."""
     b = device.batch(blob_batch(6, 14, 14, 8, seed=3))
@@ -110,30 +127,21 @@ def test_compiled_step_takes_a_new_tensor_seed_without_recompiling(device):
     def step(z, masks, cams, is_novel, seed):
         return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, min_keys=1, seed=seed, return_stats=True)
 
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    # aot_eager: dynamo and AOTAutograd with the fake kernels, without inductor's code generation (minutes here).
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    compiled, counter = _counted_compile(step)
     losses = set()
     for i in range(20):
         seed = device.to(torch.tensor(1000 + 7919 * i))
-        z1 = b["z"].clone().requires_grad_(True)
-        z2 = b["z"].clone().requires_grad_(True)
-        want, want_stats = step(z1, b["masks"], b["cams"], b["is_novel"], seed)
-        got, got_stats = compiled(z2, b["masks"], b["cams"], b["is_novel"], seed)
+        (want, want_stats), want_dz = _step_and_dz(step, b, seed)
+        (got, got_stats), got_dz = _step_and_dz(compiled, b, seed)
         assert torch.equal(got, want) and torch.equal(got_stats.q_pos, want_stats.q_pos), i
-        want.backward()
-        got.backward()
-        assert torch.equal(z2.grad, z1.grad), i
+        assert torch.equal(got_dz, want_dz), i
         losses.add(want.item())
     assert counter.frame_count == 1
     assert len(losses) == 20  # each seed samples other keys
 
 
 @pytest.mark.parametrize("dynamic,compilations", [(True, 1), (None, 2)])
-def test_compiled_step_takes_an_integer_seed_per_step_without_recompiling(device, dynamic, compilations):
+def test_integer_seed_per_step_stays_symbolic(device, dynamic, compilations):
     """seed=step, as users write it: the ops take the integer seed as a SymInt, so dynamo keeps it symbolic
     (one compilation with dynamic=True; with the default, the first call specialises and the second makes
     it dynamic), each call equal to eager."""
@@ -142,21 +150,13 @@ def test_compiled_step_takes_an_integer_seed_per_step_without_recompiling(device
     def step(z, masks, cams, is_novel, seed):
         return cm.query_sharing_contrastive_loss(z, masks, cams, is_novel, min_keys=1, seed=seed)
 
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=dynamic)
+    compiled, counter = _counted_compile(step, dynamic=dynamic)
     losses = set()
     for seed in [*range(18), 2**63 - 1, -5]:
-        z1 = b["z"].clone().requires_grad_(True)
-        z2 = b["z"].clone().requires_grad_(True)
-        want = step(z1, b["masks"], b["cams"], b["is_novel"], seed)
-        got = compiled(z2, b["masks"], b["cams"], b["is_novel"], seed)
+        (want,), want_dz = _step_and_dz(step, b, seed)
+        (got,), got_dz = _step_and_dz(compiled, b, seed)
         assert torch.equal(got, want), seed
-        want.backward()
-        got.backward()
-        assert torch.equal(z2.grad, z1.grad), seed
+        assert torch.equal(got_dz, want_dz), seed
         losses.add(want.item())
     # (dynamo also hands the backend an empty graph on the first call; only graphs that run the ops count)
     assert sum("contrastmask" in g.code for g in counter.graphs) == compilations

@@ -99,8 +99,8 @@ def test_saved_statistics(device, share_queries):
 @needs_kernels
 @pytest.mark.parametrize("share_queries", [True, False])
 def test_backward_checks_the_saved_statistics(device, share_queries):
-    # Statistics that do not belong to this z must be refused before any kernel reads them (the CPU
-    # backward once read out of bounds: non-finite dz, and a SIGSEGV at N = 512, 64 x 64).
+    # Statistics that do not belong to this z must be refused before any kernel reads them (the kernels
+    # would read out of bounds: non-finite dz, or a SIGSEGV at N = 512, 64 x 64).
     z, labels, keys, keep = (device.to(t) for t in cpu_loss_inputs(6, (14, 21), 8, torch.float32, 3))
     args = (0.7, 0.3, share_queries, "paper")
     _, queries, pixstats, termstats = device.ops.contrastive_loss(z, labels, keys, keep, *args)
@@ -115,7 +115,7 @@ def test_backward_checks_the_saved_statistics(device, share_queries):
             device.ops.contrastive_loss_backward(grad, z, labels, keys, keep, *saved, *args)
         assert str(info.value).startswith(name), str(info.value)
     for bad_grad in (torch.ones(2), torch.ones(1), torch.ones((), dtype=torch.int64), torch.ones((), device="meta")):
-        # a meta grad with real z was read as garbage (the loss scaled by uninitialised memory)
+        # a meta grad with real z would be read as garbage (the loss scaled by uninitialised memory)
         with pytest.raises(ValueError, match="^grad"):
             device.ops.contrastive_loss_backward(bad_grad if bad_grad.is_meta else device.to(bad_grad), z, labels,
                                                  keys, keep, queries, pixstats, termstats, *args)

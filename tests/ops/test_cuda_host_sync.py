@@ -1,6 +1,8 @@
 """CUDA-only checks that need a real GPU (skipped without one): LossStats take no host sync, neither do the loss
 from keys and the pipeline with check_inputs=False and a device seed (which a CUDA graph then replays; the
 global pipeline after its first call), and autocast on CUDA computes the loss in float32."""
+import contextlib
+
 import pytest
 import torch
 
@@ -14,18 +16,25 @@ pytestmark = [pytest.mark.cuda,
 CUDA = torch.device("cuda")
 
 
+@contextlib.contextmanager
+def no_host_sync():
+    """Within: a host sync raises (torch.cuda.set_sync_debug_mode("error")); the GPU is idle on entry."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_stats_take_no_host_sync():
     # LossStats masks with keep instead of indexing with it (contrastmask_ops.stats.loss_stats).
     b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
     labels, keys, keep = torch.ops.contrastmask.roi_plan(b["masks"], b["cams"], b["is_novel"], None, 0.1, 0.3, 2, 5, 1)
     queries = torch.ops.contrastmask.contrastive_loss(b["z"], labels, keys, keep, 0.7, 0.3, False, "paper")[1]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for share_queries in (True, False):
             stats = cm.stats.loss_stats(keys, keep, queries, share_queries)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert int(stats.kept) == int(keep.sum())
 
 
@@ -33,13 +42,9 @@ def test_unchecked_pipeline_takes_no_host_sync():
     b = blob_batch(16, 28, 28, 32, seed=9, device=CUDA)
     seed = torch.tensor(7, device=CUDA)
     z = b["z"].clone().requires_grad_(True)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         loss = cm.query_sharing_contrastive_loss(z, b["masks"], b["cams"], b["is_novel"], seed=seed, check_inputs=False)
         torch.autograd.grad(loss, z)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     want = cm.query_sharing_contrastive_loss(b["z"], b["masks"], b["cams"], b["is_novel"], seed=7)
     assert torch.equal(loss.detach(), want)
 
@@ -95,17 +100,13 @@ def test_cuda_graph_replays_with_a_device_seed():
 def test_loss_takes_no_host_sync():
     z, labels, keys, keep = (t.cuda() for t in cpu_loss_inputs(16, (28, 28), 32, torch.float32, 9))
     z.requires_grad_(True)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for share_queries in (True, False):
             loss = cm.contrastive_loss_from_keys(z, labels, keys, keep, share_queries=share_queries)
             torch.autograd.grad(loss, z)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
-def test_global_loss_with_a_device_seed_and_no_value_checks_takes_no_host_sync():
+def test_unchecked_global_loss_takes_no_host_sync():
     """process_group= on a one-rank NCCL group: after the first call of a configuration (the join's agreement
     check reads the gathered rows once), a step reads nothing on the host (DESIGN, "Global query sharing")."""
     import torch.distributed as dist
@@ -120,13 +121,9 @@ def test_global_loss_with_a_device_seed_and_no_value_checks_takes_no_host_sync()
         kwargs = dict(seed=seed, check_inputs=False, process_group=dist.group.WORLD)
         cm.query_sharing_contrastive_loss(b["z"], *args, **kwargs)  # joins the configuration
         z = b["z"][:12].clone().requires_grad_(True)  # another N: the ROI offset is computed on the device
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             loss = cm.query_sharing_contrastive_loss(z, *(a[:12] for a in args), **kwargs)
             (dz,) = torch.autograd.grad(loss, z)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     finally:
         dist.destroy_process_group()
     z_local = b["z"][:12].clone().requires_grad_(True)

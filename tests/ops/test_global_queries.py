@@ -80,6 +80,12 @@ def whole_batch():
     return b["z"], b["masks"], b["cams"], b["is_novel"]
 
 
+def rank_batch(rank):
+    """(z, masks, cams, novel): this rank's rows of whole_batch() in the "uneven" split."""
+    rows = rank_rows("uneven", rank)
+    return tuple(t[rows] for t in whole_batch())
+
+
 def valid_rows(split):
     valid = torch.ones(N, dtype=torch.bool)
     valid[list(SPLITS[split][1])] = False
@@ -181,28 +187,29 @@ def _rank_ddp_projector(rank, loss_group):
     return {name: p.grad.clone() for name, p in projector.module.named_parameters()}
 
 
+def _raised(call, *errors, with_type=False):
+    """The message of the error of one of these types that call() raises ("Type: message" with_type), or
+    "no error"."""
+    try:
+        call()
+    except errors as e:
+        return f"{type(e).__name__}: {e}" if with_type else str(e)
+    return "no error"
+
+
 def _rank_errors(rank):
     """The error each rank raises when the ranks disagree (every rank raises, none waits forever)."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
+    z, masks, cams, novel = rank_batch(rank)
 
     def call(z, **kw):
-        return cm.query_sharing_contrastive_loss(z, masks[rows], cams[rows], novel[rows],
-                                                 process_group=dist.group.WORLD, **kw)
+        return cm.query_sharing_contrastive_loss(z, masks, cams, novel, process_group=dist.group.WORLD, **kw)
 
     calls = {
-        "seed": lambda: call(z[rows], seed=rank),
-        "channels": lambda: call(z[rows, :C - rank], seed=SEED),
-        "share_queries": lambda: call(z[rows], seed=SEED, share_queries=rank == 0),
+        "seed": lambda: call(z, seed=rank),
+        "channels": lambda: call(z[:, :C - rank], seed=SEED),
+        "share_queries": lambda: call(z, seed=SEED, share_queries=rank == 0),
     }
-    errors = {}
-    for name, run in calls.items():
-        try:
-            run()
-            errors[name] = "no error"
-        except ValueError as e:
-            errors[name] = str(e)
-    return errors
+    return {name: _raised(run, ValueError) for name, run in calls.items()}
 
 
 def _public_apis():
@@ -210,27 +217,32 @@ def _public_apis():
     return [(impl, ref if impl == "reference" else cm) for impl in IMPLS]
 
 
+def _per_impl(rank, results_of):
+    """{(impl, name): value} over IMPLS, from results_of(impl, api, z, masks, cams, novel) -> {name: value} on
+    this rank's rows."""
+    batch = rank_batch(rank)
+    return {(impl, name): value for impl, api in _public_apis()
+            for name, value in results_of(impl, api, *batch).items()}
+
+
 def _rank_errors_of_one_rank(rank):
     """Errors that only rank 1 makes (a bad value, a bad argument): every rank must raise, then both go on."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
-    out = {}
-    for impl, api in _public_apis():
-        bad_masks = masks[rows].double()  # (bool masks cannot hold a 3)
+
+    def errors(impl, api, z, masks, cams, novel):
+        bad_masks = masks.double()  # (bool masks cannot hold a 3)
         if rank == 1:
             bad_masks[0, 0, 0] = 3
-        bad_z = z[rows][:, :, 0] if rank == 1 else z[rows]  # 3-D: refused by rank 1's argument checks
-        for name, (zz, mm) in {"value": (z[rows], bad_masks), "argument": (bad_z, masks[rows])}.items():
-            try:
-                api.query_sharing_contrastive_loss(zz, mm, cams[rows], novel[rows], seed=SEED,
-                                                   process_group=dist.group.WORLD)
-                out[(impl, name)] = "no error"
-            except (TypeError, ValueError) as e:
-                out[(impl, name)] = f"{type(e).__name__}: {e}"
+        bad_z = z[:, :, 0] if rank == 1 else z  # 3-D: refused by rank 1's argument checks
+        out = {name: _raised(lambda: api.query_sharing_contrastive_loss(
+                   zz, mm, cams, novel, seed=SEED, process_group=dist.group.WORLD), TypeError, ValueError,
+                   with_type=True)
+               for name, (zz, mm) in {"value": (z, bad_masks), "argument": (bad_z, masks)}.items()}
         # and the ranks are still in step: a good call works on both
-        out[(impl, "after")] = api.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                                  seed=SEED, process_group=dist.group.WORLD)
-    return out
+        out["after"] = api.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED,
+                                                          process_group=dist.group.WORLD)
+        return out
+
+    return _per_impl(rank, errors)
 
 
 def _rank_module_copy(rank):
@@ -238,53 +250,42 @@ def _rank_module_copy(rank):
     import copy
     import pickle
 
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
+    z, masks, cams, novel = rank_batch(rank)
     criterion = cm.QuerySharingContrastiveLoss(process_group=dist.group.WORLD, min_keys=2)
     clone = copy.deepcopy(criterion)
-    try:
-        pickle.dumps(criterion)
-        refused = "no error"
-    except TypeError as e:
-        refused = str(e)
-    return {"same_group": clone.process_group is criterion.process_group, "refused": refused,
-            "loss": criterion(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
-            "clone_loss": clone(z[rows], masks[rows], cams[rows], novel[rows], seed=SEED),
+    return {"same_group": clone.process_group is criterion.process_group,
+            "refused": _raised(lambda: pickle.dumps(criterion), TypeError),
+            "loss": criterion(z, masks, cams, novel, seed=SEED),
+            "clone_loss": clone(z, masks, cams, novel, seed=SEED),
             "plain_pickles": len(pickle.dumps(cm.QuerySharingContrastiveLoss(min_keys=2))) > 0}
 
 
 def _rank_edges(rank):
     """Double backward, torch.compile and meta tensors through process_group."""
-    z, masks, cams, novel = whole_batch()
-    rows = rank_rows("uneven", rank)
-    out = {}
-    for impl, api in _public_apis():
-        zz = z[rows].clone().requires_grad_(True)
-        loss = api.query_sharing_contrastive_loss(zz, masks[rows], cams[rows], novel[rows], seed=SEED,
-                                                  process_group=dist.group.WORLD)
+
+    def edges(impl, api, z, masks, cams, novel):
+        zz = z.clone().requires_grad_(True)
+        loss = api.query_sharing_contrastive_loss(zz, masks, cams, novel, seed=SEED, process_group=dist.group.WORLD)
         (dz,) = torch.autograd.grad(loss, zz, create_graph=True)
-        try:
-            dz.pow(2).sum().backward()
-            out[(impl, "double_backward")] = "no error"
-        except RuntimeError as e:
-            out[(impl, "double_backward")] = str(e)
+        out = {"double_backward": _raised(lambda: dz.pow(2).sum().backward(), RuntimeError)}
         if impl == "kernels":  # the reference's sampler hashes on the host: it takes no meta tensors at all
-            meta = [t[rows].to("meta") for t in (z, masks, cams, novel)]
+            meta = [t.to("meta") for t in (z, masks, cams, novel)]
             got = api.query_sharing_contrastive_loss(*meta, seed=SEED, process_group=dist.group.WORLD)
-            out[(impl, "meta")] = (got.device.type, tuple(got.shape))
+            out["meta"] = (got.device.type, tuple(got.shape))
+        return out
+
+    out = _per_impl(rank, edges)
+    z, masks, cams, novel = rank_batch(rank)
 
     def step(z, masks, cams, novel):
         return cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED, process_group=dist.group.WORLD)
 
     torch._dynamo.reset()
-    out["compiled"] = torch.compile(step, backend="eager")(z[rows], masks[rows], cams[rows], novel[rows])
-    out["eager"] = step(z[rows], masks[rows], cams[rows], novel[rows])
+    out["compiled"] = torch.compile(step, backend="eager")(z, masks, cams, novel)
+    out["eager"] = step(z, masks, cams, novel)
     torch._dynamo.reset()  # else the first compile's cached code would serve the fullgraph one
-    try:
-        torch.compile(step, backend="eager", fullgraph=True)(z[rows], masks[rows], cams[rows], novel[rows])
-        out["fullgraph"] = "no error"
-    except Exception as e:  # dynamo's Unsupported
-        out["fullgraph"] = f"{type(e).__name__}: {e}"
+    fullgraph = torch.compile(step, backend="eager", fullgraph=True)
+    out["fullgraph"] = _raised(lambda: fullgraph(z, masks, cams, novel), Exception, with_type=True)  # Unsupported
     return out
 
 
@@ -373,12 +374,9 @@ def _worker(rank, init_file, out_dir):
             out[(split, impl, formulation, share_queries)] = dict(loss=loss, dz=dz, keys=keys, keep=keep)
         out["ddp"] = _rank_ddp_projector(rank, dist.new_group())  # the loss's own group, beside DDP's
         torch.manual_seed(100 + rank)  # seed=None: every rank draws, the first rank's draw is used
-        z, masks, cams, novel = whole_batch()
-        rows = rank_rows("uneven", rank)
-        out["seed_none"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                             process_group=dist.group.WORLD)
-        out["seed_tensor"] = cm.query_sharing_contrastive_loss(z[rows], masks[rows], cams[rows], novel[rows],
-                                                               seed=torch.tensor(SEED - 2**64),  # SEED's 64 bits
+        batch = rank_batch(rank)
+        out["seed_none"] = cm.query_sharing_contrastive_loss(*batch, process_group=dist.group.WORLD)
+        out["seed_tensor"] = cm.query_sharing_contrastive_loss(*batch, seed=torch.tensor(SEED - 2**64),  # its 64 bits
                                                                process_group=dist.group.WORLD)
         out["no_sync"] = _rank_no_sync(rank)
         out["float32"] = {case: _float32_loss(*case, rows=rank_rows("uneven", rank), group=dist.group.WORLD)
@@ -419,7 +417,8 @@ def _assert_close(got, want, rel, scale):
 
 
 @pytest.mark.parametrize("split,impl,formulation,share_queries", [case_param(case) for case in CASES])
-def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, impl, formulation, share_queries):
+def test_each_rank_gets_the_whole_batch_loss(ranks, split, impl, formulation, share_queries):
+    """The loss of all ranks' ROIs on every rank, and each rank its rows of that loss's gradient."""
     loss, dz, keys, keep = single_process(impl, split, formulation, share_queries)
     assert keep.any()
     for rank, results in enumerate(ranks):
@@ -439,7 +438,8 @@ def test_each_rank_gets_the_loss_and_gradient_of_the_whole_batch(ranks, split, i
 @pytest.mark.parametrize("impl,formulation,share_queries",
                          [pytest.param(*case, marks=[pytest.mark.cuda_emu] if case[0].startswith("emu-") else [])
                           for case in FLOAT32_CASES])
-def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl, formulation, share_queries):
+def test_float32_global_loss_is_within_tolerance(ranks, impl, formulation, share_queries):
+    """float32 over a process group is within the local kernels' float32 tolerances."""
     loss, dz = _float32_loss(impl, formulation, share_queries)
     for rank, results in enumerate(ranks):
         got_loss, got_dz = results["float32"][(impl, formulation, share_queries)]
@@ -450,7 +450,8 @@ def test_float32_global_loss_is_within_the_local_kernels_tolerances(ranks, impl,
                        ranks[1]["float32"][(impl, formulation, share_queries)][0])
 
 
-def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
+def test_scaled_ddp_trains_as_one_process(ranks):
+    """DDP with the loss scaled by the world size gives the single-process gradient of the projector."""
     feats, masks, cams, novel = projector_batch()
     projector = make_projector()
     loss = cm.query_sharing_contrastive_loss(projector(feats), masks, cams, novel, seed=SEED)
@@ -460,24 +461,25 @@ def test_ddp_projector_with_the_world_size_scale_trains_as_one_process(ranks):
             _assert_close(results["ddp"][name], p.grad, 1e-10, p.grad.abs().max().item())
 
 
+def _assert_each_rank_got_the_loss(ranks, got_of, seed):
+    """got_of(a rank's results) is, on every rank, the single-process loss of the whole batch with this seed."""
+    want = cm.query_sharing_contrastive_loss(*whole_batch(), seed=seed)
+    for results in ranks:
+        assert abs(got_of(results).item() - want.item()) <= 1e-12 * want.item()
+
+
 def test_seed_none_uses_the_first_ranks_draw(ranks):
     torch.manual_seed(100)
-    seed = draw_seed()
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=seed)
-    for results in ranks:
-        assert abs(results["seed_none"].item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["seed_none"], draw_seed())
 
 
 def test_a_tensor_seed_is_joined_like_the_integer(ranks):
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
-    for results in ranks:
-        assert abs(results["seed_tensor"].item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["seed_tensor"], SEED)
 
 
 @pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
-def test_a_tensor_seed_without_input_checks_reads_nothing_on_the_host_after_the_first_step(ranks):
+def test_unchecked_tensor_seed_steps_read_nothing(ranks):
+    """A tensor seed with check_inputs=False reads nothing on the host after the first step."""
     z, masks, cams, novel = whole_batch()
     for i, (cut, step) in enumerate(NO_SYNC_STEPS):
         zz = z.clone().requires_grad_(True)
@@ -503,33 +505,32 @@ def test_ranks_that_disagree_all_raise(ranks):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_an_error_of_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_step(ranks, impl):
+def test_one_rank_error_raises_on_every_rank(ranks, impl):
+    """An error of one rank is raised on every rank, and the ranks stay in step for the next call."""
     mine, other = ranks[1]["one_rank_errors"], ranks[0]["one_rank_errors"]
     assert mine[(impl, "value")].startswith("ValueError: masks"), mine[(impl, "value")]
     assert other[(impl, "value")] == "ValueError: process_group: rank 1 raised " + mine[(impl, "value")] + \
         " (every rank raises with it)"
     assert not mine[(impl, "argument")].startswith("ValueError: process_group"), mine[(impl, "argument")]
     assert other[(impl, "argument")].startswith("ValueError: process_group: rank 1 raised "), other[(impl, "argument")]
-    z, masks, cams, novel = whole_batch()
-    want = cm.query_sharing_contrastive_loss(z, masks, cams, novel, seed=SEED)
-    for results in ranks:
-        got = results["one_rank_errors"][(impl, "after")]
-        assert abs(got.item() - want.item()) <= 1e-12 * want.item()
+    _assert_each_rank_got_the_loss(ranks, lambda results: results["one_rank_errors"][(impl, "after")], SEED)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_double_backward_through_a_process_group_raises_instead_of_being_wrong(ranks, impl):
+def test_double_backward_through_a_group_raises(ranks, impl):
+    """Differentiating the global loss's gradient raises instead of being wrong."""
     for results in ranks:
         assert "once_differentiable" in results["edges"][(impl, "double_backward")]
 
 
 @pytest.mark.skipif("kernels" not in IMPLS, reason="the compiled extension is not built")
-def test_meta_tensors_through_a_process_group_give_the_loss_shape(ranks):
+def test_meta_tensors_give_the_global_loss_shape(ranks):
     for results in ranks:
         assert results["edges"][("kernels", "meta")] == ("meta", ())
 
 
-def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it(ranks):
+def test_compile_runs_the_global_loss_eagerly(ranks):
+    """torch.compile runs it outside the graph; fullgraph=True refuses it."""
     for results in ranks:
         edges = results["edges"]
         assert torch.equal(edges["compiled"], edges["eager"])
@@ -537,7 +538,8 @@ def test_compile_runs_the_global_loss_outside_the_graph_and_fullgraph_refuses_it
             edges["fullgraph"][:500]
 
 
-def test_a_module_holding_a_group_deep_copies_with_it_and_refuses_pickling_clearly(ranks):
+def test_grouped_module_deepcopies_not_pickles(ranks):
+    """A module holding a process group deep-copies with it and refuses pickling with a clear error."""
     for results in ranks:
         got = results["module_copy"]
         assert got["same_group"] and got["plain_pickles"]

@@ -1,6 +1,8 @@
 """The loss at the ends of its range: large, extreme and collapsed float32 features (rescaled paths, DESIGN
 "Numerics" and "Collapsed features"), zero norms, tiny temperatures, NaN, one channel, autocast. On every
 device (devices.py) and on both paths (the reference and the kernels: IMPLS)."""
+import functools
+
 import pytest
 import torch
 
@@ -48,36 +50,51 @@ def test_large_float32_features_are_rescaled(device, scale, formulation, share_q
     torch.testing.assert_close(stats[:, 2:].cpu(), base[:, 2:].cpu() * scale, rtol=1e-5, atol=0)
 
 
-@needs_kernels
-@pytest.mark.parametrize("case", extreme_feature_cases(), ids=lambda c: c[0])
-def test_extreme_float32_matches_float64(device, case):
-    # Keys whose huge components cancel ("released") and norms near float32's limit: the rescaled path of
-    # each device against the float64 CPU kernels, which need no rescaling here (DESIGN, "Numerics").
-    _, z, labels, keys, keep, kw = case
-    want, want_g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss, g = device_loss_and_grad(device, z.float(), labels, keys, keep, **kw)
+def _check_float32_case(case, float64_loss, float32_loss_and_grad=None):
+    """float32_loss_and_grad (default: float64_loss's) on the z of an extreme_feature_cases() or
+    collapsed_feature_cases() case in float32 against float64_loss on it in float64: both finite, the loss
+    within 1e-5 relative (COLLAPSED_LOSS_RTOL);
+    dz of a collapsed case within its grad_rel * max|dz64|, of an extreme case within rtol 1e-4 plus
+    1e-6 * max|dz64| (a pixel's gradient is about 1 / |z|: the tolerance is relative to the largest)."""
+    _, z, labels, keys, keep, kw, *collapsed_grad_rel = case
+    want, want_g = loss_and_grad(float64_loss, z, labels, keys, keep, **kw)
+    float32_loss_and_grad = float32_loss_and_grad or functools.partial(loss_and_grad, float64_loss)
+    loss, g = float32_loss_and_grad(z.float(), labels, keys, keep, **kw)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
-    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(g.double(), want_g, rtol=1e-4, atol=1e-6 * float(want_g.abs().max()))
+    torch.testing.assert_close(loss.double(), want, rtol=COLLAPSED_LOSS_RTOL if collapsed_grad_rel else 1e-5, atol=0)
+    if collapsed_grad_rel:
+        assert_grad_close(g, want_g, collapsed_grad_rel[0], atol=0)
+    else:
+        torch.testing.assert_close(g.double(), want_g, rtol=1e-4, atol=1e-6 * float(want_g.abs().max()))
+
+
+# Each case with the float64 API whose answer is exact for it: the CPU kernels for the extreme cases (no
+# rescaling in float64), the reference for the collapsed ones.
+FLOAT64_ANSWERS = ([pytest.param(case, cm, id=case[0]) for case in extreme_feature_cases()]
+                   + [pytest.param(case, ref, id=case[0]) for case in collapsed_feature_cases()])
 
 
 @needs_kernels
-@pytest.mark.parametrize("case", collapsed_feature_cases(), ids=lambda c: c[0])
-def test_collapsed_float32_matches_float64(device, case):
-    # Issue 22, item 5: "released" keys z - q of a constant (or nearly constant) partition or batch. float32 once
-    # held q's rounding noise there (|q| * 2^-24, above the 1e-8 clamp), whose direction decided the cosines:
-    # CPU kernels, CUDA kernels and reference each returned another loss, and dz up to 7x too large. The
-    # query's sums are now taken in double and z - q formed from its hi and lo parts (DESIGN, "Collapsed
-    # features"), so each device gives the float64 reference's loss and dz within the tolerances of cases.py.
-    _, z, labels, keys, keep, kw, grad_rel = case
-    want, want_g = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss, g = device_loss_and_grad(device, z.float(), labels, keys, keep, **kw)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
-    torch.testing.assert_close(loss.double(), want, rtol=COLLAPSED_LOSS_RTOL, atol=0)
-    assert_grad_close(g, want_g, grad_rel, atol=0)
+@pytest.mark.parametrize("case,float64_api", FLOAT64_ANSWERS)
+def test_float32_matches_float64(device, case, float64_api):
+    # Extreme: keys whose huge components cancel ("released") and norms near float32's limit, through the
+    # rescaled path of each device (DESIGN, "Numerics").
+    # Collapsed: "released" keys z - q of a constant (or nearly constant) partition or batch. A float32 q would
+    # leave its rounding noise there (|q| * 2^-24, above the 1e-8 clamp), whose direction would decide the
+    # cosines: each implementation another loss, and dz up to 7x too large. So the query's sums are taken in
+    # double and z - q formed from its hi and lo parts (DESIGN, "Collapsed features"): each device gives the
+    # float64 reference's loss and dz within the tolerances of cases.py.
+    _check_float32_case(case, float64_api.contrastive_loss_from_keys, functools.partial(device_loss_and_grad, device))
 
 
 # ---------------------------------------------------------------- both paths (reference, kernels)
+
+
+def _finite_loss_and_grad(impl, z, b, **kw):
+    """The pipeline's (loss, dz) on batch b's masks, CAMs and novel flags with features z; both finite."""
+    loss, g = fused_loss_and_grad(impl, z, b["masks"], b["cams"], b["is_novel"], **kw)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    return loss, g
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -87,17 +104,14 @@ def test_zero_norm_features_stay_finite(impl):
     z[:, :, :10] = 0.0  # zero vectors among keys and queries' pixels
     z[2] = 0.0
     for formulation in ("paper", "released"):
-        loss, g = fused_loss_and_grad(impl, z, b["masks"], b["cams"], b["is_novel"], formulation=formulation, seed=2)
-        assert torch.isfinite(loss) and torch.isfinite(g).all()
-    loss, g = fused_loss_and_grad(impl, torch.zeros_like(z), b["masks"], b["cams"], b["is_novel"], seed=2)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
+        _finite_loss_and_grad(impl, z, b, formulation=formulation, seed=2)
+    _finite_loss_and_grad(impl, torch.zeros_like(z), b, seed=2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tiny_temperature_stays_finite(impl):
     b = blob_batch(6, 28, 28, 8, seed=1)
-    loss, g = fused_loss_and_grad(impl, b["z"], b["masks"], b["cams"], b["is_novel"], tau_easy=1e-3, tau_hard=1e-3)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    _finite_loss_and_grad(impl, b["z"], b, tau_easy=1e-3, tau_hard=1e-3)
 
 
 def _scaled_loss_and_grad(impl, scale, dtype, formulation):
@@ -113,7 +127,7 @@ def _scaled_loss_and_grad(impl, scale, dtype, formulation):
 @pytest.mark.parametrize("scale,dtype", [(1e15, torch.float32), (1e19, torch.float32), (1e30, torch.float32),
                                          (1e19, torch.float64), (1e150, torch.float64), (1e250, torch.float64)])
 def test_large_features_give_the_same_loss(impl, formulation, scale, dtype):
-    # Beyond 1e18 in float32 the squared norms used to overflow (NaN); features are now rescaled by a power
+    # Beyond 1e18 in float32 the squared norms would overflow (NaN); large features are rescaled by a power
     # of two (DESIGN, "Numerics"), so loss and scale * dL/dz equal the unscaled ones.
     want, want_g = _scaled_loss_and_grad(impl, 1.0, dtype, formulation)
     loss, g = _scaled_loss_and_grad(impl, scale, dtype, formulation)
@@ -123,33 +137,14 @@ def test_large_features_give_the_same_loss(impl, formulation, scale, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", extreme_feature_cases(), ids=lambda c: c[0])
-def test_extreme_float32_matches_own_float64(impl, case):
-    # Found in review: a "released" key whose huge components cancel lost its small ones when scaled by
-    # |z| + |q| instead of |z - q| (dz 1e6 too large). float64 needs no rescaling here, so it is the exact
-    # answer. (A pixel norm beyond float32's range is out of the documented range: DESIGN, "Numerics".)
-    _, z, labels, keys, keep, kw = case
-    want, want_g = loss_and_grad(impl.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss, g = loss_and_grad(impl.contrastive_loss_from_keys, z.float(), labels, keys, keep, **kw)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
-    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
-    # the gradient of a pixel is about 1 / |z|: the tolerance is relative to the largest
-    torch.testing.assert_close(g.double(), want_g, rtol=1e-4, atol=1e-6 * float(want_g.abs().max()))
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", collapsed_feature_cases(), ids=lambda c: c[0])
-def test_collapsed_float32_matches_own_float64(impl, case):
-    # Issue 22, item 5 (the kernels on every device: test_collapsed_float32_matches_float64 above). Reported: a
-    # constant ROI without sharing gave loss 9.14 (kernels) and 10.39 (reference) for 9.36, a constant batch with
-    # sharing 11.34 and 12.12 for 11.46. Each implementation in float32 against its own float64 answer (DESIGN,
-    # "Collapsed features").
-    _, z, labels, keys, keep, kw, grad_rel = case
-    want, want_g = loss_and_grad(impl.contrastive_loss_from_keys, z, labels, keys, keep, **kw)
-    loss, g = loss_and_grad(impl.contrastive_loss_from_keys, z.float(), labels, keys, keep, **kw)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
-    torch.testing.assert_close(loss.double(), want, rtol=COLLAPSED_LOSS_RTOL, atol=0)
-    assert_grad_close(g, want_g, grad_rel, atol=0)
+@pytest.mark.parametrize("case", extreme_feature_cases() + collapsed_feature_cases(), ids=lambda c: c[0])
+def test_float32_matches_own_float64(impl, case):
+    # Each implementation in float32 against its own float64 answer, the exact one (no rescaling in float64).
+    # Extreme features (DESIGN, "Numerics"): a "released" key whose huge components cancel keeps its small ones
+    # only when scaled by |z - q| (by |z| + |q|, dz would be 1e6 too large); a pixel norm beyond float32's range
+    # is out of the documented range. Collapsed features: DESIGN, "Collapsed features"; the kernels on every
+    # device against the reference: test_float32_matches_float64 above.
+    _check_float32_case(case, impl.contrastive_loss_from_keys)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -167,9 +162,7 @@ def test_extreme_dynamic_range_stays_finite(impl, formulation, share_queries):
     z[3, :, :, 14:] = -1e20
     z[4, :, ::2] = 0.0  # zero keys beside large ones
     z[4] *= 1e25
-    loss, g = fused_loss_and_grad(impl, z, b["masks"], b["cams"], b["is_novel"], formulation=formulation,
-                             share_queries=share_queries, seed=2)
-    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    _finite_loss_and_grad(impl, z, b, formulation=formulation, share_queries=share_queries, seed=2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -186,8 +179,8 @@ def test_nan_in_used_pixel_gives_nan_loss(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_channel(impl):
     b = blob_batch(5, 13, 21, 1, seed=4)
-    loss, g = fused_loss_and_grad(impl, b["z"], b["masks"], b["cams"], b["is_novel"], seed=1)
-    assert torch.isfinite(loss) and torch.isfinite(g).all() and loss.item() != 0.0
+    loss, _ = _finite_loss_and_grad(impl, b["z"], b, seed=1)
+    assert loss.item() != 0.0
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -70,17 +70,17 @@ def test_invalid_rois_are_dropped(impl):
                        torch.full((6, 28, 28), -1, dtype=torch.int8))
 
 
-def _novel_and_base_rows(b):
+def _novel_and_base_rows():
+    """A batch of 4 ROIs whose ROI 1 is novel and ROI 2 base: the batch, its novel flags and a copy of its CAMs."""
+    b = blob_batch(4, 14, 14, 8, seed=0)
     novel = b["is_novel"].clone()
     novel[1], novel[2] = True, False
-    return novel
+    return b, novel, b["cams"].clone()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_in_a_novel_cam_is_an_error(impl):
-    b = blob_batch(4, 14, 14, 8, seed=0)
-    novel = _novel_and_base_rows(b)
-    cams = b["cams"].clone()
+    b, novel, cams = _novel_and_base_rows()
     cams[1, 5, 6] = float("nan")
     want = "cams: expected no NaN in the CAM of a novel ROI, got NaN in ROI 1"
     for call in (lambda **kw: impl.query_sharing_contrastive_loss(b["z"], b["masks"], cams, novel, seed=0, **kw),
@@ -101,9 +101,7 @@ def test_nan_in_a_novel_cam_is_an_error(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cams_outside_0_1_are_thresholded(impl):
-    b = blob_batch(4, 14, 14, 8, seed=0)
-    novel = _novel_and_base_rows(b)
-    cams = b["cams"].clone()
+    b, novel, cams = _novel_and_base_rows()
     cams[1, :7], cams[1, 7:] = 1.5, -0.5
     cams[1, 0, 0], cams[1, 13, 13] = float("inf"), -float("inf")
     labels = impl.partition(b["masks"], cams, novel)

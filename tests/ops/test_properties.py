@@ -25,6 +25,7 @@ import contrastmask_ops as cm
 from contrastmask_ops import _validation
 from contrastmask_ops import reference as ref
 from blobs import blob_masks
+from cases import loss_and_grad
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
@@ -46,7 +47,7 @@ def _no_constants_from_local_modules():
     try:
         from hypothesis.internal.conjecture import providers
         from hypothesis.internal.constants_ast import Constants
-    except ImportError:  # another hypothesis version: nothing to turn off, or no longer reachable this way
+    except ImportError:  # another hypothesis version: nothing to turn off, or not reachable this way
         yield
         return
     if not hasattr(providers, "_get_local_constants"):
@@ -164,13 +165,6 @@ TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-9), torch.f
               torch.bfloat16: (2**-7, 2e-2)}
 
 
-def _loss_and_grad(fn, z, *args, **kw):
-    z = z.detach().clone().requires_grad_(True)
-    loss = fn(z, *args, **kw)
-    (g,) = torch.autograd.grad(loss, z)
-    return loss.detach(), g
-
-
 def _loss_plan(b, kw, formulation):
     """(labels, keys, keep) of the batch by the reference, skipping the "released" batches the module's
     docstring leaves out."""
@@ -192,8 +186,8 @@ def test_loss_matches_reference(b, kw, params, c, dtype):
     sign = (labels == 1).float() * 2 - 1
     direction = torch.randn(c, generator=b["g"])
     z = (torch.randn(n, c, h, w, generator=b["g"]) + sign[:, None] * direction[None, :, None, None]).to(dtype)
-    loss, g = _loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **params)
-    loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    loss, g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    loss_ref, g_ref = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **params)
     assert loss.dtype == dtype and g.dtype == dtype and loss.shape == ()
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     loss_rtol, grad_rel = TOLERANCES[dtype]
@@ -223,8 +217,8 @@ def test_large_features_match_reference(b, kw, params, c, dtype, data):
     direction = torch.randn(c, generator=b["g"], dtype=torch.float64)
     z = torch.randn(n, c, h, w, generator=b["g"], dtype=torch.float64) + sign[:, None] * direction[None, :, None, None]
     z = (z * magnitude[:, None, None, None]).to(dtype)
-    loss, g = _loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **params)
-    loss_ref, g_ref = _loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    loss, g = loss_and_grad(cm.contrastive_loss_from_keys, z, labels, keys, keep, **params)
+    loss_ref, g_ref = loss_and_grad(ref.contrastive_loss_from_keys, z, labels, keys, keep, **params)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     loss_rtol, grad_rel = TOLERANCES[dtype]
     torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=loss_rtol, atol=1e-6)

@@ -245,10 +245,10 @@ def test_kernels_are_uniform_over_seeds():
 
 def test_roi_offset_limit_is_int64_on_both_paths():
     """roi_offset: every ROI's index roi_offset + n must fit in int64 (the operators' integer type), on both
-    paths; the reference's uint64 hash used to take more, the op failed with a dispatcher type error."""
+    paths, with one ValueError each (the reference's uint64 hash could take more, and past int64 the op's
+    dispatcher would raise a TypeError of its own)."""
     b = blob_batch(4, 14, 14, 8, seed=0)
-    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
-    sqdist = ref.boundary_sqdist(b["masks"])
+    labels, sqdist = reference_plan(b)
     impls = [p.values[0] for p in IMPLS]
     last = 2**63 - 4  # the largest offset for N = 4: the last ROI's index is 2**63 - 1
     got = [impl.sample_keys(labels, sqdist, b["is_novel"], min_keys=1, seed=9, roi_offset=last) for impl in impls]

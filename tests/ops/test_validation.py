@@ -8,7 +8,7 @@ import torch
 
 import contrastmask_ops as cm
 from blobs import blob_batch
-from cases import CPU_OPS, IMPLS, cpu_loss_inputs, needs_kernels
+from cases import CPU_OPS, IMPLS, cpu_loss_inputs, needs_kernels, reference_plan
 from contrastmask_ops import reference as ref
 
 
@@ -186,8 +186,7 @@ def test_value_errors_read_alike_on_both_paths():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_parameters_of_the_building_blocks(impl):
     b = blob_batch(4, 14, 14, 8, seed=0)
-    labels = ref.partition(b["masks"], b["cams"], b["is_novel"])
-    sqdist = ref.boundary_sqdist(b["masks"])
+    labels, sqdist = reference_plan(b)
     keys, keep = ref.sample_keys(labels, sqdist, b["is_novel"], seed=0)
     calls = [
         (TypeError, "seed", lambda: impl.sample_keys(labels, sqdist, b["is_novel"], seed=3.7)),
@@ -332,7 +331,7 @@ def test_bad_values_raise_and_device_stays_usable(device):
 @needs_kernels
 def test_unchecked_inputs_skip_the_value_checks(device):
     """check_inputs=False (CUDA-graph capture: no read-back of the error word) gives the same results for valid
-    input, and a bad mask or missing CAMs no longer raise (their results are unspecified)."""
+    input, and a bad mask or missing CAMs do not raise (their results are unspecified)."""
     b = device.batch(blob_batch(6, 13, 21, 4, seed=1))
     masks, cams, novel = b["masks"], b["cams"], b["is_novel"]
     checked = (cm.partition(masks, cams, novel), cm.boundary_sqdist(masks),
