@@ -462,7 +462,8 @@ __global__ void __launch_bounds__(kThreads) write_loss_kernel(const acc_t* terms
 // ---------------------------------------------------------------- backward
 
 // Per key pixel of kept ROIs: dL/ds from similarity_grads, then the cosine's backward coefficients
-// (coef (N, kNumCoef, P), zero on other pixels); per block the sums of beta for each query side, in double
+// (coef (N, kNumCoef, P), zero on other pixels and on dropped ROIs: the stage op's output is defined
+// everywhere, as the CPU kernel's is); per block the sums of beta for each query side, in double
 // (a key at its query has beta ~ dL/ds / eps, cancelling against its gamma in dz; DESIGN, "Collapsed features").
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
@@ -471,13 +472,16 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     acc_t* coef, double* beta_part) {
   CM_SHARED(double, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   double* bp = beta_part + int64_t(blockIdx.x) * 2;
   if (!keep[n]) {
+    if (i < P) {
+      for (int k = 0; k < kNumCoef; ++k) coef[(n * kNumCoef + k) * P + i] = acc_t(0);
+    }
     if (threadIdx.x < 2) bp[threadIdx.x] = 0.0;
     return;
   }
   const int64_t g = share_queries ? 0 : n;
-  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   double beta[2] = {0.0, 0.0};
   if (i < P) {
     acc_t a[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b[2] = {acc_t(0), acc_t(0)},
