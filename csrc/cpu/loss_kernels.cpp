@@ -201,17 +201,12 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
             const acc_t up = centred_component(v, a, a_lo), um = centred_component(v, b, b_lo);
-            dot_p[i] += a * up;
-            dot_m[i] += b * um;
-            kk_p[i] += up * up;
-            kk_m[i] += um * um;
+            add_cosine_component<true>(a, up, b, um, dot_p[i], dot_m[i], kk_p[i], kk_m[i]);
           }
         } else {
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
-            dot_p[i] += a * v;
-            dot_m[i] += b * v;
-            kk_p[i] += v * v;
+            add_cosine_component<false>(a, v, b, v, dot_p[i], dot_m[i], kk_p[i], kk_m[i]);
           }
         }
       }

@@ -293,17 +293,13 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
         const acc_t v = static_cast<acc_t>(zi[c * P]);
         const acc_t a = qp[c], b = qm[c];
         const acc_t up = centred_component(v, a, qp_lo[c]), um = centred_component(v, b, qm_lo[c]);
-        dot_p += a * up;
-        dot_m += b * um;
-        kk_p += up * up;
-        kk_m += um * um;
+        add_cosine_component<true>(a, up, b, um, dot_p, dot_m, kk_p, kk_m);
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(zi[c * P]);
-        dot_p += qp[c] * v;
-        dot_m += qm[c] * v;
-        kk_p += v * v;
+        const acc_t a = qp[c], b = qm[c];
+        add_cosine_component<false>(a, v, b, v, dot_p, dot_m, kk_p, kk_m);
       }
     }
     PixelCosines<acc_t> r;
