@@ -76,6 +76,17 @@ struct LseAcc {
     }
   }
   CM_HD acc_t value() const { return sum == acc_t(0) ? neg_inf<acc_t>() : max + cm_log(sum); }
+  // As the kernels keep it in memory: the pair (max, sum) at pair[0], pair[1].
+  static CM_HD LseAcc load(const acc_t* pair) {
+    LseAcc a;
+    a.max = pair[0];
+    a.sum = pair[1];
+    return a;
+  }
+  CM_HD void store(acc_t* pair) const {
+    pair[0] = max;
+    pair[1] = sum;
+  }
 };
 
 // L_p = log(exp(s_p / t') + sum_g exp(s_g / t)) for a positive with similarity s.

@@ -42,6 +42,7 @@ using cuda::block_merge;
 using cuda::block_sum;
 using cuda::ceil_div;
 using cuda::check_grid;
+using cuda::grid_for;
 using cuda::launch_reduce_rows;
 using cuda::launch_sum_over_rois;
 using cuda::kMaxBlockWarps;
@@ -276,8 +277,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   acc_t* part = lse_part + int64_t(blockIdx.x) * kNumTerms * 2;
   if (!keep[n]) {
     if (threadIdx.x < kNumTerms) {
-      part[threadIdx.x * 2] = neg_inf<acc_t>();
-      part[threadIdx.x * 2 + 1] = acc_t(0);
+      LseAcc<acc_t>().store(part + threadIdx.x * 2);  // the empty pair (-inf, 0)
     }
     return;
   }
@@ -320,8 +320,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   for (int t = 0; t < kNumTerms; ++t) {
     const LseAcc<acc_t> total = block_merge(lse[t], scratch);
     if (threadIdx.x == 0) {
-      part[t * 2] = total.max;
-      part[t * 2 + 1] = total.sum;
+      total.store(part + t * 2);
     }
   }
 }
@@ -339,16 +338,11 @@ __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_pa
 #pragma unroll
   for (int t = 0; t < kNumTerms; ++t) {
     LseAcc<acc_t> acc;
-    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x) {
-      LseAcc<acc_t> p;
-      p.max = lse_part[(b * kNumTerms + t) * 2];
-      p.sum = lse_part[(b * kNumTerms + t) * 2 + 1];
-      acc.merge(p);
-    }
+    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x)
+      acc.merge(LseAcc<acc_t>::load(lse_part + (b * kNumTerms + t) * 2));
     const LseAcc<acc_t> total = block_merge(acc, scratch);
     if (threadIdx.x == 0) {
-      lse[(g * kNumTerms + t) * 2] = total.max;
-      lse[(g * kNumTerms + t) * 2 + 1] = total.sum;
+      total.store(lse + (g * kNumTerms + t) * 2);
     }
   }
 }
@@ -358,10 +352,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) lse_values_kernel(const acc_t* lse, int64_t G, acc_t* termstats) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= G * kNumTerms) return;
-  LseAcc<acc_t> acc;
-  acc.max = lse[k * 2];
-  acc.sum = lse[k * 2 + 1];
-  termstats[k * kNumTermStats + kLse] = acc.value();
+  termstats[k * kNumTermStats + kLse] = LseAcc<acc_t>::load(lse + k * 2).value();
 }
 
 // Per block and term: sum of (L_p - s_p / t), sum of exp(lse - L_p) and |P| over the positives.
@@ -562,16 +553,13 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
 
 // ---------------------------------------------------------------- host side
 
-struct Shapes {
-  int64_t N, C, P, G, pixel_blocks, channel_blocks;
+struct Shapes : LossSizes {
+  int64_t pixel_blocks, channel_blocks;
 };
 
 Shapes shapes_of(const LossInputs& in) {
   Shapes s;
-  s.N = in.N;
-  s.C = in.C;
-  s.P = in.P;
-  s.G = in.G;
+  static_cast<LossSizes&>(s) = in;
   s.pixel_blocks = ceil_div(s.P, kPixelsPerBlock);
   s.channel_blocks = ceil_div(s.C, kChannelsPerBlock);
   check_grid(s.N * std::max(s.pixel_blocks, s.channel_blocks));
@@ -598,9 +586,7 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
                         const at::Tensor& qunit = at::Tensor()) {
   const int64_t rows = s.G * 2;
   if (rows == 0) return;
-  const int64_t blocks = ceil_div(rows * kWarp, kThreads);
-  check_grid(blocks);
-  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
+  CM_LAUNCH(grid_for(rows * kWarp, kThreads), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
       queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>(),
       qunit.defined() ? qunit.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -638,9 +624,7 @@ void stage_cosines(const Shapes& s, const LossInputs& in, const at::Tensor& quer
   at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
   at::Tensor group_total = at::empty({kNumTerms, 2}, acc_opts);
   if (s.G * s.C > 0) {
-    const int64_t blocks = ceil_div(s.G * 2 * s.C, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
+    CM_LAUNCH(grid_for(s.G * 2 * s.C, kThreads), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
         query_sums.data_ptr<double>(), counts.data_ptr<double>(), s.G, s.C, in.share_queries,
         queries.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -676,13 +660,9 @@ void stage_terms(const Shapes& s, const LossInputs& in, const at::Tensor& pixsta
   if (s.G == 0) return;
   const auto acc_opts = in.acc_options();
   const LossParams<acc_t> params = in.params<acc_t>();
-  {
-    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), lse_values_kernel<acc_t>)(
-        lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  CM_LAUNCH(grid_for(s.G * kNumTerms, kThreads), kThreads, 0, stream(), lse_values_kernel<acc_t>)(
+      lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kNumPosStats}, acc_opts);
   if (s.N > 0) {
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
@@ -705,9 +685,7 @@ template <typename out_t, typename acc_t>
 void stage_finish(const Shapes& s, const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
                   const at::Tensor& termstats, const at::Tensor& loss) {
   if (s.G > 0) {
-    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), group_terms_kernel<acc_t>)(
+    CM_LAUNCH(grid_for(s.G * kNumTerms, kThreads), kThreads, 0, stream(), group_terms_kernel<acc_t>)(
         pos_sums.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -768,13 +746,9 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
   launch_roi_counts(s, in, roi_counts);
-  {
-    const int64_t blocks = ceil_div(s.N * 2, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
-        roi_counts.data_ptr<int32_t>(), counts.data_ptr<double>(), s.N, in.share_queries, w.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  CM_LAUNCH(grid_for(s.N * 2, kThreads), kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
+      roi_counts.data_ptr<int32_t>(), counts.data_ptr<double>(), s.N, in.share_queries, w.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_query_norms<acc_t>(s, queries, qnorms, qunit);
   CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
       in.z.data_ptr<scalar_t>(), in.labels.data_ptr<int8_t>(), in.keep.data_ptr<bool>(), coef.data_ptr<acc_t>(),
@@ -783,9 +757,6 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
       dz.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-#define CM_DISPATCH_LOSS(z, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
 
 // ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
 
@@ -801,8 +772,7 @@ struct CudaLoss {
     at::Tensor counts = at::empty({kNumCounts}, in.double_options());
     at::Tensor lse = at::empty(st.lse, in.acc_options());
     at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cuda", {
       stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
       stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
       stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
@@ -823,8 +793,7 @@ struct CudaLoss {
     at::Tensor coef = at::empty(st.coef, acc_opts);
     at::Tensor dq = at::empty(st.dq, acc_opts);
     at::Tensor beta = at::empty(st.beta, in.double_options());
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cuda", {
       launch_roi_counts(s, in, roi_counts);
       launch_query_counts(s, in, roi_counts, counts);
       stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, at::Tensor(), queries, pixstats, termstats, counts, coef,
@@ -835,8 +804,7 @@ struct CudaLoss {
 
   static void query_sums(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cuda", {
       stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
     });
   }
@@ -844,8 +812,7 @@ struct CudaLoss {
   static void cosines(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts,
                       const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cuda", {
       stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
     });
   }
@@ -853,8 +820,7 @@ struct CudaLoss {
   static void terms(const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
                     const at::Tensor& termstats, const at::Tensor& pos_sums) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cuda", {
       stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
     });
   }
@@ -862,8 +828,7 @@ struct CudaLoss {
   static void finish(const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
                      const at::Tensor& termstats, const at::Tensor& loss) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cuda", {
       stage_finish<acc_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
     });
   }
@@ -877,8 +842,7 @@ struct CudaLoss {
     // The upstream gradients stay on the device (no .item(): no host sync).
     const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
     const at::Tensor neg_acc = neg_grad ? neg_grad->reshape({}).to(acc_opts).contiguous() : at::Tensor();
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cuda", {
       stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, neg_acc, queries, pixstats, termstats, counts, coef, dq,
                                          beta);
     });
@@ -887,8 +851,7 @@ struct CudaLoss {
   static void dz(const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef, const at::Tensor& dq,
                  const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cuda", {
       stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
     });
   }
@@ -896,8 +859,6 @@ struct CudaLoss {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
-  register_loss_ops<CudaLoss>(m);
-}
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) { register_loss_ops<CudaLoss>(m); }
 
 }  // namespace contrastmask

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -22,6 +24,14 @@
 #include "loss_inputs.h"
 
 namespace contrastmask {
+
+// Runs the block `body` with scalar_t, z's dtype, and acc_t, the dtype the kernels accumulate it in:
+// CM_DISPATCH_LOSS(in.z, "name", { ... }).
+#define CM_DISPATCH_LOSS(z, name, ... /* body */)                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, [&] { \
+    using acc_t = at::opmath_type<scalar_t>;                                                \
+    __VA_ARGS__                                                                             \
+  })
 
 using LossOpTensors2 = std::tuple<at::Tensor, at::Tensor>;
 using LossOpTensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
