@@ -470,6 +470,8 @@ T* ptr(const at::Tensor& t) {
 
 // ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
 
+// The Device interface of loss_ops.h: CudaLoss in csrc/cuda/loss_kernels.cu declares the same functions (deliberate twins).
+
 struct CpuLoss {
   struct Guard {
     explicit Guard(c10::Device) {}

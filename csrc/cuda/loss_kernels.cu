@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* s
   split_query(r > 0 ? sums[e] / r : 0.0, &q[side * C + c], &q[(2 + side) * C + c]);
 }
 
-// Backward pass 1: out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
+// Backward pass 1, in partition_sums_kernel's layout (its twin: a warp per kChannelsPerWarp channels, lanes
+// over pixels, then a warp sum per channel): out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
 // keys (z - q from q's hi and lo parts, loss_math.h), else z / |z| (terms with a = 0 left out, as on the
 // CPU, so a NaN in an unused pixel stays out).
 template <typename scalar_t, typename acc_t>
@@ -759,6 +760,8 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
 }
 
 // ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
+
+// The Device interface of loss_ops.h: CpuLoss in csrc/cpu/loss_kernels.cpp declares the same functions (deliberate twins).
 
 struct CudaLoss {
   using Guard = c10::cuda::CUDAGuard;

@@ -3,6 +3,8 @@
 // (queries, per-pixel cosines and norms, per-term statistics; see docs/DESIGN.md).
 #include "library.h"
 
+// The parameter lists repeat the declarations' (ops.h), as the device kernels' do (loss_ops.h): C++ writes a
+// signature out at each definition.
 namespace contrastmask_ops::ops {
 
 LossOutputs contrastive_loss(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,

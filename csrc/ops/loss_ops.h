@@ -92,6 +92,9 @@ at::Tensor contrastive_loss_backward_op(const at::Tensor& grad, const at::Tensor
 
 // ---------------------------------------------------------------- the stage operators
 
+// Each operator's parameter list is its schema's (csrc/ops/contrastive_loss.cpp), so these functions open
+// alike: deliberate twins, one kernel per signature.
+
 template <typename Device>
 LossOpTensors2 query_sums_op(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
                              const at::Tensor& keep, double tau_easy, double tau_hard, bool share_queries,

@@ -30,7 +30,7 @@ namespace contrastmask {
 
 TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   // roi_plan and roi_plan.int_seed, a composite kernel: it decomposes into roi_plan on every backend, fake
-  // tensors included.
+  // tensors included. sample_keys.cpp registers its pair with the same call (deliberate twins).
   def_with_int_seed<&ops::roi_plan, decltype(ops::roi_plan_int_seed)>(
       m,
       "roi_plan(Tensor masks, Tensor? cams, Tensor is_novel, Tensor? valid, float delta, float sigma, "
