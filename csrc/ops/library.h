@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "../include/contrastmask_ops/ops.h"  // defines CONTRASTMASK_LIBRARY's default
@@ -60,11 +61,12 @@ struct IntSeedKernel<kTensorSeedOp, Result(Args...)> {
 // declarations in contrastmask_ops/ops.h.
 template <auto kTensorSeedOp, typename IntSeedDeclaration>
 void def_with_int_seed(torch::Library& m, const std::string& schema) {
+  constexpr std::string_view kTensorSeed = "Tensor seed", kIntSeed = "SymInt seed";
   m.def(schema.c_str());
-  const size_t name_end = schema.find('('), seed = schema.find("Tensor seed");
+  const size_t name_end = schema.find('('), seed = schema.find(kTensorSeed);
   TORCH_INTERNAL_ASSERT(name_end != std::string::npos && seed != std::string::npos);
   std::string int_seed = schema;
-  int_seed.replace(seed, 6, "SymInt");
+  int_seed.replace(seed, kTensorSeed.size(), kIntSeed);
   int_seed.insert(name_end, ".int_seed");
   m.def(int_seed.c_str(), &IntSeedKernel<kTensorSeedOp, IntSeedDeclaration>::call);
 }
