@@ -14,15 +14,16 @@
 
 namespace contrastmask {
 
-// Overloads so that templated math picks the float or double routine on both devices.
-CM_HD float cm_exp(float x) { return expf(x); }
-CM_HD double cm_exp(double x) { return exp(x); }
-CM_HD float cm_log(float x) { return logf(x); }
-CM_HD double cm_log(double x) { return log(x); }
-CM_HD float cm_log1p(float x) { return log1pf(x); }
-CM_HD double cm_log1p(double x) { return log1p(x); }
-CM_HD float cm_sqrt(float x) { return sqrtf(x); }
-CM_HD double cm_sqrt(double x) { return sqrt(x); }
+// Overloads so that templated math picks the float or double routine on both devices: cm_<fn>(float)
+// calls the C library's <fn>f, cm_<fn>(double) its <fn>.
+#define CM_FLOAT_AND_DOUBLE(fn)                     \
+  CM_HD float cm_##fn(float x) { return fn##f(x); } \
+  CM_HD double cm_##fn(double x) { return fn(x); }
+CM_FLOAT_AND_DOUBLE(exp)
+CM_FLOAT_AND_DOUBLE(log)
+CM_FLOAT_AND_DOUBLE(log1p)
+CM_FLOAT_AND_DOUBLE(sqrt)
+#undef CM_FLOAT_AND_DOUBLE
 CM_HD float cm_frexp(float x, int* e) { return frexpf(x, e); }
 CM_HD double cm_frexp(double x, int* e) { return frexp(x, e); }
 CM_HD float cm_ldexp(float x, int e) { return ldexpf(x, e); }

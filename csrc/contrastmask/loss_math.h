@@ -76,6 +76,17 @@ struct LseAcc {
     }
   }
   CM_HD acc_t value() const { return sum == acc_t(0) ? neg_inf<acc_t>() : max + cm_log(sum); }
+  // As the kernels keep it in memory: the pair (max, sum) at pair[0], pair[1].
+  static CM_HD LseAcc load(const acc_t* pair) {
+    LseAcc a;
+    a.max = pair[0];
+    a.sum = pair[1];
+    return a;
+  }
+  CM_HD void store(acc_t* pair) const {
+    pair[0] = max;
+    pair[1] = sum;
+  }
 };
 
 // L_p = log(exp(s_p / t') + sum_g exp(s_g / t)) for a positive with similarity s.
@@ -180,6 +191,18 @@ CM_HD void split_query(double q, acc_t* hi, acc_t* lo) {
 template <typename acc_t>
 CM_HD acc_t centred_component(acc_t v, acc_t hi, acc_t lo) { return (v - hi) - lo; }
 
+// One component's step of a pixel's cosine sums: the dot products with q+ and q- (components a and b)
+// and the squared norms of the key vectors. With centred keys up and um are the components of z - q+ and
+// z - q-; else both are z's, the one key vector of both cosines, whose norm is kk_p (kk_m is left alone).
+template <bool kCentredKeys, typename acc_t>
+CM_HD void add_cosine_component(acc_t a, acc_t up, acc_t b, acc_t um, acc_t& dot_p, acc_t& dot_m, acc_t& kk_p,
+                                acc_t& kk_m) {
+  dot_p += a * up;
+  dot_m += b * um;
+  kk_p += up * up;
+  if (kCentredKeys) kk_m += um * um;
+}
+
 // A row of n values (a query) measured on a scale that cannot overflow: feature_scale of its largest
 // |x_i|. |x| = scaled_norm / scale (inf beyond the dtype's range), and the unit vector
 // x / max(|x|, eps) = (x_i * scale) * unit(), which stays finite whatever |x| is.
@@ -257,15 +280,10 @@ CM_HD PixelCosines<acc_t> rescaled_pixel_cosines(const scalar_t* zi, int64_t str
       // Power-of-two scales are exact, so this is centred_component on the key's scale.
       const acc_t up = centred_component(v * ckp, qp[k] * ckp, qp_lo[k] * ckp);
       const acc_t um = centred_component(v * ckm, qm[k] * ckm, qm_lo[k] * ckm);
-      dot_p += a * up;
-      dot_m += b * um;
-      kk_p += up * up;
-      kk_m += um * um;
+      add_cosine_component<true>(a, up, b, um, dot_p, dot_m, kk_p, kk_m);
     } else {
       const acc_t u = v * ckp;
-      dot_p += a * u;
-      dot_m += b * u;
-      kk_p += u * u;
+      add_cosine_component<false>(a, u, b, u, dot_p, dot_m, kk_p, kk_m);
     }
   }
   const acc_t eps = acc_t(kNormEps);

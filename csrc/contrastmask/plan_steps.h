@@ -7,9 +7,20 @@
 
 namespace contrastmask {
 
-struct PlanSteps {
+// The (N, H, W) grid of a call: ROIs, rows, columns.
+struct PlanGrid {
   int64_t N = 0;
   int H = 0, W = 0;
+};
+
+// The sampler's parameters (SPEC step 4); ROI n hashes as n + roi_offset (its index across processes).
+struct SamplingParams {
+  double sigma = 0.3;
+  int64_t hard_sqdist = 2, min_keys = 5, roi_offset = 0;
+};
+
+// The host's PlanInputs (ops/plan_inputs.h) holds the grid and the sampling parameters too.
+struct PlanSteps : PlanGrid, SamplingParams {
   const bool* is_novel = nullptr;       // (N,)
   const bool* valid = nullptr;          // (N,), null = all valid
   bool sqdist_all_rois = false;         // boundary_sqdist: distances of every ROI, not only base ones
@@ -19,12 +30,9 @@ struct PlanSteps {
   int32_t* sqdist_out = nullptr;
   uint8_t* keys_out = nullptr;          // sampling happens iff non-null
   bool* keep_out = nullptr;
-  double sigma = 0.3;
-  int64_t hard_sqdist = 2, min_keys = 5;
   uint64_t mixed_seed = 0;              // splitmix64(seed), mixed on the host ...
   const int64_t* seed_on_device = nullptr;  // ... or (CUDA) the seed tensor on the device, mixed in the kernel
-  int64_t roi_offset = 0;               // ROI n hashes as n + roi_offset (global index across processes) ...
-  const int64_t* roi_offset_on_device = nullptr;  // ... or (CUDA) roi_offset read from a tensor on the device
+  const int64_t* roi_offset_on_device = nullptr;  // (CUDA) roi_offset read from a tensor on the device instead
 };
 
 }  // namespace contrastmask

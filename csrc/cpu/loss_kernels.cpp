@@ -36,8 +36,7 @@ inline acc_t combine_lanes(const acc_t* lane) {
 
 // Shapes and raw pointers of one loss call.
 template <typename scalar_t, typename acc_t>
-struct LossJob {
-  int64_t N = 0, C = 0, P = 0, G = 0;
+struct LossJob : LossSizes {
   bool share_queries = true;
   LossParams<acc_t> params{};
   const scalar_t* z = nullptr;
@@ -53,6 +52,35 @@ struct LossJob {
   acc_t* query(int64_t g, int row) const { return queries + (g * kQueryRows + row) * C; }
 };
 
+// Calls fn(n) for each kept ROI n, in parallel over ROIs.
+template <typename Job, typename Fn>
+void for_each_kept_roi(const Job& job, Fn&& fn) {
+  at::parallel_for(0, job.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      if (job.keep[n]) fn(n);
+  });
+}
+
+// Calls fn(n, i, key bits) for each key pixel i of each kept ROI n, in parallel over ROIs.
+template <typename Job, typename Fn>
+void for_each_key_pixel(const Job& job, Fn&& fn) {
+  for_each_kept_roi(job, [&](int64_t n) {
+    const uint8_t* key = job.keys + n * job.P;
+    for (int64_t i = 0; i < job.P; ++i)
+      if (key[i]) fn(n, i, key[i]);
+  });
+}
+
+// out (G, K): the rows (N, K) of the kept ROIs summed per group, in ROI order.
+template <typename Job, typename T>
+void sum_rows_per_group(const Job& job, const T* rows, int64_t K, T* out) {
+  std::fill(out, out + job.G * K, T(0));
+  for (int64_t n = 0; n < job.N; ++n) {
+    if (!job.keep[n]) continue;
+    T* o = out + job.group(n) * K;
+    for (int64_t k = 0; k < K; ++k) o[k] += rows[n * K + k];
+  }
+}
 
 // ---------------------------------------------------------------- counts and weights
 
@@ -126,31 +154,23 @@ void query_sums(const LossJob<scalar_t, acc_t>& job, double* sums, double* count
   const std::vector<int64_t> count = roi_counts(job);
   query_counts(job, count, counts);
   std::vector<double> roi_means(N * 2 * C, 0.0);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      if (!job.keep[n]) continue;
-      const int8_t* lab = job.labels + n * P;
-      const int64_t nf = count[n * 2], nb = count[n * 2 + 1];
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* row = job.z_row(n, c);
-        // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN, "NaN").
-        double fg[kLanes] = {}, bg[kLanes] = {};
-        for_each_lane(P, [&](int j, int64_t i) {
-          const double v = static_cast<double>(static_cast<acc_t>(row[i]));
-          fg[j] += lab[i] == kForeground ? v : 0.0;
-          bg[j] += lab[i] == kBackground ? v : 0.0;
-        });
-        roi_means[(n * 2) * C + c] = nf > 0 ? combine_lanes(fg) / static_cast<double>(nf) : 0.0;
-        roi_means[(n * 2 + 1) * C + c] = nb > 0 ? combine_lanes(bg) / static_cast<double>(nb) : 0.0;
-      }
+  for_each_kept_roi(job, [&](int64_t n) {
+    const int8_t* lab = job.labels + n * P;
+    const int64_t nf = count[n * 2], nb = count[n * 2 + 1];
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* row = job.z_row(n, c);
+      // Selects, not products: a NaN in an ignored pixel must not reach the sums (DESIGN, "NaN").
+      double fg[kLanes] = {}, bg[kLanes] = {};
+      for_each_lane(P, [&](int j, int64_t i) {
+        const double v = static_cast<double>(static_cast<acc_t>(row[i]));
+        fg[j] += lab[i] == kForeground ? v : 0.0;
+        bg[j] += lab[i] == kBackground ? v : 0.0;
+      });
+      roi_means[(n * 2) * C + c] = nf > 0 ? combine_lanes(fg) / static_cast<double>(nf) : 0.0;
+      roi_means[(n * 2 + 1) * C + c] = nb > 0 ? combine_lanes(bg) / static_cast<double>(nb) : 0.0;
     }
   });
-  std::fill(sums, sums + job.G * 2 * C, 0.0);
-  for (int64_t n = 0; n < N; ++n) {
-    if (!job.keep[n]) continue;
-    double* q = sums + job.group(n) * 2 * C;
-    for (int64_t k = 0; k < 2 * C; ++k) q[k] += roi_means[n * 2 * C + k];
-  }
+  sum_rows_per_group(job, roi_means.data(), 2 * C, sums);
 }
 
 // The queries (the sums divided by the number of ROIs that have the partition) split into hi and lo parts
@@ -201,17 +221,12 @@ void cosines(const LossJob<scalar_t, acc_t>& job, const std::vector<acc_t>& qnor
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
             const acc_t up = centred_component(v, a, a_lo), um = centred_component(v, b, b_lo);
-            dot_p[i] += a * up;
-            dot_m[i] += b * um;
-            kk_p[i] += up * up;
-            kk_m[i] += um * um;
+            add_cosine_component<true>(a, up, b, um, dot_p[i], dot_m[i], kk_p[i], kk_m[i]);
           }
         } else {
           for (int64_t i = 0; i < P; ++i) {
             const acc_t v = static_cast<acc_t>(row[i]);
-            dot_p[i] += a * v;
-            dot_m[i] += b * v;
-            kk_p[i] += v * v;
+            add_cosine_component<false>(a, v, b, v, dot_p[i], dot_m[i], kk_p[i], kk_m[i]);
           }
         }
       }
@@ -235,26 +250,16 @@ template <typename scalar_t, typename acc_t>
 void group_lse(const LossJob<scalar_t, acc_t>& job, acc_t* lse_out) {
   const int64_t N = job.N, P = job.P;
   std::vector<LseAcc<acc_t>> roi_lse(N * kNumTerms);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      if (!job.keep[n]) continue;
-      const uint8_t* key = job.keys + n * P;
-      const acc_t* st = job.pixstats + n * 4 * P;
-      for (int64_t i = 0; i < P; ++i) {
-        if (!key[i]) continue;
-        for (int t = 0; t < kNumTerms; ++t)
-          if ((key[i] >> term_negative_set(t)) & 1)
-            roi_lse[n * kNumTerms + t].add(st[term_side(t) * P + i] / job.params.tau(t));
-      }
-    }
+  for_each_key_pixel(job, [&](int64_t n, int64_t i, uint8_t bits) {
+    const acc_t* st = job.pixstats + n * 4 * P;
+    for (int t = 0; t < kNumTerms; ++t)
+      if ((bits >> term_negative_set(t)) & 1)
+        roi_lse[n * kNumTerms + t].add(st[term_side(t) * P + i] / job.params.tau(t));
   });
   std::vector<LseAcc<acc_t>> lse(job.G * kNumTerms);
   for (int64_t n = 0; n < N; ++n)
     for (int t = 0; t < kNumTerms; ++t) lse[job.group(n) * kNumTerms + t].merge(roi_lse[n * kNumTerms + t]);
-  for (int64_t k = 0; k < job.G * kNumTerms; ++k) {
-    lse_out[k * 2] = lse[k].max;
-    lse_out[k * 2 + 1] = lse[k].sum;
-  }
+  for (int64_t k = 0; k < job.G * kNumTerms; ++k) lse[k].store(lse_out + k * 2);
 }
 
 // Stage 3: termstats[.., kLse] from the (merged) pairs, and per group and term the positives' sums
@@ -262,38 +267,24 @@ void group_lse(const LossJob<scalar_t, acc_t>& job, acc_t* lse_out) {
 template <typename scalar_t, typename acc_t>
 void positive_sums(const LossJob<scalar_t, acc_t>& job, const acc_t* lse, acc_t* sums) {
   const int64_t N = job.N, P = job.P;
-  for (int64_t k = 0; k < job.G * kNumTerms; ++k) {
-    LseAcc<acc_t> acc;
-    acc.max = lse[k * 2];
-    acc.sum = lse[k * 2 + 1];
-    job.termstats[k * kNumTermStats + kLse] = acc.value();
-  }
+  for (int64_t k = 0; k < job.G * kNumTerms; ++k)
+    job.termstats[k * kNumTermStats + kLse] = LseAcc<acc_t>::load(lse + k * 2).value();
   std::vector<acc_t> roi_pos(N * kNumTerms * kNumPosStats, acc_t(0));
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      if (!job.keep[n]) continue;
-      const uint8_t* key = job.keys + n * P;
-      const acc_t* st = job.pixstats + n * 4 * P;
-      const acc_t* ts = job.termstats + job.group(n) * kNumTerms * kNumTermStats;
-      acc_t* out = roi_pos.data() + n * kNumTerms * kNumPosStats;
-      for (int64_t i = 0; i < P; ++i) {
-        if (!key[i]) continue;
-        for (int t = 0; t < kNumTerms; ++t) {
-          if (!((key[i] >> term_positive_set(t)) & 1)) continue;
-          const acc_t s = st[term_side(t) * P + i];
-          const acc_t lse_t = ts[t * kNumTermStats + kLse];
-          const acc_t L = positive_log_denominator(s, lse_t, job.params, t);
-          out[t * kNumPosStats + kPosLoss] += L - s / job.params.tau(t);
-          out[t * kNumPosStats + kPosRatio] += cm_exp(lse_t - L);
-          out[t * kNumPosStats + kPosCount] += acc_t(1);
-        }
-      }
+  for_each_key_pixel(job, [&](int64_t n, int64_t i, uint8_t bits) {
+    const acc_t* st = job.pixstats + n * 4 * P;
+    const acc_t* ts = job.termstats + job.group(n) * kNumTerms * kNumTermStats;
+    acc_t* out = roi_pos.data() + n * kNumTerms * kNumPosStats;
+    for (int t = 0; t < kNumTerms; ++t) {
+      if (!((bits >> term_positive_set(t)) & 1)) continue;
+      const acc_t s = st[term_side(t) * P + i];
+      const acc_t lse_t = ts[t * kNumTermStats + kLse];
+      const acc_t L = positive_log_denominator(s, lse_t, job.params, t);
+      out[t * kNumPosStats + kPosLoss] += L - s / job.params.tau(t);
+      out[t * kNumPosStats + kPosRatio] += cm_exp(lse_t - L);
+      out[t * kNumPosStats + kPosCount] += acc_t(1);
     }
   });
-  std::fill(sums, sums + job.G * kNumTerms * kNumPosStats, acc_t(0));
-  for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < kNumTerms * kNumPosStats; ++k)
-      sums[job.group(n) * kNumTerms * kNumPosStats + k] += roi_pos[n * kNumTerms * kNumPosStats + k];
+  sum_rows_per_group(job, roi_pos.data(), kNumTerms * kNumPosStats, sums);
 }
 
 // Stage 4: the terms' statistics the backward reads (termstats), and the loss: the sum of the group's
@@ -336,60 +327,50 @@ void query_grads(const LossJob<scalar_t, acc_t>& job, acc_t scale, acc_t neg_sca
   std::fill(coef, coef + N * kNumCoef * P, acc_t(0));
   std::vector<acc_t> roi_dq(N * 2 * C, acc_t(0));
   std::vector<double> roi_beta(N * 2, 0.0);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      if (!job.keep[n]) continue;
-      const int64_t g = job.group(n);
-      const uint8_t* key = job.keys + n * P;
-      const acc_t* st = job.pixstats + n * 4 * P;
-      const acc_t* ts = job.termstats + g * kNumTerms * kNumTermStats;
-      acc_t* cf = coef + n * kNumCoef * P;
-      double beta[2] = {0, 0};
-      for (int64_t i = 0; i < P; ++i) {
-        if (!key[i]) continue;
-        acc_t gs[2];
-        similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, neg_scale, &gs[0], &gs[1]);
-        for (int side = 0; side < 2; ++side) {
-          const acc_t kn = st[(2 + side) * P + i];
-          const CosGrad<acc_t> cg = cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], kn, centred);
-          cf[(kAP + side) * P + i] = cg.a;
-          cf[(kGammaP + side) * P + i] = cg.gamma;
-          cf[(kBP + side) * P + i] = cg.b;
-          cf[(kInvP + side) * P + i] = inverse_norm(kn);
-          beta[side] += cg.beta;
-        }
-      }
-      roi_beta[n * 2] = beta[0];
-      roi_beta[n * 2 + 1] = beta[1];
-      const acc_t *ap = cf + kAP * P, *am = cf + kAM * P, *ip = cf + kInvP * P, *im = cf + kInvM * P;
-      const acc_t *q_pos = job.query(g, kQueryPos), *q_neg = job.query(g, kQueryNeg);
-      const acc_t *q_pos_lo = job.query(g, kQueryPosLo), *q_neg_lo = job.query(g, kQueryNegLo);
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* row = job.z_row(n, c);
-        const acc_t qp = centred ? q_pos[c] : acc_t(0), qm = centred ? q_neg[c] : acc_t(0);
-        const acc_t qp_lo = centred ? q_pos_lo[c] : acc_t(0), qm_lo = centred ? q_neg_lo[c] : acc_t(0);
-        acc_t sp[kLanes] = {}, sm[kLanes] = {};
-        for_each_lane(P, [&](int j, int64_t i) {
-          const acc_t v = static_cast<acc_t>(row[i]);
-          const acc_t up = centred_component(v, qp, qp_lo) * ip[i] * ap[i];
-          const acc_t um = centred_component(v, qm, qm_lo) * im[i] * am[i];
-          sp[j] += ap[i] != acc_t(0) ? up : acc_t(0);
-          sm[j] += am[i] != acc_t(0) ? um : acc_t(0);
-        });
-        roi_dq[(n * 2) * C + c] = combine_lanes(sp);
-        roi_dq[(n * 2 + 1) * C + c] = combine_lanes(sm);
+  for_each_kept_roi(job, [&](int64_t n) {
+    const int64_t g = job.group(n);
+    const uint8_t* key = job.keys + n * P;
+    const acc_t* st = job.pixstats + n * 4 * P;
+    const acc_t* ts = job.termstats + g * kNumTerms * kNumTermStats;
+    acc_t* cf = coef + n * kNumCoef * P;
+    double beta[2] = {0, 0};
+    for (int64_t i = 0; i < P; ++i) {
+      if (!key[i]) continue;
+      acc_t gs[2];
+      similarity_grads(key[i], st[i], st[P + i], ts, job.params, scale, neg_scale, &gs[0], &gs[1]);
+      for (int side = 0; side < 2; ++side) {
+        const acc_t kn = st[(2 + side) * P + i];
+        const CosGrad<acc_t> cg = cosine_backward(gs[side], st[side * P + i], qnorm[g * 2 + side], kn, centred);
+        cf[(kAP + side) * P + i] = cg.a;
+        cf[(kGammaP + side) * P + i] = cg.gamma;
+        cf[(kBP + side) * P + i] = cg.b;
+        cf[(kInvP + side) * P + i] = inverse_norm(kn);
+        beta[side] += cg.beta;
       }
     }
+    roi_beta[n * 2] = beta[0];
+    roi_beta[n * 2 + 1] = beta[1];
+    const acc_t *ap = cf + kAP * P, *am = cf + kAM * P, *ip = cf + kInvP * P, *im = cf + kInvM * P;
+    const acc_t *q_pos = job.query(g, kQueryPos), *q_neg = job.query(g, kQueryNeg);
+    const acc_t *q_pos_lo = job.query(g, kQueryPosLo), *q_neg_lo = job.query(g, kQueryNegLo);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* row = job.z_row(n, c);
+      const acc_t qp = centred ? q_pos[c] : acc_t(0), qm = centred ? q_neg[c] : acc_t(0);
+      const acc_t qp_lo = centred ? q_pos_lo[c] : acc_t(0), qm_lo = centred ? q_neg_lo[c] : acc_t(0);
+      acc_t sp[kLanes] = {}, sm[kLanes] = {};
+      for_each_lane(P, [&](int j, int64_t i) {
+        const acc_t v = static_cast<acc_t>(row[i]);
+        const acc_t up = centred_component(v, qp, qp_lo) * ip[i] * ap[i];
+        const acc_t um = centred_component(v, qm, qm_lo) * im[i] * am[i];
+        sp[j] += ap[i] != acc_t(0) ? up : acc_t(0);
+        sm[j] += am[i] != acc_t(0) ? um : acc_t(0);
+      });
+      roi_dq[(n * 2) * C + c] = combine_lanes(sp);
+      roi_dq[(n * 2 + 1) * C + c] = combine_lanes(sm);
+    }
   });
-  std::fill(dq, dq + job.G * 2 * C, acc_t(0));
-  std::fill(beta_out, beta_out + job.G * 2, 0.0);
-  for (int64_t n = 0; n < N; ++n) {
-    if (!job.keep[n]) continue;
-    const int64_t g = job.group(n);
-    for (int64_t k = 0; k < 2 * C; ++k) dq[g * 2 * C + k] += roi_dq[n * 2 * C + k];
-    beta_out[g * 2] += roi_beta[n * 2];
-    beta_out[g * 2 + 1] += roi_beta[n * 2 + 1];
-  }
+  sum_rows_per_group(job, roi_dq.data(), 2 * C, dq);
+  sum_rows_per_group(job, roi_beta.data(), 2, beta_out);
 }
 
 // Backward stage 2, pass 2 over z: dz = partition term (through the queries: w * dL/dq, with
@@ -469,10 +450,7 @@ template <typename scalar_t, typename acc_t>
 LossJob<scalar_t, acc_t> make_job(const LossInputs& in, const at::Tensor& queries = {}, const at::Tensor& pixstats = {},
                                   const at::Tensor& termstats = {}) {
   LossJob<scalar_t, acc_t> job;
-  job.N = in.N;
-  job.C = in.C;
-  job.P = in.P;
-  job.G = in.G;
+  static_cast<LossSizes&>(job) = in;
   job.share_queries = in.share_queries;
   job.params = in.params<acc_t>();
   job.z = in.z.data_ptr<scalar_t>();
@@ -490,10 +468,9 @@ T* ptr(const at::Tensor& t) {
   return const_cast<T*>(t.data_ptr<T>());
 }
 
-#define CM_DISPATCH_LOSS(z, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
-
 // ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
+
+// The Device interface of loss_ops.h: CudaLoss in csrc/cuda/loss_kernels.cu declares the same functions (deliberate twins).
 
 struct CpuLoss {
   struct Guard {
@@ -503,8 +480,7 @@ struct CpuLoss {
   static at::Tensor forward(const LossInputs& in, const at::Tensor& queries, const at::Tensor& pixstats,
                             const at::Tensor& termstats) {
     at::Tensor loss = at::zeros({}, in.acc_options());
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
       std::vector<double> sums(in.G * 2 * in.C), counts(kNumCounts);
       contrastmask::query_sums(job, sums.data(), counts.data());
@@ -522,8 +498,7 @@ struct CpuLoss {
 
   static void backward(const LossInputs& in, const at::Tensor& grad, const at::Tensor& queries,
                        const at::Tensor& pixstats, const at::Tensor& termstats, const at::Tensor& dz) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
       std::vector<double> counts(kNumCounts), beta(in.G * 2);
       query_counts(job, roi_counts(job), counts.data());
@@ -536,16 +511,14 @@ struct CpuLoss {
   }
 
   static void query_sums(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cpu", {
       contrastmask::query_sums(make_job<scalar_t, acc_t>(in), ptr<double>(sums), ptr<double>(counts));
     });
   }
 
   static void cosines(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts,
                       const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats);
       make_queries(job, ptr<double>(sums), ptr<double>(counts));
       std::vector<acc_t> qnorm;
@@ -557,8 +530,7 @@ struct CpuLoss {
 
   static void terms(const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
                     const at::Tensor& termstats, const at::Tensor& pos_sums) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, {}, pixstats, termstats);
       positive_sums(job, ptr<acc_t>(lse), ptr<acc_t>(pos_sums));
     });
@@ -566,8 +538,7 @@ struct CpuLoss {
 
   static void finish(const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
                      const at::Tensor& termstats, const at::Tensor& loss) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, {}, {}, termstats);
       loss.fill_(group_terms(job, ptr<acc_t>(pos_sums), ptr<double>(counts)));
     });
@@ -577,8 +548,7 @@ struct CpuLoss {
                           const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& termstats,
                           const at::Tensor& counts, const at::Tensor& coef, const at::Tensor& dq,
                           const at::Tensor& beta) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, queries, pixstats, termstats);
       const acc_t scale = gradient_scale(in.share_queries, static_cast<acc_t>(grad.to(at::kDouble).item<double>()),
                                          ptr<double>(counts));
@@ -589,8 +559,7 @@ struct CpuLoss {
 
   static void dz(const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef, const at::Tensor& dq,
                  const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cpu", {
       const auto job = make_job<scalar_t, acc_t>(in, queries);
       write_dz(job, ptr<acc_t>(coef), ptr<acc_t>(dq), ptr<double>(beta), ptr<double>(counts), ptr<scalar_t>(dz));
     });
@@ -599,8 +568,6 @@ struct CpuLoss {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(contrastmask, CPU, m) {
-  register_loss_ops<CpuLoss>(m);
-}
+TORCH_LIBRARY_IMPL(contrastmask, CPU, m) { register_loss_ops<CpuLoss>(m); }
 
 }  // namespace contrastmask

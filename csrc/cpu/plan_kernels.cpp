@@ -139,7 +139,8 @@ int32_t run_plan(const Job& job) {
 }
 
 // The CPU side of PlanOps (ops/plan_inputs.h): a PlanJob for the mask and CAM dtypes, run by the per-ROI
-// loop, or by the row-bitmask path for the fused plan on grids up to 64 pixels wide.
+// loop, or by the row-bitmask path for the fused plan on grids up to 64 pixels wide. CudaPlan::run
+// (csrc/cuda/plan_kernels.cu) is its twin for the kernel's arguments.
 struct CpuPlan {
   static constexpr bool kReadsOffsetOnDevice = false;  // a roi_offset tensor is a CPU tensor, read by the host
   struct Guard {  // the CPU needs no device guard

@@ -42,6 +42,7 @@ using cuda::block_merge;
 using cuda::block_sum;
 using cuda::ceil_div;
 using cuda::check_grid;
+using cuda::grid_for;
 using cuda::launch_reduce_rows;
 using cuda::launch_sum_over_rois;
 using cuda::kMaxBlockWarps;
@@ -185,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* s
   split_query(r > 0 ? sums[e] / r : 0.0, &q[side * C + c], &q[(2 + side) * C + c]);
 }
 
-// Backward pass 1: out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
+// Backward pass 1, in partition_sums_kernel's layout (its twin: a warp per kChannelsPerWarp channels, lanes
+// over pixels, then a warp sum per channel): out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
 // keys (z - q from q's hi and lo parts, loss_math.h), else z / |z| (terms with a = 0 left out, as on the
 // CPU, so a NaN in an unused pixel stays out).
 template <typename scalar_t, typename acc_t>
@@ -276,8 +278,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   acc_t* part = lse_part + int64_t(blockIdx.x) * kNumTerms * 2;
   if (!keep[n]) {
     if (threadIdx.x < kNumTerms) {
-      part[threadIdx.x * 2] = neg_inf<acc_t>();
-      part[threadIdx.x * 2 + 1] = acc_t(0);
+      LseAcc<acc_t>().store(part + threadIdx.x * 2);  // the empty pair (-inf, 0)
     }
     return;
   }
@@ -293,17 +294,13 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
         const acc_t v = static_cast<acc_t>(zi[c * P]);
         const acc_t a = qp[c], b = qm[c];
         const acc_t up = centred_component(v, a, qp_lo[c]), um = centred_component(v, b, qm_lo[c]);
-        dot_p += a * up;
-        dot_m += b * um;
-        kk_p += up * up;
-        kk_m += um * um;
+        add_cosine_component<true>(a, up, b, um, dot_p, dot_m, kk_p, kk_m);
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(zi[c * P]);
-        dot_p += qp[c] * v;
-        dot_m += qm[c] * v;
-        kk_p += v * v;
+        const acc_t a = qp[c], b = qm[c];
+        add_cosine_component<false>(a, v, b, v, dot_p, dot_m, kk_p, kk_m);
       }
     }
     PixelCosines<acc_t> r;
@@ -324,8 +321,7 @@ __global__ void __launch_bounds__(kThreads) cosines_kernel(const scalar_t* z, co
   for (int t = 0; t < kNumTerms; ++t) {
     const LseAcc<acc_t> total = block_merge(lse[t], scratch);
     if (threadIdx.x == 0) {
-      part[t * 2] = total.max;
-      part[t * 2 + 1] = total.sum;
+      total.store(part + t * 2);
     }
   }
 }
@@ -343,16 +339,11 @@ __global__ void __launch_bounds__(kThreads) group_lse_kernel(const acc_t* lse_pa
 #pragma unroll
   for (int t = 0; t < kNumTerms; ++t) {
     LseAcc<acc_t> acc;
-    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x) {
-      LseAcc<acc_t> p;
-      p.max = lse_part[(b * kNumTerms + t) * 2];
-      p.sum = lse_part[(b * kNumTerms + t) * 2 + 1];
-      acc.merge(p);
-    }
+    for (int64_t b = first + threadIdx.x; b < last; b += blockDim.x)
+      acc.merge(LseAcc<acc_t>::load(lse_part + (b * kNumTerms + t) * 2));
     const LseAcc<acc_t> total = block_merge(acc, scratch);
     if (threadIdx.x == 0) {
-      lse[(g * kNumTerms + t) * 2] = total.max;
-      lse[(g * kNumTerms + t) * 2 + 1] = total.sum;
+      total.store(lse + (g * kNumTerms + t) * 2);
     }
   }
 }
@@ -362,10 +353,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) lse_values_kernel(const acc_t* lse, int64_t G, acc_t* termstats) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= G * kNumTerms) return;
-  LseAcc<acc_t> acc;
-  acc.max = lse[k * 2];
-  acc.sum = lse[k * 2 + 1];
-  termstats[k * kNumTermStats + kLse] = acc.value();
+  termstats[k * kNumTermStats + kLse] = LseAcc<acc_t>::load(lse + k * 2).value();
 }
 
 // Per block and term: sum of (L_p - s_p / t), sum of exp(lse - L_p) and |P| over the positives.
@@ -570,16 +558,13 @@ __global__ void __launch_bounds__(kThreads) write_dz_kernel(const scalar_t* z, c
 
 // ---------------------------------------------------------------- host side
 
-struct Shapes {
-  int64_t N, C, P, G, pixel_blocks, channel_blocks;
+struct Shapes : LossSizes {
+  int64_t pixel_blocks, channel_blocks;
 };
 
 Shapes shapes_of(const LossInputs& in) {
   Shapes s;
-  s.N = in.N;
-  s.C = in.C;
-  s.P = in.P;
-  s.G = in.G;
+  static_cast<LossSizes&>(s) = in;
   s.pixel_blocks = ceil_div(s.P, kPixelsPerBlock);
   s.channel_blocks = ceil_div(s.C, kChannelsPerBlock);
   check_grid(s.N * std::max(s.pixel_blocks, s.channel_blocks));
@@ -606,9 +591,7 @@ void launch_query_norms(const Shapes& s, const at::Tensor& queries, const at::Te
                         const at::Tensor& qunit = at::Tensor()) {
   const int64_t rows = s.G * 2;
   if (rows == 0) return;
-  const int64_t blocks = ceil_div(rows * kWarp, kThreads);
-  check_grid(blocks);
-  CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
+  CM_LAUNCH(grid_for(rows * kWarp, kThreads), kThreads, 0, stream(), query_norms_kernel<acc_t>)(
       queries.data_ptr<acc_t>(), rows, s.C, qnorms.data_ptr<acc_t>(),
       qunit.defined() ? qunit.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -646,9 +629,7 @@ void stage_cosines(const Shapes& s, const LossInputs& in, const at::Tensor& quer
   at::Tensor lse_part = at::empty({s.N * s.pixel_blocks, kNumTerms, 2}, acc_opts);
   at::Tensor group_total = at::empty({kNumTerms, 2}, acc_opts);
   if (s.G * s.C > 0) {
-    const int64_t blocks = ceil_div(s.G * 2 * s.C, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
+    CM_LAUNCH(grid_for(s.G * 2 * s.C, kThreads), kThreads, 0, stream(), split_queries_kernel<acc_t>)(
         query_sums.data_ptr<double>(), counts.data_ptr<double>(), s.G, s.C, in.share_queries,
         queries.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -684,13 +665,9 @@ void stage_terms(const Shapes& s, const LossInputs& in, const at::Tensor& pixsta
   if (s.G == 0) return;
   const auto acc_opts = in.acc_options();
   const LossParams<acc_t> params = in.params<acc_t>();
-  {
-    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), lse_values_kernel<acc_t>)(
-        lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  CM_LAUNCH(grid_for(s.G * kNumTerms, kThreads), kThreads, 0, stream(), lse_values_kernel<acc_t>)(
+      lse.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor pos_part = at::empty({s.N * s.pixel_blocks, kNumTerms, kNumPosStats}, acc_opts);
   if (s.N > 0) {
     CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), positive_sums_kernel<acc_t>)(
@@ -713,9 +690,7 @@ template <typename out_t, typename acc_t>
 void stage_finish(const Shapes& s, const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
                   const at::Tensor& termstats, const at::Tensor& loss) {
   if (s.G > 0) {
-    const int64_t blocks = ceil_div(s.G * kNumTerms, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), group_terms_kernel<acc_t>)(
+    CM_LAUNCH(grid_for(s.G * kNumTerms, kThreads), kThreads, 0, stream(), group_terms_kernel<acc_t>)(
         pos_sums.data_ptr<acc_t>(), s.G, termstats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -776,13 +751,9 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
   at::Tensor qnorms = at::empty({s.G, 2}, acc_opts);
   at::Tensor qunit = at::empty({s.G, 2, 2}, acc_opts);  // (scale, unit) of each query: q^ = (q * scale) * unit
   launch_roi_counts(s, in, roi_counts);
-  {
-    const int64_t blocks = ceil_div(s.N * 2, kThreads);
-    check_grid(blocks);
-    CM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
-        roi_counts.data_ptr<int32_t>(), counts.data_ptr<double>(), s.N, in.share_queries, w.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  CM_LAUNCH(grid_for(s.N * 2, kThreads), kThreads, 0, stream(), roi_weights_kernel<acc_t>)(
+      roi_counts.data_ptr<int32_t>(), counts.data_ptr<double>(), s.N, in.share_queries, w.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_query_norms<acc_t>(s, queries, qnorms, qunit);
   CM_LAUNCH(static_cast<unsigned>(s.N * s.pixel_blocks), kThreads, 0, stream(), write_dz_kernel<scalar_t, acc_t>)(
       in.z.data_ptr<scalar_t>(), in.labels.data_ptr<int8_t>(), in.keep.data_ptr<bool>(), coef.data_ptr<acc_t>(),
@@ -792,10 +763,9 @@ void stage_dz(const Shapes& s, const LossInputs& in, const at::Tensor& queries, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define CM_DISPATCH_LOSS(z, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, __VA_ARGS__)
-
 // ---------------------------------------------------------------- the device's side of the operators (loss_ops.h)
+
+// The Device interface of loss_ops.h: CpuLoss in csrc/cpu/loss_kernels.cpp declares the same functions (deliberate twins).
 
 struct CudaLoss {
   using Guard = c10::cuda::CUDAGuard;
@@ -809,8 +779,7 @@ struct CudaLoss {
     at::Tensor counts = at::empty({kNumCounts}, in.double_options());
     at::Tensor lse = at::empty(st.lse, in.acc_options());
     at::Tensor pos_sums = at::empty(st.pos_sums, in.acc_options());
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cuda", {
       stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
       stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
       stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
@@ -831,8 +800,7 @@ struct CudaLoss {
     at::Tensor coef = at::empty(st.coef, acc_opts);
     at::Tensor dq = at::empty(st.dq, acc_opts);
     at::Tensor beta = at::empty(st.beta, in.double_options());
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_backward_cuda", {
       launch_roi_counts(s, in, roi_counts);
       launch_query_counts(s, in, roi_counts, counts);
       stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, at::Tensor(), queries, pixstats, termstats, counts, coef,
@@ -843,8 +811,7 @@ struct CudaLoss {
 
   static void query_sums(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_sums_cuda", {
       stage_query_sums<scalar_t, acc_t>(s, in, sums, counts);
     });
   }
@@ -852,8 +819,7 @@ struct CudaLoss {
   static void cosines(const LossInputs& in, const at::Tensor& sums, const at::Tensor& counts,
                       const at::Tensor& queries, const at::Tensor& pixstats, const at::Tensor& lse) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_cosines_cuda", {
       stage_cosines<scalar_t, acc_t>(s, in, sums, counts, queries, pixstats, lse);
     });
   }
@@ -861,8 +827,7 @@ struct CudaLoss {
   static void terms(const LossInputs& in, const at::Tensor& pixstats, const at::Tensor& lse,
                     const at::Tensor& termstats, const at::Tensor& pos_sums) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_terms_cuda", {
       stage_terms<acc_t>(s, in, pixstats, lse, termstats, pos_sums);
     });
   }
@@ -870,8 +835,7 @@ struct CudaLoss {
   static void finish(const LossInputs& in, const at::Tensor& pos_sums, const at::Tensor& counts,
                      const at::Tensor& termstats, const at::Tensor& loss) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_finish_cuda", {
       stage_finish<acc_t, acc_t>(s, in, pos_sums, counts, termstats, loss);
     });
   }
@@ -885,8 +849,7 @@ struct CudaLoss {
     // The upstream gradients stay on the device (no .item(): no host sync).
     const at::Tensor grad_acc = grad.reshape({}).to(acc_opts).contiguous();
     const at::Tensor neg_acc = neg_grad ? neg_grad->reshape({}).to(acc_opts).contiguous() : at::Tensor();
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_query_grads_cuda", {
       stage_query_grads<scalar_t, acc_t>(s, in, grad_acc, neg_acc, queries, pixstats, termstats, counts, coef, dq,
                                          beta);
     });
@@ -895,8 +858,7 @@ struct CudaLoss {
   static void dz(const LossInputs& in, const at::Tensor& queries, const at::Tensor& coef, const at::Tensor& dq,
                  const at::Tensor& beta, const at::Tensor& counts, const at::Tensor& dz) {
     const Shapes s = shapes_of(in);
-    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    CM_DISPATCH_LOSS(in.z, "contrastive_loss_dz_cuda", {
       stage_dz<scalar_t, acc_t>(s, in, queries, coef, dq, beta, counts, dz);
     });
   }
@@ -904,8 +866,6 @@ struct CudaLoss {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) {
-  register_loss_ops<CudaLoss>(m);
-}
+TORCH_LIBRARY_IMPL(CONTRASTMASK_LIBRARY, CONTRASTMASK_CUDA_DISPATCH_KEY, m) { register_loss_ops<CudaLoss>(m); }
 
 }  // namespace contrastmask

@@ -48,6 +48,7 @@ __device__ __forceinline__ uint64_t kernel_mixed_seed(const PlanSteps& a) {
 //   [0, 11 Pa)  phase 1 (EDT): sqdist int32 | g int16 | s int16 | t int16 | boundary uint8
 //               phase 2 (sampling, after the candidate sets are known): hash uint64 | index int16
 //   then mask uint8, labels int8, candidate bits uint8, key bits uint8 (Pa each).
+// The accessors are a table of named offsets, one line each, not repeated logic.
 struct PlanLayout {
   int Pa;
   __host__ __device__ constexpr explicit PlanLayout(int P) : Pa((P + 7) / 8 * 8) {}
@@ -355,6 +356,7 @@ int32_t launch_plan(PlanArgs<mask_t> a, const at::TensorOptions& opts, bool read
 }
 
 // The CUDA side of PlanOps (ops/plan_inputs.h): the kernel's arguments for the mask dtype, and one launch.
+// CpuPlan::run (csrc/cpu/plan_kernels.cpp) is its twin for the CPU job.
 // CAMs are float32 (float16/bfloat16 widened exactly, as on the CPU) or float64.
 struct CudaPlan {
   using Guard = c10::cuda::CUDAGuard;

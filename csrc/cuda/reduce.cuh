@@ -68,15 +68,13 @@ __device__ LseAcc<acc_t> block_merge(LseAcc<acc_t> a, acc_t* scratch) {
   a = warp_merge(a);
   __syncthreads();
   if (lane == 0) {
-    scratch[2 * warp] = a.max;
-    scratch[2 * warp + 1] = a.sum;
+    a.store(scratch + 2 * warp);
   }
   __syncthreads();
   LseAcc<acc_t> total;
   if (warp == 0) {
     if (lane < warps) {
-      total.max = scratch[2 * lane];
-      total.sum = scratch[2 * lane + 1];
+      total = LseAcc<acc_t>::load(scratch + 2 * lane);
     }
     total = warp_merge(total);
   }

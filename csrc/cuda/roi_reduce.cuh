@@ -21,6 +21,12 @@ constexpr int kReduceThreads = 256;  // threads of the chunk and per-ROI kernels
 inline void check_grid(int64_t blocks) {
   TORCH_CHECK(blocks <= 2147483647, "contrastive_loss: batch too large for one CUDA launch (", blocks, " blocks)");
 }
+// The grid of a launch with a thread per work item: ceil(items / threads) blocks, checked.
+inline unsigned grid_for(int64_t items, int64_t threads) {
+  const int64_t blocks = ceil_div(items, threads);
+  check_grid(blocks);
+  return static_cast<unsigned>(blocks);
+}
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // Shared queries reduce over every ROI (N up to 10^5 and more). The reductions are trees of fixed
@@ -36,6 +42,17 @@ inline int chunk_block_x(int64_t K) {
   return kx;
 }
 
+// The rows [first, last) of a chunk kernel's chunk (blockIdx.y) of the M rows, and this thread's column k.
+struct ChunkRows {
+  int64_t k, first, last;
+};
+
+__device__ __forceinline__ ChunkRows chunk_rows(int64_t M) {
+  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
+  return {int64_t(blockIdx.x) * blockDim.x + threadIdx.x, first,
+          first + kRowsPerChunk < M ? first + kRowsPerChunk : M};
+}
+
 // out[chunk][k] = sum of in[m * K + k] over the rows m of the chunk whose ROI m / R is kept (every
 // row when keep is null): thread (x, y) sums rows y, y + ny, ... of its chunk, then a tree over y.
 template <typename acc_t>
@@ -43,9 +60,7 @@ __global__ void __launch_bounds__(kReduceThreads) chunk_sums_kernel(const acc_t*
                                                               int64_t K, acc_t* out) {
   CM_SHARED(acc_t, part, [kReduceThreads]);
   const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
-  const int64_t k = int64_t(blockIdx.x) * kx + x;
-  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
-  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
+  const auto [k, first, last] = chunk_rows(M);
   acc_t s = acc_t(0);
   if (k < K)
     for (int64_t m = first + y; m < last; m += ny)
@@ -64,31 +79,19 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads) chunk_lse_kernel(const acc_t* in, int64_t M, int64_t K, acc_t* out) {
   CM_SHARED(acc_t, part, [2 * kReduceThreads]);
   const int kx = blockDim.x, ny = blockDim.y, x = threadIdx.x, y = threadIdx.y;
-  const int64_t k = int64_t(blockIdx.x) * kx + x;
-  const int64_t first = int64_t(blockIdx.y) * kRowsPerChunk;
-  const int64_t last = first + kRowsPerChunk < M ? first + kRowsPerChunk : M;
+  const auto [k, first, last] = chunk_rows(M);
   LseAcc<acc_t> acc;
   if (k < K)
-    for (int64_t m = first + y; m < last; m += ny) {
-      LseAcc<acc_t> p;
-      p.max = in[(m * K + k) * 2];
-      p.sum = in[(m * K + k) * 2 + 1];
-      acc.merge(p);
-    }
+    for (int64_t m = first + y; m < last; m += ny) acc.merge(LseAcc<acc_t>::load(in + (m * K + k) * 2));
   const int slot = 2 * (y * kx + x);
-  part[slot] = acc.max;
-  part[slot + 1] = acc.sum;
+  acc.store(part + slot);
   __syncthreads();
   for (int stride = ny / 2; stride > 0; stride /= 2) {
     if (y < stride) {
-      LseAcc<acc_t> a, b;
-      a.max = part[slot];
-      a.sum = part[slot + 1];
-      b.max = part[slot + 2 * stride * kx];
-      b.sum = part[slot + 2 * stride * kx + 1];
+      LseAcc<acc_t> a = LseAcc<acc_t>::load(part + slot);
+      const LseAcc<acc_t> b = LseAcc<acc_t>::load(part + slot + 2 * stride * kx);
       a.merge(b);
-      part[slot] = a.max;
-      part[slot + 1] = a.sum;
+      a.store(part + slot);
     }
     __syncthreads();
   }
@@ -147,9 +150,8 @@ void launch_sum_over_rois(const acc_t* in, const bool* keep, int64_t N, int64_t 
     return;
   }
   if (N * K == 0) return;
-  const int64_t blocks = ceil_div(N * K, kReduceThreads);
-  check_grid(blocks);
-  CM_LAUNCH(static_cast<unsigned>(blocks), kReduceThreads, 0, stream(), sum_per_roi_kernel<acc_t>)(in, keep, N, R, K, out);
+  CM_LAUNCH(grid_for(N * K, kReduceThreads), kReduceThreads, 0, stream(), sum_per_roi_kernel<acc_t>)(
+      in, keep, N, R, K, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

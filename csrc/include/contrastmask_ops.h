@@ -1,6 +1,7 @@
-// C++ API of contrastmask_ops for libtorch users: the operators of torch.ops.contrastmask, called
-// through the dispatcher (so the device kernels, autograd and autocast registered by the library apply),
-// with the Python API's defaults. Link libcontrastmask_ops (CMakeLists.txt) so its operators register.
+// C++ API of contrastmask_ops for libtorch users: the operators of torch.ops.contrastmask (their C++
+// declarations, contrastmask_ops/ops.h, call them through the dispatcher, so the device kernels, autograd
+// and autocast registered by the library apply), with the Python API's defaults. Link libcontrastmask_ops
+// (CMakeLists.txt): it defines those functions and registers the operators.
 //
 //   contrastmask_ops::LossOptions opts;
 //   opts.seed = step;                                   // the key sampler's seed (no default draw in C++)
@@ -11,10 +12,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string>
 #include <tuple>
+
+#include "contrastmask_ops/ops.h"
 
 namespace contrastmask_ops {
 
@@ -39,57 +41,33 @@ struct LossOptions : PlanOptions {
   std::string formulation = "paper";  // "paper" | "released"
 };
 
-namespace detail {
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name, const char* overload = "") {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
-}
-}  // namespace detail
-
 // int8 (N, H, W): 1 foreground, 0 background, -1 ignored (SPEC step 1).
 inline at::Tensor partition(const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
                             const c10::optional<at::Tensor>& valid = c10::nullopt, double delta = 0.1,
                             bool check_inputs = true) {
-  static auto handle = detail::op<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                                             const c10::optional<at::Tensor>&, double, bool)>("contrastmask::partition");
-  return handle.call(masks, cams, is_novel, valid, delta, check_inputs);
+  return ops::partition(masks, cams, is_novel, valid, delta, check_inputs);
 }
 
 // int32 (N, H, W): squared distance to the mask's boundary (SPEC step 2).
 inline at::Tensor boundary_sqdist(const at::Tensor& masks, bool check_inputs = true) {
-  static auto handle = detail::op<at::Tensor(const at::Tensor&, bool)>("contrastmask::boundary_sqdist");
-  return handle.call(masks, check_inputs);
+  return ops::boundary_sqdist(masks, check_inputs);
 }
 
 // (labels, keys, keep): partition, distance transform and key sampling fused (SPEC steps 1-4).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_plan(const at::Tensor& masks,
-                                                               const c10::optional<at::Tensor>& cams,
-                                                               const at::Tensor& is_novel,
-                                                               const PlanOptions& o = PlanOptions()) {
-  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  if (o.seed_tensor.defined()) {
-    static auto handle =
-        detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                           const c10::optional<at::Tensor>&, double, double, int64_t, int64_t, const at::Tensor&,
-                           int64_t, bool)>("contrastmask::roi_plan");
-    return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed_tensor,
-                       o.roi_offset, o.check_inputs);
-  }
-  static auto handle = detail::op<Outputs(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                                          const c10::optional<at::Tensor>&, double, double, int64_t, int64_t,
-                                          c10::SymInt, int64_t, bool)>("contrastmask::roi_plan", "int_seed");
-  return handle.call(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, c10::SymInt(o.seed),
-                     o.roi_offset, o.check_inputs);
+inline ops::PlanOutputs roi_plan(const at::Tensor& masks, const c10::optional<at::Tensor>& cams,
+                                 const at::Tensor& is_novel, const PlanOptions& o = PlanOptions()) {
+  if (o.seed_tensor.defined())
+    return ops::roi_plan(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys, o.seed_tensor,
+                         o.roi_offset, o.check_inputs);
+  return ops::roi_plan_int_seed(masks, cams, is_novel, o.valid, o.delta, o.sigma, o.hard_sqdist, o.min_keys,
+                                c10::SymInt(o.seed), o.roi_offset, o.check_inputs);
 }
 
 // The loss (0-dim, z's dtype) from explicit key sets (SPEC steps 5-6); differentiable in z.
 inline at::Tensor contrastive_loss_from_keys(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
                                              const at::Tensor& keep, const LossOptions& o = LossOptions()) {
-  static auto handle =
-      detail::op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool,
-          c10::string_view)>("contrastmask::contrastive_loss");
-  return std::get<0>(handle.call(z, labels, keys, keep, o.tau_easy, o.tau_hard, o.share_queries, o.formulation));
+  return std::get<0>(
+      ops::contrastive_loss(z, labels, keys, keep, o.tau_easy, o.tau_hard, o.share_queries, o.formulation));
 }
 
 // The whole pipeline: roi_plan, then the loss; what the Python query_sharing_contrastive_loss computes.

@@ -3,6 +3,29 @@
 // (queries, per-pixel cosines and norms, per-term statistics; see docs/DESIGN.md).
 #include "library.h"
 
+// The parameter lists repeat the declarations' (ops.h), as the device kernels' do (loss_ops.h): C++ writes a
+// signature out at each definition.
+namespace contrastmask_ops::ops {
+
+LossOutputs contrastive_loss(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,
+                             const at::Tensor& keep, double tau_easy, double tau_hard, bool share_queries,
+                             c10::string_view formulation) {
+  static auto op = contrastmask::typed_op<decltype(contrastive_loss)>(CONTRASTMASK_OP("contrastive_loss"));
+  return op.call(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+}
+
+at::Tensor contrastive_loss_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
+                                     const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
+                                     const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
+                                     double tau_hard, bool share_queries, c10::string_view formulation) {
+  static auto op =
+      contrastmask::typed_op<decltype(contrastive_loss_backward)>(CONTRASTMASK_OP("contrastive_loss_backward"));
+  return op.call(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard, share_queries,
+                 formulation);
+}
+
+}  // namespace contrastmask_ops::ops
+
 TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
   m.def(
       "contrastive_loss(Tensor z, Tensor labels, Tensor keys, Tensor keep, float tau_easy, float tau_hard, "

@@ -20,29 +20,7 @@ constexpr const char* kDoubleBackwardMessage =
     "contrastmask_ops.reference.query_sharing_contrastive_loss / contrastive_loss_from_keys (same semantics, pure "
     "PyTorch) where you need gradients of gradients.";
 
-using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-LossOutputs call_loss(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys, const at::Tensor& keep,
-                      double tau_easy, double tau_hard, bool share_queries, c10::string_view formulation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(CONTRASTMASK_OP("contrastive_loss"), "")
-                       .typed<LossOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          double, double, bool, c10::string_view)>();
-  return op.call(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
-}
-
-at::Tensor call_loss_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& labels,
-                              const at::Tensor& keys, const at::Tensor& keep, const at::Tensor& queries,
-                              const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
-                              double tau_hard, bool share_queries, c10::string_view formulation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(CONTRASTMASK_OP("contrastive_loss_backward"), "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         double, double, bool, c10::string_view)>();
-  return op.call(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard, share_queries,
-                 formulation);
-}
+using ops::LossOutputs;
 
 class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
  public:
@@ -51,7 +29,7 @@ class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
                                bool share_queries, c10::string_view formulation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, queries, pixstats, termstats] =
-        call_loss(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
+        ops::contrastive_loss(z, labels, keys, keep, tau_easy, tau_hard, share_queries, formulation);
     ctx->save_for_backward({z, labels, keys, keep, queries, pixstats, termstats});
     ctx->saved_data["tau_easy"] = tau_easy;
     ctx->saved_data["tau_hard"] = tau_hard;
@@ -67,10 +45,11 @@ class ContrastiveLoss : public torch::autograd::Function<ContrastiveLoss> {
     if (ctx->needs_input_grad(0)) {
       // Through the dispatcher at the autograd level: with create_graph=True this records the backward
       // op's node, whose own backward raises.
-      dz = call_loss_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
-                              ctx->saved_data["tau_easy"].toDouble(), ctx->saved_data["tau_hard"].toDouble(),
-                              ctx->saved_data["share_queries"].toBool(),
-                              ctx->saved_data["formulation"].toStringRef());
+      dz = ops::contrastive_loss_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                          saved[6], ctx->saved_data["tau_easy"].toDouble(),
+                                          ctx->saved_data["tau_hard"].toDouble(),
+                                          ctx->saved_data["share_queries"].toBool(),
+                                          ctx->saved_data["formulation"].toStringRef());
     }
     return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -83,8 +62,8 @@ class ContrastiveLossBackward : public torch::autograd::Function<ContrastiveLoss
                                const at::Tensor& pixstats, const at::Tensor& termstats, double tau_easy,
                                double tau_hard, bool share_queries, c10::string_view formulation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return {call_loss_backward(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy, tau_hard,
-                               share_queries, formulation)};
+    return {ops::contrastive_loss_backward(grad, z, labels, keys, keep, queries, pixstats, termstats, tau_easy,
+                                           tau_hard, share_queries, formulation)};
   }
 
   static variable_list backward(AutogradContext*, variable_list) {

@@ -24,9 +24,14 @@ inline at::ScalarType loss_acc_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-struct LossInputs {
+// The sizes of one call: ROIs, channels, pixels per ROI, query groups (1 when shared, else N); the kernels'
+// jobs start from them.
+struct LossSizes {
+  int64_t N = 0, C = 0, P = 0, G = 0;
+};
+
+struct LossInputs : LossSizes {
   at::Tensor z, labels, keys, keep;  // contiguous
-  int64_t N, C, P, G;                // ROIs, channels, pixels per ROI, query groups (1 when shared, else N)
   bool share_queries;
   double tau_easy, tau_hard;
   Formulation formulation;

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -22,6 +24,14 @@
 #include "loss_inputs.h"
 
 namespace contrastmask {
+
+// Runs the block `body` with scalar_t, z's dtype, and acc_t, the dtype the kernels accumulate it in:
+// CM_DISPATCH_LOSS(in.z, "name", { ... }).
+#define CM_DISPATCH_LOSS(z, name, ... /* body */)                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (z).scalar_type(), name, [&] { \
+    using acc_t = at::opmath_type<scalar_t>;                                                \
+    __VA_ARGS__                                                                             \
+  })
 
 using LossOpTensors2 = std::tuple<at::Tensor, at::Tensor>;
 using LossOpTensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -81,6 +91,9 @@ at::Tensor contrastive_loss_backward_op(const at::Tensor& grad, const at::Tensor
 }
 
 // ---------------------------------------------------------------- the stage operators
+
+// Each operator's parameter list is its schema's (csrc/ops/contrastive_loss.cpp), so these functions open
+// alike: deliberate twins, one kernel per signature.
 
 template <typename Device>
 LossOpTensors2 query_sums_op(const at::Tensor& z, const at::Tensor& labels, const at::Tensor& keys,

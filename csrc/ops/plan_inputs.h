@@ -38,18 +38,14 @@ T* data_or_null(const at::Tensor& t) {
 }
 
 // Everything one plan call hands to a device's per-ROI kernel. Undefined tensors mean "not this step".
-struct PlanInputs {
+struct PlanInputs : PlanGrid, SamplingParams {
   at::TensorOptions options;      // device of the call (of masks, or labels for sample_keys)
-  int64_t N = 0;
-  int H = 0, W = 0;
   at::Tensor masks;               // undefined for sample_keys
   at::Tensor cams;                // float32 (float16/bfloat16 widened exactly, like their thresholds) or float64
   double thr_fg = 0, thr_bg = 0;  // CAM thresholds rounded to the CAM's dtype (decision "Thresholds")
   at::Tensor is_novel, valid, labels_in, sqdist_in;
   at::Tensor labels_out, sqdist_out, keys_out, keep_out;
   bool sqdist_all_rois = false;   // boundary_sqdist: the distances of every ROI
-  double sigma = 0.3;
-  int64_t hard_sqdist = 2, min_keys = 5, roi_offset = 0;
   at::Tensor seed;                // 0-dim int64 on the CPU or the call's device
   at::Tensor roi_offset_tensor;   // (CUDA) 0-dim int64 on the call's device, read by the kernel; else roi_offset
 
@@ -110,9 +106,8 @@ void dispatch_mask_dtype(at::ScalarType dtype, Fn&& fn) {
 // PlanSteps; each sets its own masks and CAMs pointers). kernel_reads_seed: the CUDA kernel reads a seed on
 // its own device (no host sync); any other seed is on the CPU and is mixed here.
 inline void set_plan_steps(PlanSteps& job, const PlanInputs& in, bool kernel_reads_seed) {
-  job.N = in.N;
-  job.H = in.H;
-  job.W = in.W;
+  static_cast<PlanGrid&>(job) = in;
+  static_cast<SamplingParams&>(job) = in;
   job.is_novel = data_or_null<bool>(in.is_novel);
   job.valid = data_or_null<bool>(in.valid);
   job.sqdist_all_rois = in.sqdist_all_rois;
@@ -122,10 +117,6 @@ inline void set_plan_steps(PlanSteps& job, const PlanInputs& in, bool kernel_rea
   job.sqdist_out = data_or_null<int32_t>(in.sqdist_out);
   job.keys_out = data_or_null<uint8_t>(in.keys_out);
   job.keep_out = data_or_null<bool>(in.keep_out);
-  job.sigma = in.sigma;
-  job.hard_sqdist = in.hard_sqdist;
-  job.min_keys = in.min_keys;
-  job.roi_offset = in.roi_offset;
   job.roi_offset_on_device = data_or_null<int64_t>(in.roi_offset_tensor);
   if (!in.seed.defined()) return;  // nothing is sampled
   if (kernel_reads_seed) {
@@ -180,15 +171,8 @@ struct PlanOps {
       const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
       const c10::optional<at::Tensor>& valid, double delta, double sigma, int64_t hard_sqdist, int64_t min_keys,
       const at::Tensor& seed, int64_t roi_offset, bool check_inputs) {
-    check_plan_inputs(masks, cams, is_novel, valid, delta);
-    check_sampling_params(sigma, min_keys, roi_offset);
-    check_seed(seed, masks, "masks");
-    const typename Device::Guard guard(masks.device());
-    PlanInputs in = mask_inputs(masks, cams, is_novel, valid, delta);
-    in.labels_out = in.new_grid(at::kChar);
-    add_sampling(in, sigma, hard_sqdist, min_keys, seed, roi_offset);
-    run_checked(in, check_inputs);
-    return {in.labels_out, in.keys_out, in.keep_out};
+    return plan(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset, at::Tensor(),
+                check_inputs);
   }
 
   // roi_plan with roi_offset a 0-dim int64 tensor: the CUDA kernel reads one on the masks' device (no host
@@ -207,19 +191,29 @@ struct PlanOps {
     if (!Device::kReadsOffsetOnDevice || roi_offset.device() != masks.device())
       return roi_plan(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed,
                       *roi_offset.contiguous().data_ptr<int64_t>(), check_inputs);
+    return plan(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, 0, roi_offset.contiguous(),
+                check_inputs);
+  }
+
+ private:
+  // roi_plan, with its ROI offset an integer or (roi_offset_tensor defined; roi_offset is then 0) a tensor on
+  // the masks' device that the kernel reads.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> plan(
+      const at::Tensor& masks, const c10::optional<at::Tensor>& cams, const at::Tensor& is_novel,
+      const c10::optional<at::Tensor>& valid, double delta, double sigma, int64_t hard_sqdist, int64_t min_keys,
+      const at::Tensor& seed, int64_t roi_offset, const at::Tensor& roi_offset_tensor, bool check_inputs) {
     check_plan_inputs(masks, cams, is_novel, valid, delta);
-    check_sampling_params(sigma, min_keys, 0);
+    check_sampling_params(sigma, min_keys, roi_offset);
     check_seed(seed, masks, "masks");
     const typename Device::Guard guard(masks.device());
     PlanInputs in = mask_inputs(masks, cams, is_novel, valid, delta);
     in.labels_out = in.new_grid(at::kChar);
-    add_sampling(in, sigma, hard_sqdist, min_keys, seed, 0);
-    in.roi_offset_tensor = roi_offset.contiguous();
+    add_sampling(in, sigma, hard_sqdist, min_keys, seed, roi_offset);
+    in.roi_offset_tensor = roi_offset_tensor;
     run_checked(in, check_inputs);
     return {in.labels_out, in.keys_out, in.keep_out};
   }
 
- private:
   // Runs the kernel; raises on bad values unless check_inputs is false (then they give unspecified results:
   // an ROI with a bad mask, or a novel one without CAMs, is dropped by the sampler).
   static void run_checked(const PlanInputs& in, bool check_inputs) {

@@ -3,35 +3,33 @@
 // The seed is a 0-dim int64 tensor on the CPU or the labels' device, read where it lives;
 // sample_keys.int_seed takes an integer (as roi_plan.int_seed does; a SymInt, so that torch.compile keeps a
 // per-step seed symbolic instead of recompiling for each value).
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include "library.h"
 
-namespace contrastmask {
-namespace {
+namespace contrastmask_ops::ops {
 
-using KeyOutputs = std::tuple<at::Tensor, at::Tensor>;
+KeyOutputs sample_keys(const at::Tensor& labels, const at::Tensor& sqdist, const at::Tensor& is_novel, double sigma,
+                       int64_t hard_sqdist, int64_t min_keys, const at::Tensor& seed, int64_t roi_offset) {
+  static auto op = contrastmask::typed_op<decltype(sample_keys)>(CONTRASTMASK_OP("sample_keys"));
+  return op.call(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed, roi_offset);
+}
 
 KeyOutputs sample_keys_int_seed(const at::Tensor& labels, const at::Tensor& sqdist, const at::Tensor& is_novel,
                                 double sigma, int64_t hard_sqdist, int64_t min_keys, c10::SymInt seed,
                                 int64_t roi_offset) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(CONTRASTMASK_OP("sample_keys"), "")
-                       .typed<KeyOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                                         int64_t, const at::Tensor&, int64_t)>();
-  return op.call(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, seed_tensor(seed), roi_offset);
+  static auto op =
+      contrastmask::typed_op<decltype(sample_keys_int_seed)>(CONTRASTMASK_OP("sample_keys"), "int_seed");
+  return op.call(labels, sqdist, is_novel, sigma, hard_sqdist, min_keys, std::move(seed), roi_offset);
 }
 
-}  // namespace
-}  // namespace contrastmask
+}  // namespace contrastmask_ops::ops
 
+namespace contrastmask {
+
+// sample_keys and sample_keys.int_seed.
 TORCH_LIBRARY_FRAGMENT(CONTRASTMASK_LIBRARY, m) {
-  m.def(
-      "sample_keys(Tensor labels, Tensor sqdist, Tensor is_novel, float sigma, int hard_sqdist, int min_keys, "
-      "Tensor seed, int roi_offset=0) -> (Tensor keys, Tensor keep)");
-  m.def(
-      "sample_keys.int_seed(Tensor labels, Tensor sqdist, Tensor is_novel, float sigma, int hard_sqdist, "
-      "int min_keys, SymInt seed, int roi_offset=0) -> (Tensor keys, Tensor keep)",
-      &contrastmask::sample_keys_int_seed);
+  def_with_int_seed<&ops::sample_keys, decltype(ops::sample_keys_int_seed)>(
+      m, "sample_keys(Tensor labels, Tensor sqdist, Tensor is_novel, float sigma, int hard_sqdist, int min_keys, "
+         "Tensor seed, int roi_offset=0) -> (Tensor keys, Tensor keep)");
 }
+
+}  // namespace contrastmask

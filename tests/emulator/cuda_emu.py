@@ -66,20 +66,25 @@ def build(asan: bool = False, verbose: bool = False) -> str:
     )
 
 
-_loaded = False
+_loaded = set()
+
+
+def load_namespace(namespace: str, build_library):
+    """torch.ops.<namespace>, once build_library() has built and loaded its library, with the package's fake
+    kernels and autocast registered for it (the first call per namespace builds and registers)."""
+    if namespace not in _loaded:
+        from contrastmask_ops import _autocast, fake_kernels  # needs the package's compiled extension
+
+        build_library()
+        fake_kernels.register(namespace)
+        _autocast.register(namespace)
+        _loaded.add(namespace)
+    return getattr(torch.ops, namespace)
 
 
 def load():
     """torch.ops.contrastmask_emu, with the package's fake kernels and autocast registered for it."""
-    global _loaded
-    if not _loaded:
-        from contrastmask_ops import _autocast, fake_kernels  # needs the package's compiled extension
-
-        build(asan=asan_requested())
-        fake_kernels.register(NAMESPACE)
-        _autocast.register(NAMESPACE)
-        _loaded = True
-    return getattr(torch.ops, NAMESPACE)
+    return load_namespace(NAMESPACE, lambda: build(asan=asan_requested()))
 
 
 def env_seed() -> int:

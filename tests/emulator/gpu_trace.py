@@ -35,6 +35,7 @@ import sys
 import torch
 from torch.utils import cpp_extension
 
+import cuda_emu
 from cuda_emu import EMU_CSRC, INCLUDE_PATHS, ROOT  # the same tree and include path
 NAMESPACE = "contrastmask_emu_trace"        # the ops (same schemas as torch.ops.contrastmask)
 CONTROL = "contrastmask_emulator_trace"      # set_schedule, stats, trace_begin, trace_end
@@ -85,20 +86,9 @@ def build(verbose: bool = False) -> str:
                               build_directory=kernels_dir, **common)
 
 
-_loaded = False
-
-
 def load():
     """torch.ops.contrastmask_emu_trace, with the package's fake kernels and autograd registered for it."""
-    global _loaded
-    if not _loaded:
-        from contrastmask_ops import _autocast, fake_kernels  # needs the package's compiled extension
-
-        build()
-        fake_kernels.register(NAMESPACE)
-        _autocast.register(NAMESPACE)
-        _loaded = True
-    return getattr(torch.ops, NAMESPACE)
+    return cuda_emu.load_namespace(NAMESPACE, build)
 
 
 def control():
@@ -202,6 +192,11 @@ def records(raw):
     return launches
 
 
+# What _totals sums over a launch's lines per memory space (besides requests per kind).
+SUMMED_PER_SPACE = {"global": ("requests", "sectors", "ideal_sectors", "bytes"),
+                    "shared": ("requests", "wavefronts", "ideal_wavefronts")}
+
+
 def _totals(launch):
     """Per-launch sums: global loads/stores (requests, sectors), shared requests and wavefronts, atomics."""
     t = collections.Counter()
@@ -212,17 +207,10 @@ def _totals(launch):
             if r["space"] == "global":
                 t["global_sectors"] += r["sectors"]
             continue
-        if r["space"] == "global":
-            t[f"global_{r['kind']}_requests"] += r["requests"]
-            t["global_requests"] += r["requests"]
-            t["global_sectors"] += r["sectors"]
-            t["global_ideal_sectors"] += r["ideal_sectors"]
-            t["global_bytes"] += r["bytes"]
-        else:
-            t[f"shared_{r['kind']}_requests"] += r["requests"]
-            t["shared_requests"] += r["requests"]
-            t["shared_wavefronts"] += r["wavefronts"]
-            t["shared_ideal_wavefronts"] += r["ideal_wavefronts"]
+        space = "global" if r["space"] == "global" else "shared"
+        t[f"{space}_{r['kind']}_requests"] += r["requests"]
+        for k in SUMMED_PER_SPACE[space]:
+            t[f"{space}_{k}"] += r[k]
     out = {k: t[k] for k in ("global_requests", "global_load_requests", "global_store_requests", "global_sectors",
                              "global_ideal_sectors", "global_bytes", "shared_requests", "shared_load_requests",
                              "shared_store_requests", "shared_wavefronts", "shared_ideal_wavefronts",

@@ -39,12 +39,15 @@ def test_no_fallback_warning_when_built():
 
 
 def declared_operators(repo):
-    """Every operator (overload included) declared by an m.def in csrc/ops/*.cpp."""
+    """Every operator (overload included) declared by an m.def in csrc/ops/*.cpp, or with its .int_seed
+    overload by def_with_int_seed (csrc/ops/library.h)."""
     names = set()
     for path in glob.glob(str(repo / "csrc" / "ops" / "*.cpp")):
         with open(path) as f:
             text = f.read()
         names |= set(re.findall(r'm\.def\(\s*"([\w.]+)\(', text))
+        for name in re.findall(r'def_with_int_seed<[^>]*>\(\s*m,\s*"([\w.]+)\(', text):
+            names |= {name, name + ".int_seed"}
     return names
 
 

@@ -3,6 +3,10 @@
 // (CONTRASTMASK_EMU_TRACE), the memory-access hooks and their warp-level accounting.
 #include "cuda_emulation.h"
 
+// splitmix64 (csrc/ is on the include path): the key sampler's mixer also drives the emulator's own random
+// streams (fiber orders, garbage bytes), which decide no result the tests compare.
+#include "contrastmask/sampling.h"
+
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
@@ -237,13 +241,6 @@ inline void record(const void* p, size_t n, uint8_t kind, const void* pc) {
 }
 #endif
 
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
 // Garbage: all-ones bytes (NaN in every float dtype, -1 in every signed integer) under the forward
 // and reverse orders, random bytes under the random order.
 void fill_garbage(void* p, size_t n, int order, uint64_t salt) {
@@ -252,13 +249,13 @@ void fill_garbage(void* p, size_t n, int order, uint64_t salt) {
     return;
   }
   unsigned char* b = static_cast<unsigned char*>(p);
-  uint64_t state = mix64(salt);
+  uint64_t state = splitmix64(salt);
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    state = mix64(state);
+    state = splitmix64(state);
     memcpy(b + i, &state, 8);
   }
-  state = mix64(state);
+  state = splitmix64(state);
   for (; i < n; ++i) b[i] = static_cast<unsigned char>(state >> (8 * (i % 8)));
 }
 
@@ -618,7 +615,7 @@ struct RequestKey {
 };
 struct RequestKeyHash {
   size_t operator()(const RequestKey& q) const {
-    return std::hash<uintptr_t>()(q.pc) ^ mix64((uint64_t(q.parent) << 32) | q.k);
+    return std::hash<uintptr_t>()(q.pc) ^ splitmix64((uint64_t(q.parent) << 32) | q.k);
   }
 };
 struct PcInfo {
@@ -1190,12 +1187,12 @@ void run_launch(const LaunchConfig& c, void (*body)(void*), void* context, size_
     t.func = reinterpret_cast<uintptr_t>(c.func);
   }
 #endif
-  const uint64_t launch_seed = mix64(r.seed ^ mix64(++r.launch_index));
+  const uint64_t launch_seed = splitmix64(r.seed ^ splitmix64(++r.launch_index));
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) {
         blockIdx = uint3{x, y, z};
-        run_block(mix64(launch_seed ^ (uint64_t(z) << 48 | uint64_t(y) << 32 | x)));
+        run_block(splitmix64(launch_seed ^ (uint64_t(z) << 48 | uint64_t(y) << 32 | x)));
 #if CM_EMU_TRACE
         if (r.tracing && !r.failed) trace_block();
         if (r.tracing && r.failed) r.launches.pop_back();  // a failed launch leaves no record
@@ -1254,7 +1251,7 @@ struct GarbageAllocator final : c10::Allocator {
     c10::DataPtr p = inner->allocate(n);
     if (garbage_depth > 0 && n > 0 && p.get()) {
       Runtime& r = rt();
-      fill_garbage(p.get(), n, r.order, mix64(r.seed ^ reinterpret_cast<uintptr_t>(p.get()) ^ n));
+      fill_garbage(p.get(), n, r.order, splitmix64(r.seed ^ reinterpret_cast<uintptr_t>(p.get()) ^ n));
     }
     return p;
   }

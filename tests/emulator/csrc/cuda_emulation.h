@@ -70,6 +70,8 @@ constexpr int warpSize = 32;
 
 // ---------------------------------------------------------------- runtime API subset
 
+// The enums copy CUDA's names and values, one enumerator a line.
+
 enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,

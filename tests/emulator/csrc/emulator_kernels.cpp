@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <map>
 #include <string>
 
 #include "cuda/platform.cuh"
@@ -86,50 +87,42 @@ __global__ void dynamic_shared_kernel(int* out, int arg) {
   out[threadIdx.x] = sum;
 }
 
+// The kernels `run` launches, by name.
+const std::map<std::string, void (*)(int*, int)> kTestKernels = {
+    {"neighbour", neighbour_kernel},
+    {"divergent_barrier", divergent_barrier_kernel},
+    {"split_barrier", split_barrier_kernel},
+    {"exited_lane", exited_lane_kernel},
+    {"partial_mask", partial_mask_kernel},
+    {"deadlock", deadlock_kernel},
+    {"collectives", collectives_kernel},
+    {"uninitialised_shared", uninitialised_shared_kernel},
+    {"dynamic_shared", dynamic_shared_kernel},
+};
+
 // run(kernel, blocks, threads, dynamic shared bytes, arg, opt_in): out int32 (blocks * threads * 6);
 // opt_in >= 0 sets cudaFuncAttributeMaxDynamicSharedMemorySize first.
 at::Tensor run(const std::string& name, int64_t blocks, int64_t threads, int64_t smem, int64_t arg, int64_t opt_in) {
+  const auto found = kTestKernels.find(name);
+  TORCH_CHECK(found != kTestKernels.end(), "unknown test kernel ", name);
+  const auto test_kernel = found->second;
   const c10::cuda::CUDAGuard guard(c10::Device(c10::kCPU));
   at::Tensor out = at::zeros({std::max<int64_t>(blocks * threads * 6, 1)}, at::kInt);
-  int* o = out.data_ptr<int>();
-  const int a = static_cast<int>(arg);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (name == "neighbour") {
-    CM_LAUNCH(blocks, threads, smem, stream, neighbour_kernel)(o, a);
-  } else if (name == "divergent_barrier") {
-    CM_LAUNCH(blocks, threads, smem, stream, divergent_barrier_kernel)(o, a);
-  } else if (name == "split_barrier") {
-    CM_LAUNCH(blocks, threads, smem, stream, split_barrier_kernel)(o, a);
-  } else if (name == "exited_lane") {
-    CM_LAUNCH(blocks, threads, smem, stream, exited_lane_kernel)(o, a);
-  } else if (name == "partial_mask") {
-    CM_LAUNCH(blocks, threads, smem, stream, partial_mask_kernel)(o, a);
-  } else if (name == "deadlock") {
-    CM_LAUNCH(blocks, threads, smem, stream, deadlock_kernel)(o, a);
-  } else if (name == "collectives") {
-    CM_LAUNCH(blocks, threads, smem, stream, collectives_kernel)(o, a);
-  } else if (name == "uninitialised_shared") {
-    CM_LAUNCH(blocks, threads, smem, stream, uninitialised_shared_kernel)(o, a);
-  } else if (name == "dynamic_shared") {
-    if (opt_in >= 0)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(opt_in)));
-    CM_LAUNCH(blocks, threads, smem, stream, dynamic_shared_kernel)(o, a);
-  } else {
-    TORCH_CHECK(false, "unknown test kernel ", name);
-  }
+  if (opt_in >= 0)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(test_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(opt_in)));
+  CM_LAUNCH(blocks, threads, smem, c10::cuda::getCurrentCUDAStream(), test_kernel)(out.data_ptr<int>(),
+                                                                                   static_cast<int>(arg));
   return out;
-}
-
-// A tensor made by at::empty under the guard, as the CUDA host code makes its outputs.
-at::Tensor empty_like_host_code(int64_t n, at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(c10::Device(c10::kCPU));
-  return at::empty({n}, at::TensorOptions().dtype(dtype));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(contrastmask_emulator_test, m) {
+  // A tensor made by at::empty under the guard, as the CUDA host code makes its outputs.
+  m.def("empty(int n, ScalarType dtype) -> Tensor", [](int64_t n, at::ScalarType dtype) {
+    const c10::cuda::CUDAGuard guard(c10::Device(c10::kCPU));
+    return at::empty({n}, at::TensorOptions().dtype(dtype));
+  });
   m.def("run(str kernel, int blocks, int threads, int smem, int arg, int opt_in) -> Tensor", &run);
-  m.def("empty(int n, ScalarType dtype) -> Tensor", &empty_like_host_code);
 }
