@@ -137,12 +137,15 @@ constexpr size_t kStackSize = 1024 * 1024;
 constexpr size_t kStackSize = 128 * 1024;
 #endif
 
-struct Fiber {
+// A saved context: the stack pointer (the assembly switch keeps the registers on the stack), or a ucontext.
 #if CM_EMU_ASM_SWITCH
-  void* sp = nullptr;
+using Context = void*;
 #else
-  ucontext_t uc;
+using Context = ucontext_t;
 #endif
+
+struct Fiber {
+  Context context{};
   char* stack = nullptr;  // lowest usable address; kStackSize bytes
   uint3 tid{0, 0, 0};
   int linear = 0;
@@ -291,16 +294,13 @@ struct Runtime {
   size_t static_used = 0, static_filled = 0;
   char* dynamic_arena = nullptr;
 
+  Context scheduler_context{};
 #if CM_EMU_ASM_SWITCH
-  void* scheduler_sp = nullptr;
   uint64_t fp_control = 0;  // MXCSR | x87 control word << 32, for new fibers
-#else
-  ucontext_t scheduler_uc;
 #endif
-#if CM_EMU_ASAN
+  // The scheduler's stack as ASan learns it on the first switch back (read under ASan only).
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
-#endif
 #if CM_EMU_TRACE
   bool tracing = false;
   std::vector<FiberLog> logs;  // per thread of the current block
@@ -350,14 +350,33 @@ void prepare_fiber(Fiber& f) {
   top[-2] = reinterpret_cast<uint64_t>(&fiber_start);
   for (int i = 3; i <= 8; ++i) top[-i] = 0;                            // rbp, rbx, r12..r15
   top[-9] = r.fp_control;
-  f.sp = top - 9;
+  f.context = top - 9;
 #else
-  getcontext(&f.uc);
-  f.uc.uc_stack.ss_sp = f.stack;
-  f.uc.uc_stack.ss_size = kStackSize;
-  f.uc.uc_link = nullptr;
-  makecontext(&f.uc, &fiber_start, 0);
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack;
+  f.context.uc_stack.ss_size = kStackSize;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, &fiber_start, 0);
 #endif
+}
+
+// One switch of context: the running one saved in save, load's loaded; ASan is told the stack it lands on
+// (load_stack), and keeps none for a fiber that is exiting.
+void switch_context(Context* save, Context* load, const void* load_stack, size_t load_stack_size,
+                    bool exiting = false) {
+#if CM_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, load_stack, load_stack_size);
+#endif
+#if CM_EMU_ASM_SWITCH
+  cm_emu_switch_context(save, *load);
+#else
+  swapcontext(save, load);
+#endif
+#if CM_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  (void)load_stack, (void)load_stack_size, (void)exiting;
 }
 
 // Scheduler -> fiber.
@@ -369,18 +388,7 @@ void resume(Fiber& f) {
 #if CM_EMU_TRACE
   if (r.tracing) tl_log = &r.logs[f.linear];
 #endif
-#if CM_EMU_ASAN
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, f.stack, kStackSize);
-#endif
-#if CM_EMU_ASM_SWITCH
-  cm_emu_switch_context(&r.scheduler_sp, f.sp);
-#else
-  swapcontext(&r.scheduler_uc, &f.uc);
-#endif
-#if CM_EMU_ASAN
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+  switch_context(&r.scheduler_context, &f.context, f.stack, kStackSize);
 #if CM_EMU_TRACE
   tl_log = nullptr;
 #endif
@@ -391,20 +399,7 @@ void resume(Fiber& f) {
 void yield(bool exiting = false) {
   Runtime& r = rt();
   Fiber& f = *r.current;
-#if CM_EMU_ASAN
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, r.scheduler_stack_bottom, r.scheduler_stack_size);
-#endif
-#if CM_EMU_ASM_SWITCH
-  cm_emu_switch_context(&f.sp, r.scheduler_sp);
-#else
-  swapcontext(&f.uc, &r.scheduler_uc);
-#endif
-#if CM_EMU_ASAN
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
-  (void)exiting;
-  (void)f;
+  switch_context(&f.context, &r.scheduler_context, r.scheduler_stack_bottom, r.scheduler_stack_size, exiting);
 }
 
 // Records the block's first error and leaves the fiber for good (its stack holds only the kernel's
