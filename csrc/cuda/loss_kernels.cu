@@ -460,21 +460,14 @@ __global__ void __launch_bounds__(kThreads) pixel_coefficients_kernel(
     acc_t* coef, double* beta_part) {
   CM_SHARED(double, scratch, [kMaxBlockWarps]);
   const int64_t n = blockIdx.x / pixel_blocks;
-  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   double* bp = beta_part + int64_t(blockIdx.x) * 2;
-  if (!keep[n]) {
-    if (i < P) {
-      for (int k = 0; k < kNumCoef; ++k) coef[(n * kNumCoef + k) * P + i] = acc_t(0);
-    }
-    if (threadIdx.x < 2) bp[threadIdx.x] = 0.0;
-    return;
-  }
   const int64_t g = share_queries ? 0 : n;
+  const int64_t i = (blockIdx.x % pixel_blocks) * kPixelsPerBlock + threadIdx.x;
   double beta[2] = {0.0, 0.0};
   if (i < P) {
     acc_t a[2] = {acc_t(0), acc_t(0)}, gamma[2] = {acc_t(0), acc_t(0)}, b[2] = {acc_t(0), acc_t(0)},
           inv[2] = {acc_t(0), acc_t(0)};
-    const uint8_t bits = keys[n * P + i];
+    const uint8_t bits = keep[n] ? keys[n * P + i] : 0;  // a dropped ROI has no key pixel: zeros
     if (bits) {
       const acc_t* st = pixstats + n * 4 * P + i;
       acc_t gs[2];
