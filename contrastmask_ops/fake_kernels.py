@@ -65,17 +65,18 @@ def _check_stage(z, share_queries, why="what the previous stage returns for this
         shape, dtype = shapes[name]
         _validation.check_tensor(name, t, len(shape), str(shape))
         _validation._require(tuple(t.shape) == shape, ValueError,
-                        lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} ({why}), "
-                                                            f"got {tuple(t.shape)}")
+                             lambda name=name, t=t, shape=shape: f"{name} must have shape {shape} ({why}), "
+                                                                 f"got {tuple(t.shape)}")
         _validation.check_dtype(name, t, (dtype,), str(dtype))
         _validation.check_same_device(name, t, "z", z)
 
 
 def _check_grad(name, grad, z):
     _validation._require(grad.dim() == 0, ValueError,
-                    lambda: f"{name} must be the gradient of a scalar loss (shape ()), got shape {tuple(grad.shape)}")
+                         lambda: f"{name} must be the gradient of a scalar loss (shape ()), got shape "
+                                 f"{tuple(grad.shape)}")
     _validation._require(grad.is_floating_point(), ValueError,
-                    lambda: f"{name} must have a floating-point dtype, got {grad.dtype}")
+                         lambda: f"{name} must have a floating-point dtype, got {grad.dtype}")
     _validation.check_same_device(name, grad, "z", z)
 
 
@@ -125,11 +126,11 @@ def register(namespace: str = "contrastmask"):
     def _(masks, cams, is_novel, valid, delta, sigma, hard_sqdist, min_keys, seed, roi_offset, check_inputs=True):
         outputs = roi_plan(masks, cams, is_novel, valid, delta, sigma, min_keys, seed, 0, check_inputs)
         _validation._require(isinstance(roi_offset, torch.Tensor) and roi_offset.dim() == 0
-                        and roi_offset.dtype == torch.int64, ValueError,
-                        lambda: "roi_offset must be a 0-dim int64 tensor")
+                             and roi_offset.dtype == torch.int64, ValueError,
+                             lambda: "roi_offset must be a 0-dim int64 tensor")
         _validation._require(roi_offset.device.type == "cpu" or roi_offset.device == masks.device, ValueError,
-                        lambda: f"roi_offset is on {roi_offset.device} but masks is on {masks.device}; it must be on "
-                                "the CPU or on the device of masks")
+                             lambda: f"roi_offset is on {roi_offset.device} but masks is on {masks.device}; it must "
+                                     "be on the CPU or on the device of masks")
         return outputs
 
     @torch.library.register_fake(namespace + "::contrastive_loss")

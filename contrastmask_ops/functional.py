@@ -79,7 +79,7 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
         return reference.contrastive_loss_from_keys(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
                                                     share_queries=share_queries, formulation=formulation)
     params = _validation.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
-                                        share_queries=share_queries, formulation=formulation)
+                                             share_queries=share_queries, formulation=formulation)
     return _ops.contrastive_loss(z, labels, keys, keep, *params)[0]
 
 

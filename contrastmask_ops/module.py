@@ -24,8 +24,8 @@ class QuerySharingContrastiveLoss(nn.Module):
                  process_group=None, check_inputs: bool = True):
         super().__init__()
         _validation.loss_module_params(delta=delta, sigma=sigma, tau_easy=tau_easy, tau_hard=tau_hard,
-                                  hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries,
-                                  formulation=formulation)  # bad parameters fail here, not at the first forward
+                                       hard_sqdist=hard_sqdist, min_keys=min_keys, share_queries=share_queries,
+                                       formulation=formulation)  # bad parameters fail here, not at the first forward
         self.process_group = _validation.process_group_param(process_group)
         self.check_inputs = _validation.flag("check_inputs", check_inputs)
         self.delta, self.sigma = delta, sigma

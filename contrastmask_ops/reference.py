@@ -226,7 +226,7 @@ def contrastive_loss_from_keys(z: Tensor, labels: Tensor, keys: Tensor, keep: Te
     """The query-sharing contrastive loss (Eqs. 1, 2, 4) from explicit key sets; 0-dim, z's dtype (float32
     for a float16/bfloat16 z under autocast), differentiable in z."""
     params = _validation.loss_from_keys_args(z, labels, keys, keep, tau_easy=tau_easy, tau_hard=tau_hard,
-                                        share_queries=share_queries, formulation=formulation)
+                                             share_queries=share_queries, formulation=formulation)
     return _loss(z, labels, keys, keep, params)[0]
 
 

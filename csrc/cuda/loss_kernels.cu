@@ -187,9 +187,9 @@ __global__ void __launch_bounds__(kThreads) split_queries_kernel(const double* s
 }
 
 // Backward pass 1, in partition_sums_kernel's layout (its twin: a warp per kChannelsPerWarp channels, lanes
-// over pixels, then a warp sum per channel): out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q| with centred
-// keys (z - q from q's hi and lo parts, loss_math.h), else z / |z| (terms with a = 0 left out, as on the
-// CPU, so a NaN in an unused pixel stays out).
+// over pixels, then a warp sum per channel): out[n][side][c] = sum_i a_side_i u_side_i[c], u = (z - q) / |z - q|
+// with centred keys (z - q from q's hi and lo parts, loss_math.h), else z / |z| (terms with a = 0 left out, as
+// on the CPU, so a NaN in an unused pixel stays out).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) weighted_sums_kernel(const scalar_t* z, const acc_t* coef,
                                                                  const bool* keep, const acc_t* queries,

@@ -87,7 +87,7 @@ def build(verbose: bool = False) -> str:
 
 
 def load():
-    """torch.ops.contrastmask_emu_trace, with the package's fake kernels and autograd registered for it."""
+    """torch.ops.contrastmask_emu_trace, with the package's fake kernels and autocast registered for it."""
     return cuda_emu.load_namespace(NAMESPACE, build)
 
 
